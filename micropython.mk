@@ -1,0 +1,38 @@
+# How Make ports (unix) build the `mqtt` user C module.
+#
+# Build a firmware with USER_C_MODULES=<folder holding this repository>.
+# The Rust engine is built with cargo and pre-linked into one object that
+# exports only the engine's C functions: the Rust archive also carries
+# compiler_builtins, whose memcpy, sqrt and friends must never replace the
+# firmware's own C library functions.
+
+MQTT_MOD_DIR := $(USERMOD_DIR)
+
+SRC_USERMOD_C += $(MQTT_MOD_DIR)/modmqtt.c
+CFLAGS_USERMOD += -I$(MQTT_MOD_DIR)
+
+# The Rust target; empty means the host (the unix port).
+MQTT_RUST_TARGET ?=
+MQTT_CARGO ?= cargo
+MQTT_CARGO_DIR := $(abspath $(BUILD))/mqtt-engine
+MQTT_ARCHIVE := $(MQTT_CARGO_DIR)/$(if $(MQTT_RUST_TARGET),$(MQTT_RUST_TARGET)/)release/libmqtt_engine.a
+MQTT_ENGINE_OBJ := $(BUILD)/mqtt_engine.o
+
+# The engine's exported functions, as the committed header declares them.
+MQTT_EXPORTS := $(shell grep -oP '\bmqtt_\w+(?=\x28)' $(MQTT_MOD_DIR)/mqtt_engine.h | sort -u)
+
+$(MQTT_ARCHIVE): $(wildcard $(MQTT_MOD_DIR)/src/*.rs) $(MQTT_MOD_DIR)/Cargo.toml $(MQTT_MOD_DIR)/Cargo.lock
+	$(ECHO) "CARGO mqtt engine"
+	$(Q)$(MQTT_CARGO) build --release --locked --lib \
+		--manifest-path $(MQTT_MOD_DIR)/Cargo.toml --target-dir $(MQTT_CARGO_DIR) \
+		$(if $(MQTT_RUST_TARGET),--target $(MQTT_RUST_TARGET))
+
+$(MQTT_ENGINE_OBJ): $(MQTT_ARCHIVE) $(MQTT_MOD_DIR)/mqtt_engine.h $(MQTT_MOD_DIR)/micropython.mk
+	$(ECHO) "PRELINK $@"
+	$(Q)$(LD) -r --gc-sections -o $@.full $(addprefix -u ,$(MQTT_EXPORTS)) $(MQTT_ARCHIVE)
+	$(Q)$(OBJCOPY) $(addprefix --keep-global-symbol=,$(MQTT_EXPORTS)) \
+		--remove-section=.llvmbc --remove-section=.llvmcmd $@.full $@
+	$(Q)$(RM) $@.full
+
+# Objects in PY_O are part of every Make port's link.
+PY_O += $(MQTT_ENGINE_OBJ)

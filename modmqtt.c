@@ -1,0 +1,1431 @@
+// The MicroPython binding of the `mqtt` module.
+//
+// This file knows Python, not MQTT: it checks and converts arguments, keeps
+// every Python object the client needs reachable from the Client object,
+// runs the engine's transport over a MicroPython stream (socket or TLS),
+// calls the user's callbacks and turns engine status codes into exceptions.
+// Every protocol decision is made by the Rust engine (src/, mqtt_engine.h).
+//
+// Locking: every call into the engine, and every change to the client's
+// tables, happens under the client's lock. Waiting for input and calling
+// user callbacks happen outside it, so a callback may publish.
+//
+// Exceptions: MicroPython raises by longjmp, which must never cross Rust
+// frames. The transport callbacks catch with nlr_push and stash what they
+// caught on the client; the binding raises it after the engine returned.
+
+#include <string.h>
+
+#include "py/mperrno.h"
+#include "py/mphal.h"
+#include "py/objexcept.h"
+#include "py/objstr.h"
+#include "py/objtuple.h"
+#include "py/runtime.h"
+#include "py/stream.h"
+#if MICROPY_PY_THREAD
+#include "py/mpthread.h"
+#endif
+
+#include "mqtt_engine.h"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <errno.h>
+#include <poll.h>
+#define MQTT_POSIX_POLL (1)
+#else
+#define MQTT_POSIX_POLL (0)
+#endif
+
+// Largest incoming packet accepted unless the Client is told otherwise.
+#define MQTT_DEFAULT_MAX_PACKET (1024 * 1024)
+
+// Packets handled per cycle before the timers run and the lock is released.
+#define MQTT_PACKETS_PER_CYCLE (16)
+
+// Codes carried by MQTTException beyond the CONNACK return codes 1-5.
+#define MQTT_EXC_SUBSCRIBE_FAILED (0x80)
+#define MQTT_EXC_TIMEOUT (0x100)
+#define MQTT_EXC_PROTOCOL (0x101)
+
+// Values loop_failure returns.
+#define MQTT_BREAK_LOOP (0)
+#define MQTT_RECOVERED (1)
+
+// Status of a cycle that ended because the link was replaced or closed by
+// the application (disconnect() or reconnect() from a callback): not a failure.
+#define MQTT_LINK_REPLACED (1)
+
+enum {
+    LOOP_STOPPED,
+    LOOP_RUNNING,
+    LOOP_STOPPING,
+};
+
+MP_DEFINE_EXCEPTION(MQTTException, Exception)
+
+typedef struct _mp_obj_mqtt_client_t {
+    mp_obj_base_t base;
+    // Connection parameters, kept for reconnect().
+    mp_obj_t client_id;
+    mp_obj_t host;
+    mp_obj_t ssl_ctx;
+    mp_obj_t username;
+    mp_obj_t password;
+    mp_obj_t will_topic;
+    mp_obj_t will_payload;
+    mp_obj_t breconnect_cb;
+    mp_obj_t aconnect_cb;
+    mp_obj_t loop_failure;
+    // (filter, callback, filter, callback, ...); replaced, never mutated,
+    // so that a delivery in progress can keep iterating its snapshot.
+    mp_obj_t subscriptions;
+    // Topic and payload of each in-flight QoS 1/2 publish, by slot, kept
+    // for a resend after reconnect; allocated on the first such publish.
+    mp_obj_t *held;
+    // The link: the socket, and what the session talks to (the socket or
+    // its TLS wrapper). MP_OBJ_NULL when there is none.
+    mp_obj_t sock;
+    mp_obj_t stream;
+    // What a transport callback caught, raised once the engine returned.
+    mp_obj_t pending_exception;
+    int pending_errno;
+    int sock_fd;
+    // Bumped on every new link, so a cycle notices when a callback
+    // disconnected or reconnected under it.
+    uint32_t link_generation;
+    uint32_t cycle_timeout_ms;
+    uint32_t command_timeout_ms;
+    uint32_t max_packet_size;
+    uint16_t port;
+    uint16_t keepalive_s;
+    uint8_t will_qos;
+    bool will_retain;
+    bool clean_session;
+    int16_t return_code;
+    volatile uint8_t loop_state;
+    #if MICROPY_PY_THREAD
+    mp_thread_mutex_t lock;
+    // The thread running the background loop, and the thread calling
+    // message callbacks, if any.
+    struct _mp_state_thread_t *volatile loop_thread;
+    struct _mp_state_thread_t *volatile callback_thread;
+    #else
+    volatile bool in_callback;
+    #endif
+    // The engine's session, mqtt_session_size() bytes.
+    uint64_t session[];
+} mp_obj_mqtt_client_t;
+
+static const mp_obj_type_t mqtt_client_type;
+
+// ---------------------------------------------------------------------------
+// Locking and thread identity
+
+static void client_lock(mp_obj_mqtt_client_t *self) {
+    #if MICROPY_PY_THREAD
+    // Never wait for our lock while holding the GIL: its holder may need it.
+    MP_THREAD_GIL_EXIT();
+    mp_thread_mutex_lock(&self->lock, 1);
+    MP_THREAD_GIL_ENTER();
+    #else
+    (void)self;
+    #endif
+}
+
+static void client_unlock(mp_obj_mqtt_client_t *self) {
+    #if MICROPY_PY_THREAD
+    mp_thread_mutex_unlock(&self->lock);
+    #else
+    (void)self;
+    #endif
+}
+
+// Whether the calling thread is inside a message callback of this client.
+static bool in_callback(mp_obj_mqtt_client_t *self) {
+    #if MICROPY_PY_THREAD
+    return self->callback_thread == mp_thread_get_state();
+    #else
+    return self->in_callback;
+    #endif
+}
+
+// Marks the calling thread as inside a message callback (or not); returns
+// the previous mark so that nested deliveries restore it.
+static bool set_in_callback(mp_obj_mqtt_client_t *self, bool active) {
+    bool previous = in_callback(self);
+    #if MICROPY_PY_THREAD
+    self->callback_thread = active ? mp_thread_get_state() : NULL;
+    #else
+    self->in_callback = active;
+    #endif
+    return previous;
+}
+
+// Whether the background loop runs on a thread other than the caller's:
+// then that thread reads the link and the caller only waits.
+static bool loop_on_other_thread(mp_obj_mqtt_client_t *self) {
+    #if MICROPY_PY_THREAD
+    return self->loop_state == LOOP_RUNNING && self->loop_thread != mp_thread_get_state();
+    #else
+    (void)self;
+    return false;
+    #endif
+}
+
+// Waits a little while another thread makes progress.
+static void pause_briefly(uint32_t waited_ms) {
+    if (waited_ms < 2) {
+        #if MICROPY_PY_THREAD
+        MP_THREAD_GIL_EXIT();
+        mp_hal_delay_us(50);
+        MP_THREAD_GIL_ENTER();
+        #else
+        mp_hal_delay_us(50);
+        #endif
+    } else {
+        mp_hal_delay_ms(1);
+    }
+}
+
+static uint32_t now_ms(void) {
+    return (uint32_t)mp_hal_ticks_ms();
+}
+
+// ---------------------------------------------------------------------------
+// The transport: the engine's view of the MicroPython stream
+
+// Asks the stream whether it is ready for `events` without waiting.
+static mp_uint_t stream_poll(mp_obj_t stream, mp_uint_t events, int *errcode) {
+    const mp_stream_p_t *protocol = mp_get_stream(stream);
+    return protocol->ioctl(stream, MP_STREAM_POLL, events, errcode);
+}
+
+// Waits up to `timeout_ms` for the stream (whose socket has descriptor
+// `fd`, or -1) to be ready for `events`. Returns false when the time ran
+// out. Never raises on POSIX ports.
+static bool wait_ready(mp_obj_t stream, int fd, mp_uint_t events, uint32_t timeout_ms) {
+    int errcode = 0;
+    mp_uint_t ready = stream_poll(stream, events, &errcode);
+    if (ready == MP_STREAM_ERROR || (ready & (events | MP_STREAM_POLL_ERR | MP_STREAM_POLL_HUP | MP_STREAM_POLL_NVAL))) {
+        return true;
+    }
+    uint32_t start = now_ms();
+    #if MQTT_POSIX_POLL
+    if (fd >= 0) {
+        struct pollfd pfd = { .fd = fd, .events = (events & MP_STREAM_POLL_RD) ? POLLIN : POLLOUT };
+        for (;;) {
+            uint32_t waited = now_ms() - start;
+            if (waited >= timeout_ms) {
+                return false;
+            }
+            MP_THREAD_GIL_EXIT();
+            int found = poll(&pfd, 1, (int)(timeout_ms - waited));
+            MP_THREAD_GIL_ENTER();
+            // EINTR: the GC stops threads with a signal; just wait again.
+            if (found != 0 && !(found < 0 && errno == EINTR)) {
+                return true;
+            }
+        }
+    }
+    #endif
+    for (;;) {
+        ready = stream_poll(stream, events, &errcode);
+        if (ready == MP_STREAM_ERROR || (ready & (events | MP_STREAM_POLL_ERR | MP_STREAM_POLL_HUP))) {
+            return true;
+        }
+        if (now_ms() - start >= timeout_ms) {
+            return false;
+        }
+        mp_hal_delay_ms(1);
+    }
+}
+
+static void stash_exception(mp_obj_mqtt_client_t *self, mp_obj_t exception) {
+    if (self->pending_exception == MP_OBJ_NULL) {
+        self->pending_exception = exception;
+    }
+}
+
+static void stash_errno(mp_obj_mqtt_client_t *self, int errcode) {
+    if (self->pending_errno == 0 && self->pending_exception == MP_OBJ_NULL) {
+        self->pending_errno = errcode;
+    }
+}
+
+// One read or write of the stream, waiting for readiness until the
+// deadline. Returns bytes moved, 0 at end of stream, -1 on error (stashed).
+static intptr_t transport_io(mp_obj_mqtt_client_t *self, void *buf, size_t len, uint32_t deadline, bool reading) {
+    if (self->stream == MP_OBJ_NULL) {
+        stash_errno(self, MP_ENOTCONN);
+        return -1;
+    }
+    const mp_stream_p_t *protocol = mp_get_stream(self->stream);
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) != 0) {
+        stash_exception(self, MP_OBJ_FROM_PTR(nlr.ret_val));
+        return -1;
+    }
+    intptr_t result;
+    for (;;) {
+        int errcode = 0;
+        mp_uint_t moved = reading
+            ? protocol->read(self->stream, buf, len, &errcode)
+            : protocol->write(self->stream, buf, len, &errcode);
+        if (moved != MP_STREAM_ERROR) {
+            result = (intptr_t)moved;
+            break;
+        }
+        if (!mp_is_nonblocking_error(errcode) && errcode != MP_EINTR) {
+            stash_errno(self, errcode);
+            result = -1;
+            break;
+        }
+        int32_t left = (int32_t)(deadline - now_ms());
+        mp_uint_t events = reading ? MP_STREAM_POLL_RD : MP_STREAM_POLL_WR;
+        if (left <= 0 || !wait_ready(self->stream, self->sock_fd, events, (uint32_t)left)) {
+            stash_errno(self, MP_ETIMEDOUT);
+            result = -1;
+            break;
+        }
+    }
+    nlr_pop();
+    return result;
+}
+
+static intptr_t transport_read(void *context, uint8_t *buf, size_t len, uint32_t deadline) {
+    return transport_io(context, buf, len, deadline, true);
+}
+
+static intptr_t transport_write(void *context, const uint8_t *buf, size_t len, uint32_t deadline) {
+    intptr_t written = transport_io(context, (void *)buf, len, deadline, false);
+    // A stream never accepts zero bytes of a non-empty write: treat as closed.
+    if (written == 0 && len > 0) {
+        stash_errno(context, MP_ECONNRESET);
+        return -1;
+    }
+    return written;
+}
+
+static int transport_readable(void *context) {
+    mp_obj_mqtt_client_t *self = context;
+    if (self->stream == MP_OBJ_NULL) {
+        stash_errno(self, MP_ENOTCONN);
+        return -1;
+    }
+    int errcode = 0;
+    mp_uint_t ready = stream_poll(self->stream, MP_STREAM_POLL_RD, &errcode);
+    if (ready == MP_STREAM_ERROR) {
+        // Let the read find out what is wrong.
+        return 1;
+    }
+    return (ready & (MP_STREAM_POLL_RD | MP_STREAM_POLL_ERR | MP_STREAM_POLL_HUP)) ? 1 : 0;
+}
+
+static mqtt_transport_t transport_of(mp_obj_mqtt_client_t *self) {
+    mqtt_transport_t transport = {
+        .context = self,
+        .read = transport_read,
+        .write = transport_write,
+        .readable = transport_readable,
+    };
+    return transport;
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+
+static NORETURN void raise_mqtt(int code, const char *text) {
+    mp_obj_t args[2] = { MP_OBJ_NEW_SMALL_INT(code), mp_obj_new_str(text, strlen(text)) };
+    nlr_raise(mp_obj_new_exception_args(&mp_type_MQTTException, 2, args));
+}
+
+// Raises what the last engine call means. Call without the lock held.
+static NORETURN void raise_status(mp_obj_mqtt_client_t *self, int status) {
+    mp_obj_t exception = self->pending_exception;
+    int errcode = self->pending_errno;
+    self->pending_exception = MP_OBJ_NULL;
+    self->pending_errno = 0;
+    switch (status) {
+        case MQTT_ERR_INVALID_TOPIC:
+            mp_raise_ValueError(MP_ERROR_TEXT("invalid topic"));
+        case MQTT_ERR_TOO_LONG:
+            mp_raise_ValueError(MP_ERROR_TEXT("too long for MQTT"));
+        case MQTT_ERR_INVALID_CLIENT_ID:
+            mp_raise_ValueError(MP_ERROR_TEXT("empty client_id needs clean_session=True"));
+        case MQTT_ERR_INVALID_ARGUMENT:
+            mp_raise_ValueError(MP_ERROR_TEXT("invalid argument"));
+        case MQTT_ERR_NOT_CONNECTED:
+            mp_raise_OSError(MP_ENOTCONN);
+        case MQTT_ERR_INFLIGHT_FULL:
+            mp_raise_OSError(MP_ENOBUFS);
+        case MQTT_ERR_PROTOCOL:
+            raise_mqtt(MQTT_EXC_PROTOCOL, "protocol error: the broker sent an invalid packet");
+        case MQTT_ERR_PACKET_TOO_LARGE:
+            raise_mqtt(MQTT_EXC_PROTOCOL, "incoming packet larger than max_packet_size");
+        case MQTT_ERR_PING_TIMEOUT:
+            raise_mqtt(MQTT_EXC_TIMEOUT, "timeout: no answer to keepalive ping");
+        case MQTT_ERR_CONNECT_TIMEOUT:
+            raise_mqtt(MQTT_EXC_TIMEOUT, "timeout: no CONNACK");
+        case MQTT_ERR_INBOUND_FULL:
+            raise_mqtt(MQTT_EXC_PROTOCOL, "too many QoS 2 messages awaiting release");
+        case MQTT_ERR_CLOSED:
+            mp_raise_OSError(MP_ECONNRESET);
+        case MQTT_ERR_TRANSPORT:
+            if (exception != MP_OBJ_NULL) {
+                nlr_raise(exception);
+            }
+            mp_raise_OSError(errcode ? errcode : MP_EIO);
+        default:
+            if (exception != MP_OBJ_NULL) {
+                nlr_raise(exception);
+            }
+            if (errcode != 0) {
+                mp_raise_OSError(errcode);
+            }
+            mp_raise_msg_varg(&mp_type_RuntimeError, MP_ERROR_TEXT("mqtt engine status %d"), status);
+    }
+}
+
+static void clear_pending(mp_obj_mqtt_client_t *self) {
+    self->pending_exception = MP_OBJ_NULL;
+    self->pending_errno = 0;
+}
+
+// ---------------------------------------------------------------------------
+// Argument helpers
+
+static mqtt_bytes_t bytes_of_str(mp_obj_t text, const char *what) {
+    if (!mp_obj_is_str(text)) {
+        mp_raise_msg_varg(&mp_type_TypeError, MP_ERROR_TEXT("%s must be a str"), what);
+    }
+    size_t len;
+    const char *data = mp_obj_str_get_data(text, &len);
+    mqtt_bytes_t bytes = { .data = (const uint8_t *)data, .len = len };
+    return bytes;
+}
+
+static mqtt_bytes_t bytes_of_buffer(mp_obj_t object) {
+    mp_buffer_info_t info;
+    mp_get_buffer_raise(object, &info, MP_BUFFER_READ);
+    mqtt_bytes_t bytes = { .data = info.buf, .len = info.len };
+    return bytes;
+}
+
+static mqtt_bytes_t no_bytes(void) {
+    mqtt_bytes_t bytes = { .data = NULL, .len = 0 };
+    return bytes;
+}
+
+static uint8_t qos_of(mp_obj_t object) {
+    mp_int_t qos = mp_obj_get_int(object);
+    if (qos < 0 || qos > 2) {
+        mp_raise_ValueError(MP_ERROR_TEXT("qos must be 0, 1 or 2"));
+    }
+    return (uint8_t)qos;
+}
+
+static uint32_t milliseconds_of(mp_obj_t object, const char *what) {
+    mp_int_t value = mp_obj_get_int(object);
+    if (value < 0 || value > 0x7fffffff) {
+        mp_raise_msg_varg(&mp_type_ValueError, MP_ERROR_TEXT("%s out of range"), what);
+    }
+    return (uint32_t)value;
+}
+
+static void check_topic(mp_obj_t topic, bool filter) {
+    if (mqtt_topic_check(bytes_of_str(topic, "topic"), filter) != MQTT_OK) {
+        mp_raise_ValueError(filter ? MP_ERROR_TEXT("invalid topic filter") : MP_ERROR_TEXT("invalid topic"));
+    }
+}
+
+static mp_obj_mqtt_client_t *client_of(mp_obj_t self_in) {
+    return MP_OBJ_TO_PTR(self_in);
+}
+
+// ---------------------------------------------------------------------------
+// Calling Python safely
+
+// Calls `function(args...)`; an exception is printed, not propagated.
+// Returns the result, or MP_OBJ_NULL when the call raised.
+static mp_obj_t call_and_report(mp_obj_t function, size_t n_args, const mp_obj_t *args) {
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        mp_obj_t result = mp_call_function_n_kw(function, n_args, 0, args);
+        nlr_pop();
+        return result;
+    }
+    mp_printf(MICROPY_ERROR_PRINTER, "mqtt: exception in callback:\n");
+    mp_obj_print_exception(MICROPY_ERROR_PRINTER, MP_OBJ_FROM_PTR(nlr.ret_val));
+    return MP_OBJ_NULL;
+}
+
+// Calls `object.method(args...)` and returns the result (may raise).
+static mp_obj_t call_method(mp_obj_t object, qstr method, size_t n_args, const mp_obj_t *args) {
+    mp_obj_t call[2 + 4];
+    mp_load_method(object, method, call);
+    for (size_t i = 0; i < n_args; i++) {
+        call[2 + i] = args[i];
+    }
+    return mp_call_method_n_kw(n_args, 0, call);
+}
+
+// ---------------------------------------------------------------------------
+// The link
+
+// Closes the stream (under the lock) and tells the session the link is gone.
+static void drop_link(mp_obj_mqtt_client_t *self) {
+    mqtt_session_link_lost(self->session);
+    mp_obj_t stream = self->stream;
+    self->stream = MP_OBJ_NULL;
+    self->sock = MP_OBJ_NULL;
+    self->sock_fd = -1;
+    if (stream != MP_OBJ_NULL) {
+        nlr_buf_t nlr;
+        if (nlr_push(&nlr) == 0) {
+            mp_stream_close(stream);
+            nlr_pop();
+        }
+    }
+}
+
+// Opens a TCP connection (wrapped in TLS if the client has an SSLContext).
+// Runs without the lock; raises OSError when the broker cannot be reached.
+static void open_link(mp_obj_mqtt_client_t *self, mp_obj_t *sock_out, mp_obj_t *stream_out) {
+    mp_obj_t socket_module = mp_import_name(MP_QSTR_socket, mp_const_none, MP_OBJ_NEW_SMALL_INT(0));
+    mp_obj_t lookup[2] = { self->host, MP_OBJ_NEW_SMALL_INT(self->port) };
+    mp_obj_t addresses = call_method(socket_module, MP_QSTR_getaddrinfo, 2, lookup);
+    mp_obj_t address = mp_obj_subscr(addresses, MP_OBJ_NEW_SMALL_INT(0), MP_OBJ_SENTINEL);
+    size_t n_fields;
+    mp_obj_t *fields;
+    mp_obj_get_array(address, &n_fields, &fields);
+    if (n_fields < 5) {
+        mp_raise_OSError(MP_EINVAL);
+    }
+    mp_obj_t socket_type = mp_load_attr(socket_module, MP_QSTR_socket);
+    mp_obj_t sock = mp_call_function_n_kw(socket_type, 3, 0, fields);
+    *sock_out = sock;
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        // Bound the connection attempt by command_timeout.
+        mp_obj_t timeout = mp_obj_new_float((mp_float_t)self->command_timeout_ms / 1000);
+        call_method(sock, MP_QSTR_settimeout, 1, &timeout);
+        call_method(sock, MP_QSTR_connect, 1, &fields[n_fields - 1]);
+        // TCP_NODELAY (IPPROTO_TCP 6, option 1 on Linux and lwIP) so a small
+        // packet leaves at once; ports without it just keep Nagle.
+        nlr_buf_t nodelay;
+        if (nlr_push(&nodelay) == 0) {
+            mp_obj_t option[3] = { MP_OBJ_NEW_SMALL_INT(6), MP_OBJ_NEW_SMALL_INT(1), MP_OBJ_NEW_SMALL_INT(1) };
+            call_method(sock, MP_QSTR_setsockopt, 3, option);
+            nlr_pop();
+        }
+        mp_obj_t stream = sock;
+        if (self->ssl_ctx != mp_const_none) {
+            // ssl_ctx.wrap_socket(sock, server_hostname=host)
+            mp_obj_t call[5];
+            mp_load_method(self->ssl_ctx, MP_QSTR_wrap_socket, call);
+            call[2] = sock;
+            call[3] = MP_OBJ_NEW_QSTR(MP_QSTR_server_hostname);
+            call[4] = self->host;
+            stream = mp_call_method_n_kw(1, 1, call);
+        }
+        // From here on every wait is a poll with a deadline.
+        call_method(sock, MP_QSTR_setblocking, 1, (mp_obj_t[]) { mp_const_false });
+        *stream_out = stream;
+        nlr_pop();
+    } else {
+        nlr_buf_t closing;
+        if (nlr_push(&closing) == 0) {
+            mp_stream_close(sock);
+            nlr_pop();
+        }
+        nlr_jump(nlr.ret_val);
+    }
+}
+
+static int socket_fd(mp_obj_t sock) {
+    int errcode = 0;
+    const mp_stream_p_t *protocol = mp_get_stream(sock);
+    mp_uint_t fd = protocol->ioctl(sock, MP_STREAM_GET_FILENO, 0, &errcode);
+    return fd == MP_STREAM_ERROR ? -1 : (int)fd;
+}
+
+// ---------------------------------------------------------------------------
+// Receiving
+
+// Finds whether `filter` (with `callback`) is still in the current table.
+static bool still_subscribed(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback) {
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_tuple_get(self->subscriptions, &n, &items);
+    for (size_t i = 0; i + 1 < n; i += 2) {
+        if (items[i] == filter && items[i + 1] == callback) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// Calls the callback of every subscription whose filter matches `topic`.
+// Called with the lock held; releases it around the callbacks.
+static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload) {
+    mp_obj_t snapshot = self->subscriptions;
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_tuple_get(snapshot, &n, &items);
+    mqtt_bytes_t topic_bytes = bytes_of_str(topic, "topic");
+    bool outer = set_in_callback(self, true);
+    client_unlock(self);
+    for (size_t i = 0; i + 1 < n; i += 2) {
+        if (!mqtt_topic_matches(bytes_of_str(items[i], "filter"), topic_bytes)) {
+            continue;
+        }
+        // An unsubscribe() (maybe by an earlier callback) takes effect at once.
+        if (self->subscriptions != snapshot && !still_subscribed(self, items[i], items[i + 1])) {
+            continue;
+        }
+        mp_obj_t args[3] = { MP_OBJ_FROM_PTR(self), payload, topic };
+        call_and_report(items[i + 1], 3, args);
+    }
+    client_lock(self);
+    set_in_callback(self, outer);
+}
+
+// Allocates a vstr of `len` bytes without raising; false when out of memory.
+static bool new_buffer(vstr_t *vstr, size_t len) {
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        vstr_init_len(vstr, len);
+        nlr_pop();
+        return true;
+    }
+    return false;
+}
+
+// Builds the topic str and payload bytes from their buffers without raising.
+static bool new_message_objects(vstr_t *topic, vstr_t *payload, mp_obj_t *topic_out, mp_obj_t *payload_out) {
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        // The engine checked the topic's UTF-8 already.
+        *topic_out = mp_obj_new_str_from_vstr(topic);
+        *payload_out = mp_obj_new_bytes_from_vstr(payload);
+        nlr_pop();
+        return true;
+    }
+    return false;
+}
+
+// Reads the message announced by `event`, delivers it and acknowledges it.
+// Called with the lock held.
+static int handle_message(mp_obj_mqtt_client_t *self, const mqtt_transport_t *transport, const mqtt_event_t *event) {
+    uint32_t generation = self->link_generation;
+    vstr_t topic;
+    vstr_t payload;
+    if (!new_buffer(&topic, event->topic_len)) {
+        // Without room for the topic the stream cannot be followed.
+        stash_errno(self, MP_ENOMEM);
+        return MQTT_ERR_TRANSPORT;
+    }
+    mqtt_message_info_t info;
+    int status = mqtt_session_read_topic(self->session, transport, now_ms(), (uint8_t *)topic.buf, topic.len, &info);
+    if (status != MQTT_OK) {
+        vstr_clear(&topic);
+        return status;
+    }
+    bool have_room = new_buffer(&payload, event->payload_len);
+    status = mqtt_session_read_payload(self->session, transport, now_ms(), have_room ? (uint8_t *)payload.buf : NULL, event->payload_len);
+    mp_obj_t topic_obj = MP_OBJ_NULL;
+    mp_obj_t payload_obj = MP_OBJ_NULL;
+    if (status == MQTT_OK && have_room) {
+        have_room = new_message_objects(&topic, &payload, &topic_obj, &payload_obj);
+    }
+    if (status != MQTT_OK || !have_room) {
+        vstr_clear(&topic);
+        if (have_room) {
+            vstr_clear(&payload);
+        }
+        if (status != MQTT_OK) {
+            return status;
+        }
+        // Out of memory: never acknowledge what was not delivered. QoS 0
+        // is reported and dropped; for QoS 1/2 the link is failed so the
+        // broker sends the message again after a reconnect.
+        if (event->qos == 0) {
+            mp_printf(MICROPY_ERROR_PRINTER, "mqtt: message of %u bytes dropped: out of memory\n", (unsigned)event->payload_len);
+            return mqtt_session_finish_message(self->session, transport, now_ms());
+        }
+        stash_errno(self, MP_ENOMEM);
+        return MQTT_ERR_TRANSPORT;
+    }
+    if (info.deliver) {
+        deliver(self, topic_obj, payload_obj);
+        if (self->link_generation != generation || self->stream == MP_OBJ_NULL) {
+            return MQTT_LINK_REPLACED;
+        }
+    }
+    return mqtt_session_finish_message(self->session, transport, now_ms());
+}
+
+static void release_held(mp_obj_mqtt_client_t *self, uint8_t slot) {
+    if (self->held != NULL && slot < MQTT_INFLIGHT_MAX) {
+        self->held[2 * slot] = MP_OBJ_NULL;
+        self->held[2 * slot + 1] = MP_OBJ_NULL;
+    }
+}
+
+// Handles the packets that have arrived, then runs the timers.
+// Called with the lock held. Returns MQTT_OK, MQTT_LINK_REPLACED or an
+// engine error (a link failure).
+static int process_input(mp_obj_mqtt_client_t *self) {
+    if (self->stream == MP_OBJ_NULL) {
+        return MQTT_ERR_NOT_CONNECTED;
+    }
+    mqtt_transport_t transport = transport_of(self);
+    int status = MQTT_OK;
+    for (int handled = 0; handled < MQTT_PACKETS_PER_CYCLE && status == MQTT_OK; handled++) {
+        mqtt_event_t event;
+        status = mqtt_session_receive(self->session, &transport, now_ms(), &event);
+        if (status != MQTT_OK || event.kind == MQTT_EVENT_NOTHING) {
+            break;
+        }
+        if (event.kind == MQTT_EVENT_MESSAGE) {
+            status = handle_message(self, &transport, &event);
+        } else if (event.kind == MQTT_EVENT_COMPLETED) {
+            release_held(self, event.ticket.slot);
+        } else if (event.kind == MQTT_EVENT_CONNACK) {
+            self->return_code = event.code;
+        }
+    }
+    if (status == MQTT_OK) {
+        status = mqtt_session_tick(self->session, &transport, now_ms());
+    }
+    return status;
+}
+
+// One cycle: waits up to `wait_ms` for input (without the lock), then
+// handles it. A failed link is closed before this returns its status.
+static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
+    client_lock(self);
+    mp_obj_t stream = self->stream;
+    int fd = self->sock_fd;
+    client_unlock(self);
+    if (stream == MP_OBJ_NULL) {
+        mp_hal_delay_ms(wait_ms);
+        return MQTT_ERR_NOT_CONNECTED;
+    }
+    // Another thread may close the stream while we wait: the wait then
+    // ends early, and the lock below sees the change.
+    wait_ready(stream, fd, MP_STREAM_POLL_RD, wait_ms);
+    client_lock(self);
+    int status = process_input(self);
+    if (status != MQTT_OK && status != MQTT_LINK_REPLACED && self->stream != MP_OBJ_NULL) {
+        drop_link(self);
+    }
+    client_unlock(self);
+    return status;
+}
+
+// ---------------------------------------------------------------------------
+// Waiting for acknowledgements
+
+// Waits until the command behind `ticket` is answered; returns its code
+// (CONNACK or SUBACK return code). Runs cycles itself unless the loop is
+// running, and raises on timeout or a lost link.
+static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket) {
+    uint32_t waited_since = now_ms();
+    for (;;) {
+        uint8_t code = 0;
+        client_lock(self);
+        int state = mqtt_session_command_state(self->session, ticket, now_ms(), &code);
+        if (state == MQTT_COMMAND_TIMED_OUT) {
+            mqtt_session_forget(self->session, ticket);
+        }
+        client_unlock(self);
+        switch (state) {
+            case MQTT_COMMAND_DONE:
+                return code;
+            case MQTT_COMMAND_TIMED_OUT:
+                raise_mqtt(MQTT_EXC_TIMEOUT, "timeout: no acknowledgement within command_timeout");
+            case MQTT_COMMAND_INTERRUPTED:
+                mp_raise_OSError(MP_ENOTCONN);
+            default:
+                break;
+        }
+        if (loop_on_other_thread(self)) {
+            pause_briefly(now_ms() - waited_since);
+        } else {
+            int status = run_cycle(self, self->cycle_timeout_ms);
+            if (status != MQTT_OK && status != MQTT_LINK_REPLACED) {
+                raise_status(self, status);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Connecting
+
+static mqtt_bytes_t optional_bytes(mp_obj_t object) {
+    return object == mp_const_none ? no_bytes() : bytes_of_buffer(object);
+}
+
+// Connects with the stored parameters. Returns the CONNACK return code;
+// raises OSError when the broker cannot be reached.
+static int do_connect(mp_obj_mqtt_client_t *self) {
+    client_lock(self);
+    drop_link(self);
+    self->link_generation++;
+    client_unlock(self);
+
+    mp_obj_t sock = MP_OBJ_NULL;
+    mp_obj_t stream = MP_OBJ_NULL;
+    open_link(self, &sock, &stream);
+
+    mqtt_connect_t options = {
+        .client_id = bytes_of_str(self->client_id, "client_id"),
+        .username = optional_bytes(self->username),
+        .password = optional_bytes(self->password),
+        .will_topic = optional_bytes(self->will_topic),
+        .will_payload = optional_bytes(self->will_payload),
+        .will_qos = self->will_qos,
+        .will_retain = self->will_retain,
+        .clean_session = self->clean_session,
+        .keepalive_s = self->keepalive_s,
+    };
+    client_lock(self);
+    self->sock = sock;
+    self->stream = stream;
+    self->sock_fd = socket_fd(sock);
+    self->return_code = -1;
+    clear_pending(self);
+    if (self->clean_session && self->held != NULL) {
+        memset(self->held, 0, sizeof(mp_obj_t) * 2 * MQTT_INFLIGHT_MAX);
+    }
+    mqtt_transport_t transport = transport_of(self);
+    mqtt_ticket_t ticket;
+    int status = mqtt_session_connect(self->session, &transport, now_ms(), &options, &ticket);
+    if (status != MQTT_OK) {
+        drop_link(self);
+    }
+    client_unlock(self);
+    if (status != MQTT_OK) {
+        raise_status(self, status);
+    }
+
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        uint8_t code = wait_for(self, ticket);
+        nlr_pop();
+        self->return_code = code;
+    } else {
+        client_lock(self);
+        drop_link(self);
+        client_unlock(self);
+        nlr_jump(nlr.ret_val);
+    }
+    if (self->return_code != 0) {
+        client_lock(self);
+        drop_link(self);
+        client_unlock(self);
+        return self->return_code;
+    }
+
+    // Send again what the previous link left unacknowledged.
+    client_lock(self);
+    status = MQTT_OK;
+    mqtt_ticket_t resend;
+    uint8_t from = 0;
+    while (status == MQTT_OK && self->held != NULL && mqtt_session_next_resend(self->session, from, &resend) == 1) {
+        mp_obj_t topic = self->held[2 * resend.slot];
+        mp_obj_t payload = self->held[2 * resend.slot + 1];
+        if (topic != MP_OBJ_NULL) {
+            status = mqtt_session_resend(self->session, &transport, now_ms(), resend, bytes_of_str(topic, "topic"), bytes_of_buffer(payload));
+        }
+        from = resend.slot + 1;
+    }
+    if (status == MQTT_OK) {
+        status = mqtt_session_resend_releases(self->session, &transport, now_ms());
+    }
+    if (status != MQTT_OK) {
+        drop_link(self);
+    }
+    client_unlock(self);
+    if (status != MQTT_OK) {
+        raise_status(self, status);
+    }
+    return 0;
+}
+
+static const char *refusal_text(int code) {
+    switch (code) {
+        case 1:
+            return "connection refused: unacceptable protocol version";
+        case 2:
+            return "connection refused: identifier rejected";
+        case 3:
+            return "connection refused: server unavailable";
+        case 4:
+            return "connection refused: bad user name or password";
+        case 5:
+            return "connection refused: not authorized";
+        default:
+            return "connection refused";
+    }
+}
+
+// Connects, runs aconnect_cb on success, and returns the return code.
+static int connect_and_notify(mp_obj_mqtt_client_t *self) {
+    int code = do_connect(self);
+    if (code == 0 && self->aconnect_cb != mp_const_none) {
+        mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
+        call_and_report(self->aconnect_cb, 1, &self_obj);
+    }
+    return code;
+}
+
+// ---------------------------------------------------------------------------
+// The loop
+
+// Runs the loop until it is stopped or a failure is not recovered.
+static void run_loop(mp_obj_mqtt_client_t *self) {
+    while (self->loop_state == LOOP_RUNNING) {
+        int status = run_cycle(self, self->cycle_timeout_ms);
+        if (status == MQTT_OK || status == MQTT_LINK_REPLACED) {
+            continue;
+        }
+        clear_pending(self);
+        if (self->loop_state != LOOP_RUNNING) {
+            break;
+        }
+        mp_obj_t verdict = MP_OBJ_NULL;
+        if (self->loop_failure != mp_const_none) {
+            mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
+            verdict = call_and_report(self->loop_failure, 1, &self_obj);
+        }
+        if (verdict == MP_OBJ_NULL || !mp_obj_is_small_int(verdict) || MP_OBJ_SMALL_INT_VALUE(verdict) != MQTT_RECOVERED) {
+            break;
+        }
+    }
+    self->loop_state = LOOP_STOPPED;
+}
+
+#if MICROPY_PY_THREAD
+// The background thread's body: loop_thread(client)
+static mp_obj_t loop_thread(mp_obj_t self_in) {
+    mp_obj_mqtt_client_t *self = client_of(self_in);
+    self->loop_thread = mp_thread_get_state();
+    run_loop(self);
+    self->loop_thread = NULL;
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(loop_thread_obj, loop_thread);
+#endif
+
+static void start_loop(mp_obj_mqtt_client_t *self) {
+    if (self->loop_state == LOOP_RUNNING) {
+        return;
+    }
+    #if MICROPY_PY_THREAD
+    // A loop that is still stopping ends within one cycle.
+    uint32_t start = now_ms();
+    while (self->loop_state == LOOP_STOPPING && now_ms() - start < self->cycle_timeout_ms + 1000) {
+        pause_briefly(now_ms() - start);
+    }
+    self->loop_state = LOOP_RUNNING;
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        // _thread registers the thread with the GC and runs it like Python.
+        mp_obj_t thread_module = mp_import_name(MP_QSTR__thread, mp_const_none, MP_OBJ_NEW_SMALL_INT(0));
+        mp_obj_t args[2] = { MP_OBJ_FROM_PTR(&loop_thread_obj), mp_obj_new_tuple(1, (mp_obj_t[]) { MP_OBJ_FROM_PTR(self) }) };
+        call_method(thread_module, MP_QSTR_start_new_thread, 2, args);
+        nlr_pop();
+    } else {
+        self->loop_state = LOOP_STOPPED;
+        nlr_jump(nlr.ret_val);
+    }
+    #else
+    // Without threads the application drives the loop with cycle().
+    (void)self;
+    #endif
+}
+
+// ---------------------------------------------------------------------------
+// The Client class
+
+// Client(client_id, clean_session=True, cycle_timeout=500, command_timeout=60000, max_packet_size=1048576)
+static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t n_kw, const mp_obj_t *all_args) {
+    enum { ARG_client_id, ARG_clean_session, ARG_cycle_timeout, ARG_command_timeout, ARG_max_packet_size };
+    static const mp_arg_t allowed[] = {
+        { MP_QSTR_client_id, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_clean_session, MP_ARG_BOOL, {.u_bool = true} },
+        { MP_QSTR_cycle_timeout, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(500)} },
+        { MP_QSTR_command_timeout, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(60000)} },
+        { MP_QSTR_max_packet_size, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(MQTT_DEFAULT_MAX_PACKET)} },
+    };
+    mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
+    mp_arg_parse_all_kw_array(n_args, n_kw, all_args, MP_ARRAY_SIZE(allowed), allowed, args);
+
+    mqtt_bytes_t client_id = bytes_of_str(args[ARG_client_id].u_obj, "client_id");
+    if (client_id.len > 65535) {
+        mp_raise_ValueError(MP_ERROR_TEXT("client_id too long"));
+    }
+    bool clean_session = args[ARG_clean_session].u_bool;
+    if (client_id.len == 0 && !clean_session) {
+        mp_raise_ValueError(MP_ERROR_TEXT("empty client_id needs clean_session=True"));
+    }
+    uint32_t cycle_timeout = milliseconds_of(args[ARG_cycle_timeout].u_obj, "cycle_timeout");
+    uint32_t command_timeout = milliseconds_of(args[ARG_command_timeout].u_obj, "command_timeout");
+    if (command_timeout == 0) {
+        mp_raise_ValueError(MP_ERROR_TEXT("command_timeout must be positive"));
+    }
+    uint32_t max_packet_size = milliseconds_of(args[ARG_max_packet_size].u_obj, "max_packet_size");
+
+    size_t words = (mqtt_session_size() + sizeof(uint64_t) - 1) / sizeof(uint64_t);
+    mp_obj_mqtt_client_t *self = mp_obj_malloc_var(mp_obj_mqtt_client_t, session, uint64_t, words, type);
+    self->client_id = args[ARG_client_id].u_obj;
+    self->host = mp_const_none;
+    self->ssl_ctx = mp_const_none;
+    self->username = mp_const_none;
+    self->password = mp_const_none;
+    self->will_topic = mp_const_none;
+    self->will_payload = mp_const_none;
+    self->breconnect_cb = mp_const_none;
+    self->aconnect_cb = mp_const_none;
+    self->loop_failure = mp_const_none;
+    self->subscriptions = mp_const_empty_tuple;
+    self->held = NULL;
+    self->sock = MP_OBJ_NULL;
+    self->stream = MP_OBJ_NULL;
+    self->pending_exception = MP_OBJ_NULL;
+    self->pending_errno = 0;
+    self->sock_fd = -1;
+    self->link_generation = 0;
+    self->cycle_timeout_ms = cycle_timeout;
+    self->command_timeout_ms = command_timeout;
+    self->max_packet_size = max_packet_size;
+    self->port = 1883;
+    self->keepalive_s = 0;
+    self->will_qos = 0;
+    self->will_retain = false;
+    self->clean_session = clean_session;
+    self->return_code = -1;
+    self->loop_state = LOOP_STOPPED;
+    #if MICROPY_PY_THREAD
+    mp_thread_mutex_init(&self->lock);
+    self->loop_thread = NULL;
+    self->callback_thread = NULL;
+    #else
+    self->in_callback = false;
+    #endif
+    mqtt_config_t config = { .command_timeout_ms = command_timeout, .max_packet_size = max_packet_size };
+    if (mqtt_session_init(self->session, words * sizeof(uint64_t), &config) != MQTT_OK) {
+        mp_raise_msg(&mp_type_RuntimeError, MP_ERROR_TEXT("mqtt engine init failed"));
+    }
+    return MP_OBJ_FROM_PTR(self);
+}
+
+// Client.connect(host, keepalive, port=1883, ssl_ctx=None, breconnect_cb=None,
+//                aconnect_cb=None, loop_failure=None, start_loop=True)
+static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+    enum { ARG_host, ARG_keepalive, ARG_port, ARG_ssl_ctx, ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure, ARG_start_loop };
+    static const mp_arg_t allowed[] = {
+        { MP_QSTR_host, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_keepalive, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_port, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(1883)} },
+        { MP_QSTR_ssl_ctx, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_breconnect_cb, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_aconnect_cb, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_loop_failure, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_start_loop, MP_ARG_BOOL, {.u_bool = true} },
+    };
+    mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
+    mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
+    mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
+
+    bytes_of_str(args[ARG_host].u_obj, "host");
+    mp_int_t keepalive = mp_obj_get_int(args[ARG_keepalive].u_obj);
+    if (keepalive < 0 || keepalive > 65535) {
+        mp_raise_ValueError(MP_ERROR_TEXT("keepalive must be 0-65535 seconds"));
+    }
+    mp_int_t port = mp_obj_get_int(args[ARG_port].u_obj);
+    if (port < 1 || port > 65535) {
+        mp_raise_ValueError(MP_ERROR_TEXT("port must be 1-65535"));
+    }
+    const size_t callbacks[] = { ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure };
+    for (size_t i = 0; i < MP_ARRAY_SIZE(callbacks); i++) {
+        mp_obj_t callback = args[callbacks[i]].u_obj;
+        if (callback != mp_const_none && !mp_obj_is_callable(callback)) {
+            mp_raise_TypeError(MP_ERROR_TEXT("callbacks must be callable or None"));
+        }
+    }
+    if (loop_on_other_thread(self)) {
+        mp_raise_OSError(MP_EBUSY);
+    }
+    self->host = args[ARG_host].u_obj;
+    self->keepalive_s = (uint16_t)keepalive;
+    self->port = (uint16_t)port;
+    self->ssl_ctx = args[ARG_ssl_ctx].u_obj;
+    self->breconnect_cb = args[ARG_breconnect_cb].u_obj;
+    self->aconnect_cb = args[ARG_aconnect_cb].u_obj;
+    self->loop_failure = args[ARG_loop_failure].u_obj;
+
+    int code = connect_and_notify(self);
+    if (code != 0) {
+        raise_mqtt(code, refusal_text(code));
+    }
+    if (args[ARG_start_loop].u_bool) {
+        start_loop(self);
+    }
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_KW(client_connect_obj, 3, client_connect);
+
+// Client.reconnect() -> CONNACK return code
+static mp_obj_t client_reconnect(mp_obj_t self_in) {
+    mp_obj_mqtt_client_t *self = client_of(self_in);
+    if (self->host == mp_const_none) {
+        mp_raise_OSError(MP_ENOTCONN);
+    }
+    if (self->breconnect_cb != mp_const_none) {
+        call_and_report(self->breconnect_cb, 1, &self_in);
+    }
+    return MP_OBJ_NEW_SMALL_INT(connect_and_notify(self));
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(client_reconnect_obj, client_reconnect);
+
+// Client.get_return_code() -> CONNACK return code of the last attempt, or -1
+static mp_obj_t client_get_return_code(mp_obj_t self_in) {
+    return MP_OBJ_NEW_SMALL_INT(client_of(self_in)->return_code);
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(client_get_return_code_obj, client_get_return_code);
+
+// Client.connected() -> bool
+static mp_obj_t client_connected(mp_obj_t self_in) {
+    mp_obj_mqtt_client_t *self = client_of(self_in);
+    client_lock(self);
+    bool connected = self->stream != MP_OBJ_NULL && mqtt_session_is_connected(self->session);
+    client_unlock(self);
+    return mp_obj_new_bool(connected);
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(client_connected_obj, client_connected);
+
+// Client.loop(): start the background loop (a no-op when it runs already)
+static mp_obj_t client_loop(mp_obj_t self_in) {
+    start_loop(client_of(self_in));
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(client_loop_obj, client_loop);
+
+// Client.cycle(): run one loop cycle on the calling thread
+static mp_obj_t client_cycle(mp_obj_t self_in) {
+    mp_obj_mqtt_client_t *self = client_of(self_in);
+    if (loop_on_other_thread(self)) {
+        mp_raise_OSError(MP_EBUSY);
+    }
+    int status = run_cycle(self, self->cycle_timeout_ms);
+    if (status == MQTT_OK || status == MQTT_LINK_REPLACED) {
+        return mp_const_none;
+    }
+    if (self->loop_failure != mp_const_none) {
+        clear_pending(self);
+        mp_obj_t verdict = call_and_report(self->loop_failure, 1, &self_in);
+        if (verdict != MP_OBJ_NULL && mp_obj_is_small_int(verdict) && MP_OBJ_SMALL_INT_VALUE(verdict) == MQTT_RECOVERED) {
+            return mp_const_none;
+        }
+    }
+    raise_status(self, status);
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(client_cycle_obj, client_cycle);
+
+// Client.set_username_pw(username, password='')
+static mp_obj_t client_set_username_pw(size_t n_args, const mp_obj_t *args) {
+    mp_obj_mqtt_client_t *self = client_of(args[0]);
+    mqtt_bytes_t username = bytes_of_str(args[1], "username");
+    mp_obj_t password = n_args > 2 ? args[2] : mp_const_none;
+    if (password != mp_const_none) {
+        mqtt_bytes_t bytes = bytes_of_buffer(password);
+        password = bytes.len == 0 ? mp_const_none : password;
+        if (bytes.len > 65535) {
+            mp_raise_ValueError(MP_ERROR_TEXT("password too long"));
+        }
+    }
+    if (username.len > 65535) {
+        mp_raise_ValueError(MP_ERROR_TEXT("username too long"));
+    }
+    self->username = args[1];
+    self->password = password;
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_VAR_BETWEEN(client_set_username_pw_obj, 2, 3, client_set_username_pw);
+
+// Client.set_will(topic, payload, qos=0, retain=False)
+static mp_obj_t client_set_will(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+    enum { ARG_topic, ARG_payload, ARG_qos, ARG_retain };
+    static const mp_arg_t allowed[] = {
+        { MP_QSTR_topic, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_payload, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_qos, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(0)} },
+        { MP_QSTR_retain, MP_ARG_BOOL, {.u_bool = false} },
+    };
+    mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
+    mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
+    mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
+    check_topic(args[ARG_topic].u_obj, false);
+    if (bytes_of_buffer(args[ARG_payload].u_obj).len > 65535) {
+        mp_raise_ValueError(MP_ERROR_TEXT("will payload too long"));
+    }
+    self->will_qos = qos_of(args[ARG_qos].u_obj);
+    self->will_topic = args[ARG_topic].u_obj;
+    self->will_payload = args[ARG_payload].u_obj;
+    self->will_retain = args[ARG_retain].u_bool;
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_KW(client_set_will_obj, 3, client_set_will);
+
+// Client.publish(topic, payload='', qos=0, retain=False)
+static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+    enum { ARG_topic, ARG_payload, ARG_qos, ARG_retain };
+    static const mp_arg_t allowed[] = {
+        { MP_QSTR_topic, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_payload, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_QSTR(MP_QSTR_)} },
+        { MP_QSTR_qos, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(0)} },
+        { MP_QSTR_retain, MP_ARG_BOOL, {.u_bool = false} },
+    };
+    mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
+    mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
+    mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
+    mp_obj_t topic = args[ARG_topic].u_obj;
+    mp_obj_t payload = args[ARG_payload].u_obj;
+    mqtt_bytes_t topic_bytes = bytes_of_str(topic, "topic");
+    mqtt_bytes_t payload_bytes = bytes_of_buffer(payload);
+    uint8_t qos = qos_of(args[ARG_qos].u_obj);
+    check_topic(topic, false);
+    if (qos > 0 && self->held == NULL) {
+        mp_obj_t *held = m_new0(mp_obj_t, 2 * MQTT_INFLIGHT_MAX);
+        client_lock(self);
+        if (self->held == NULL) {
+            self->held = held;
+        }
+        client_unlock(self);
+    }
+
+    client_lock(self);
+    mqtt_transport_t transport = transport_of(self);
+    mqtt_ticket_t ticket;
+    int status = self->stream == MP_OBJ_NULL
+        ? MQTT_ERR_NOT_CONNECTED
+        : mqtt_session_publish(self->session, &transport, now_ms(), topic_bytes, payload_bytes, qos, args[ARG_retain].u_bool, &ticket);
+    if (status == MQTT_OK && qos > 0) {
+        self->held[2 * ticket.slot] = topic;
+        self->held[2 * ticket.slot + 1] = payload;
+    }
+    if (status == MQTT_ERR_TRANSPORT || status == MQTT_ERR_CLOSED) {
+        drop_link(self);
+    }
+    client_unlock(self);
+    if (status != MQTT_OK) {
+        raise_status(self, status);
+    }
+    // From a callback the loop is busy with us: it completes the flow later.
+    if (qos > 0 && !in_callback(self)) {
+        wait_for(self, ticket);
+    }
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_KW(client_publish_obj, 2, client_publish);
+
+// Returns the subscription table with `filter` removed, and whether it was there.
+static mp_obj_t table_without(mp_obj_t table, mp_obj_t filter, bool *found) {
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_tuple_get(table, &n, &items);
+    *found = false;
+    for (size_t i = 0; i + 1 < n; i += 2) {
+        if (mp_obj_equal(items[i], filter)) {
+            *found = true;
+            mp_obj_tuple_t *smaller = MP_OBJ_TO_PTR(mp_obj_new_tuple(n - 2, NULL));
+            memcpy(smaller->items, items, i * sizeof(mp_obj_t));
+            memcpy(smaller->items + i, items + i + 2, (n - i - 2) * sizeof(mp_obj_t));
+            return MP_OBJ_FROM_PTR(smaller);
+        }
+    }
+    return table;
+}
+
+// Returns the table with `filter` mapped to `callback` (replacing in place).
+static mp_obj_t table_with(mp_obj_t table, mp_obj_t filter, mp_obj_t callback) {
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_tuple_get(table, &n, &items);
+    for (size_t i = 0; i + 1 < n; i += 2) {
+        if (mp_obj_equal(items[i], filter)) {
+            mp_obj_tuple_t *copy = MP_OBJ_TO_PTR(mp_obj_new_tuple(n, items));
+            copy->items[i + 1] = callback;
+            return MP_OBJ_FROM_PTR(copy);
+        }
+    }
+    mp_obj_tuple_t *larger = MP_OBJ_TO_PTR(mp_obj_new_tuple(n + 2, NULL));
+    memcpy(larger->items, items, n * sizeof(mp_obj_t));
+    larger->items[n] = filter;
+    larger->items[n + 1] = callback;
+    return MP_OBJ_FROM_PTR(larger);
+}
+
+// Sends SUBSCRIBE or UNSUBSCRIBE and returns its ticket (raises on error).
+static mqtt_ticket_t send_subscription(mp_obj_mqtt_client_t *self, mp_obj_t filter, uint8_t qos, bool unsubscribe) {
+    client_lock(self);
+    mqtt_transport_t transport = transport_of(self);
+    mqtt_ticket_t ticket;
+    int status = self->stream == MP_OBJ_NULL
+        ? MQTT_ERR_NOT_CONNECTED
+        : mqtt_session_subscribe(self->session, &transport, now_ms(), bytes_of_str(filter, "topic"), qos, unsubscribe, &ticket);
+    if (status == MQTT_ERR_TRANSPORT || status == MQTT_ERR_CLOSED) {
+        drop_link(self);
+    }
+    client_unlock(self);
+    if (status != MQTT_OK) {
+        raise_status(self, status);
+    }
+    return ticket;
+}
+
+// Client.subscribe(topic, function, qos=0)
+static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+    enum { ARG_topic, ARG_function, ARG_qos };
+    static const mp_arg_t allowed[] = {
+        { MP_QSTR_topic, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_function, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_qos, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(0)} },
+    };
+    mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
+    mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
+    mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
+    mp_obj_t filter = args[ARG_topic].u_obj;
+    mp_obj_t function = args[ARG_function].u_obj;
+    check_topic(filter, true);
+    if (!mp_obj_is_callable(function)) {
+        mp_raise_TypeError(MP_ERROR_TEXT("function must be callable"));
+    }
+    uint8_t qos = qos_of(args[ARG_qos].u_obj);
+
+    // The callback is in the table before SUBSCRIBE leaves, so retained
+    // messages that follow the SUBACK at once find it.
+    mp_obj_t updated = table_with(self->subscriptions, filter, function);
+    client_lock(self);
+    mp_obj_t previous = self->subscriptions;
+    self->subscriptions = updated;
+    client_unlock(self);
+
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        mqtt_ticket_t ticket = send_subscription(self, filter, qos, false);
+        uint8_t code = in_callback(self) ? 0 : wait_for(self, ticket);
+        if (code == MQTT_EXC_SUBSCRIBE_FAILED) {
+            raise_mqtt(MQTT_EXC_SUBSCRIBE_FAILED, "subscription refused by the broker");
+        }
+        nlr_pop();
+        return MP_OBJ_NEW_SMALL_INT(code);
+    }
+    client_lock(self);
+    if (self->subscriptions == updated) {
+        self->subscriptions = previous;
+    }
+    client_unlock(self);
+    nlr_jump(nlr.ret_val);
+}
+static MP_DEFINE_CONST_FUN_OBJ_KW(client_subscribe_obj, 3, client_subscribe);
+
+// Client.unsubscribe(topic)
+static mp_obj_t client_unsubscribe(mp_obj_t self_in, mp_obj_t filter) {
+    mp_obj_mqtt_client_t *self = client_of(self_in);
+    check_topic(filter, true);
+    bool found;
+    // Off the table first: its callback is never called again.
+    client_lock(self);
+    mp_obj_t smaller = table_without(self->subscriptions, filter, &found);
+    self->subscriptions = smaller;
+    client_unlock(self);
+    mqtt_ticket_t ticket = send_subscription(self, filter, 0, true);
+    if (!in_callback(self)) {
+        wait_for(self, ticket);
+    }
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_2(client_unsubscribe_obj, client_unsubscribe);
+
+// Client.disconnect(timeout=None)
+static mp_obj_t client_disconnect(size_t n_args, const mp_obj_t *args) {
+    mp_obj_mqtt_client_t *self = client_of(args[0]);
+    mp_obj_t timeout_obj = n_args > 1 ? args[1] : mp_const_none;
+    uint32_t timeout = timeout_obj == mp_const_none ? 0 : milliseconds_of(timeout_obj, "timeout");
+    client_lock(self);
+    if (self->loop_state == LOOP_RUNNING) {
+        self->loop_state = LOOP_STOPPING;
+    }
+    if (self->stream != MP_OBJ_NULL) {
+        mqtt_transport_t transport = transport_of(self);
+        // Best effort: the link closes whether DISCONNECT got out or not.
+        mqtt_session_disconnect(self->session, &transport, now_ms());
+        clear_pending(self);
+    }
+    drop_link(self);
+    self->link_generation++;
+    client_unlock(self);
+    if (timeout_obj != mp_const_none && !in_callback(self)) {
+        uint32_t start = now_ms();
+        while (self->loop_state != LOOP_STOPPED && now_ms() - start < timeout) {
+            pause_briefly(now_ms() - start);
+        }
+    }
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_VAR_BETWEEN(client_disconnect_obj, 1, 2, client_disconnect);
+
+static const mp_rom_map_elem_t client_locals_table[] = {
+    { MP_ROM_QSTR(MP_QSTR_connect), MP_ROM_PTR(&client_connect_obj) },
+    { MP_ROM_QSTR(MP_QSTR_reconnect), MP_ROM_PTR(&client_reconnect_obj) },
+    { MP_ROM_QSTR(MP_QSTR_get_return_code), MP_ROM_PTR(&client_get_return_code_obj) },
+    { MP_ROM_QSTR(MP_QSTR_connected), MP_ROM_PTR(&client_connected_obj) },
+    { MP_ROM_QSTR(MP_QSTR_loop), MP_ROM_PTR(&client_loop_obj) },
+    { MP_ROM_QSTR(MP_QSTR_cycle), MP_ROM_PTR(&client_cycle_obj) },
+    { MP_ROM_QSTR(MP_QSTR_set_username_pw), MP_ROM_PTR(&client_set_username_pw_obj) },
+    { MP_ROM_QSTR(MP_QSTR_set_will), MP_ROM_PTR(&client_set_will_obj) },
+    { MP_ROM_QSTR(MP_QSTR_publish), MP_ROM_PTR(&client_publish_obj) },
+    { MP_ROM_QSTR(MP_QSTR_subscribe), MP_ROM_PTR(&client_subscribe_obj) },
+    { MP_ROM_QSTR(MP_QSTR_unsubscribe), MP_ROM_PTR(&client_unsubscribe_obj) },
+    { MP_ROM_QSTR(MP_QSTR_disconnect), MP_ROM_PTR(&client_disconnect_obj) },
+};
+static MP_DEFINE_CONST_DICT(client_locals, client_locals_table);
+
+static MP_DEFINE_CONST_OBJ_TYPE(
+    mqtt_client_type,
+    MP_QSTR_Client,
+    MP_TYPE_FLAG_NONE,
+    make_new, client_make_new,
+    locals_dict, &client_locals
+    );
+
+static const mp_rom_map_elem_t mqtt_module_globals_table[] = {
+    { MP_ROM_QSTR(MP_QSTR___name__), MP_ROM_QSTR(MP_QSTR_mqtt) },
+    { MP_ROM_QSTR(MP_QSTR_Client), MP_ROM_PTR(&mqtt_client_type) },
+    { MP_ROM_QSTR(MP_QSTR_MQTTException), MP_ROM_PTR(&mp_type_MQTTException) },
+    { MP_ROM_QSTR(MP_QSTR_BREAK_LOOP), MP_ROM_INT(MQTT_BREAK_LOOP) },
+    { MP_ROM_QSTR(MP_QSTR_RECOVERED), MP_ROM_INT(MQTT_RECOVERED) },
+    { MP_ROM_QSTR(MP_QSTR_CONNECTION_ACCEPTED), MP_ROM_INT(0) },
+    { MP_ROM_QSTR(MP_QSTR_CONNECTION_REFUSED_PROTOCOL_VERSION), MP_ROM_INT(1) },
+    { MP_ROM_QSTR(MP_QSTR_CONNECTION_REFUSED_IDENTIFIER_REJECTED), MP_ROM_INT(2) },
+    { MP_ROM_QSTR(MP_QSTR_CONNECTION_REFUSED_SERVER_UNAVAILABLE), MP_ROM_INT(3) },
+    { MP_ROM_QSTR(MP_QSTR_CONNECTION_REFUSED_BAD_USERNAME_PASSWORD), MP_ROM_INT(4) },
+    { MP_ROM_QSTR(MP_QSTR_CONNECTION_REFUSED_NOT_AUTHORIZED), MP_ROM_INT(5) },
+    { MP_ROM_QSTR(MP_QSTR_SUBSCRIBE_FAILED), MP_ROM_INT(MQTT_EXC_SUBSCRIBE_FAILED) },
+    { MP_ROM_QSTR(MP_QSTR_TIMEOUT), MP_ROM_INT(MQTT_EXC_TIMEOUT) },
+    { MP_ROM_QSTR(MP_QSTR_PROTOCOL_ERROR), MP_ROM_INT(MQTT_EXC_PROTOCOL) },
+};
+static MP_DEFINE_CONST_DICT(mqtt_module_globals, mqtt_module_globals_table);
+
+const mp_obj_module_t mqtt_user_cmodule = {
+    .base = { &mp_type_module },
+    .globals = (mp_obj_dict_t *)&mqtt_module_globals,
+};
+
+MP_REGISTER_MODULE(MP_QSTR_mqtt, mqtt_user_cmodule);

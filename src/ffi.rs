@@ -1,0 +1,820 @@
+//! The C interface: plain structs and status codes around [`Session`].
+//!
+//! This is the only module with `unsafe` code. Every function checks its
+//! pointers (null, alignment) and returns a status; none can unwind or
+//! jump. The header `mqtt_engine.h` is generated from this file by
+//! cbindgen (see `tests/header.rs`).
+//!
+//! The caller (the MicroPython binding) serialises all calls on one
+//! session: it holds its client's lock around each of them.
+
+use core::ffi::c_void;
+use core::mem::{align_of, size_of};
+
+use cty::{c_int, intptr_t, size_t};
+
+use crate::codec::{Connect, QoS, Will};
+use crate::session::{CommandState, Config, Error, Event, Session, Ticket};
+
+/// Success.
+pub const MQTT_OK: c_int = 0;
+/// A topic name or filter breaks the topic rules.
+pub const MQTT_ERR_INVALID_TOPIC: c_int = -1;
+/// A string or payload is longer than MQTT can carry.
+pub const MQTT_ERR_TOO_LONG: c_int = -2;
+/// An empty client id needs a clean session.
+pub const MQTT_ERR_INVALID_CLIENT_ID: c_int = -3;
+/// A QoS outside 0-2, a text that is not UTF-8, or a null pointer.
+pub const MQTT_ERR_INVALID_ARGUMENT: c_int = -4;
+/// The operation needs an accepted connection.
+pub const MQTT_ERR_NOT_CONNECTED: c_int = -5;
+/// Every in-flight slot is taken.
+pub const MQTT_ERR_INFLIGHT_FULL: c_int = -6;
+/// The call does not fit the session's state (a bug in the caller).
+pub const MQTT_ERR_WRONG_STATE: c_int = -7;
+/// The broker sent a malformed packet or one it may not send.
+pub const MQTT_ERR_PROTOCOL: c_int = -8;
+/// An incoming packet is larger than the configured maximum.
+pub const MQTT_ERR_PACKET_TOO_LARGE: c_int = -9;
+/// The broker did not answer PINGREQ in time: the link is dead.
+pub const MQTT_ERR_PING_TIMEOUT: c_int = -10;
+/// The broker did not answer CONNECT in time.
+pub const MQTT_ERR_CONNECT_TIMEOUT: c_int = -11;
+/// Too many inbound QoS 2 messages wait for their release.
+pub const MQTT_ERR_INBOUND_FULL: c_int = -12;
+/// The transport callback failed; the caller knows why.
+pub const MQTT_ERR_TRANSPORT: c_int = -13;
+/// The peer closed the connection.
+pub const MQTT_ERR_CLOSED: c_int = -14;
+
+/// `mqtt_session_command_state`: sent, no answer yet.
+pub const MQTT_COMMAND_PENDING: c_int = 0;
+/// Answered; the return code is in `*code`.
+pub const MQTT_COMMAND_DONE: c_int = 1;
+/// No answer within the command timeout (a publish stays in flight).
+pub const MQTT_COMMAND_TIMED_OUT: c_int = 2;
+/// The link went down first (a publish stays in flight).
+pub const MQTT_COMMAND_INTERRUPTED: c_int = 3;
+
+/// `mqtt_event_t.kind`: nothing for the caller.
+pub const MQTT_EVENT_NOTHING: u8 = 0;
+/// CONNACK: `code` and `session_present` are set.
+pub const MQTT_EVENT_CONNACK: u8 = 1;
+/// PUBLISH: `topic_len`, `payload_len`, `qos`, `retain`, `dup` are set;
+/// read the topic, then the payload, then finish the message.
+pub const MQTT_EVENT_MESSAGE: u8 = 2;
+/// An outbound publish flow finished: drop what `ticket` kept.
+pub const MQTT_EVENT_COMPLETED: u8 = 3;
+/// A SUBACK or UNSUBACK arrived for `ticket`.
+pub const MQTT_EVENT_ANSWERED: u8 = 4;
+
+/// The in-flight table's size: tickets' slots are below this.
+pub const MQTT_INFLIGHT_MAX: usize = 16;
+/// The slot of a CONNECT's ticket.
+pub const MQTT_CONNECT_SLOT: u8 = 255;
+
+// cbindgen writes literals only; these keep them equal to the engine's.
+const _: () = assert!(MQTT_INFLIGHT_MAX == crate::session::INFLIGHT_MAX);
+const _: () = assert!(MQTT_CONNECT_SLOT == Ticket::CONNECT_SLOT);
+
+/// The transport the session reads and writes through.
+///
+/// `deadline_ms` is on the same wrapping millisecond clock as the `now_ms`
+/// arguments: a call may wait for the stream until then, not longer.
+#[repr(C)]
+pub struct mqtt_transport_t {
+    pub context: *mut c_void,
+    /// Reads up to `len` bytes: returns how many (> 0), 0 at end of stream,
+    /// or a negative value on error or when the deadline passed.
+    pub read:
+        Option<unsafe extern "C" fn(context: *mut c_void, buf: *mut u8, len: size_t, deadline_ms: u32) -> intptr_t>,
+    /// Writes up to `len` bytes: returns how many (> 0), or a negative
+    /// value on error or when the deadline passed.
+    pub write:
+        Option<unsafe extern "C" fn(context: *mut c_void, buf: *const u8, len: size_t, deadline_ms: u32) -> intptr_t>,
+    /// Returns 1 when a read would not wait, 0 when it would, negative on error.
+    pub readable: Option<unsafe extern "C" fn(context: *mut c_void) -> c_int>,
+}
+
+/// A borrowed byte string; `data` may be null when `len` is 0.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct mqtt_bytes_t {
+    pub data: *const u8,
+    pub len: size_t,
+}
+
+/// Session settings.
+#[repr(C)]
+pub struct mqtt_config_t {
+    pub command_timeout_ms: u32,
+    pub max_packet_size: u32,
+}
+
+/// CONNECT's fields. Optional strings are absent when `data` is null.
+#[repr(C)]
+pub struct mqtt_connect_t {
+    pub client_id: mqtt_bytes_t,
+    pub username: mqtt_bytes_t,
+    pub password: mqtt_bytes_t,
+    pub will_topic: mqtt_bytes_t,
+    pub will_payload: mqtt_bytes_t,
+    pub will_qos: u8,
+    pub will_retain: bool,
+    pub clean_session: bool,
+    pub keepalive_s: u16,
+}
+
+/// Follows one command to its acknowledgement.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct mqtt_ticket_t {
+    pub slot: u8,
+    pub packet_id: u16,
+}
+
+/// What `mqtt_session_receive` found (see the `MQTT_EVENT_` constants).
+#[repr(C)]
+pub struct mqtt_event_t {
+    pub kind: u8,
+    pub qos: u8,
+    pub retain: bool,
+    pub dup: bool,
+    pub session_present: bool,
+    pub code: u8,
+    pub topic_len: u16,
+    pub payload_len: u32,
+    pub ticket: mqtt_ticket_t,
+}
+
+/// What `mqtt_session_read_topic` learned about the current message.
+#[repr(C)]
+pub struct mqtt_message_info_t {
+    pub packet_id: u16,
+    /// False for a QoS 2 redelivery: read and finish it, don't deliver it.
+    pub deliver: bool,
+}
+
+#[derive(Debug)]
+struct LinkError;
+
+impl embedded_io::Error for LinkError {
+    fn kind(&self) -> embedded_io::ErrorKind {
+        embedded_io::ErrorKind::Other
+    }
+}
+
+/// The C transport with this call's deadline.
+struct Link<'a> {
+    transport: &'a mqtt_transport_t,
+    deadline: u32,
+}
+
+impl embedded_io::ErrorType for Link<'_> {
+    type Error = LinkError;
+}
+
+impl embedded_io::Read for Link<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, LinkError> {
+        let read = self.transport.read.ok_or(LinkError)?;
+        // SAFETY: the callback receives a valid, writable buffer of `len` bytes.
+        let count = unsafe { read(self.transport.context, buf.as_mut_ptr(), buf.len(), self.deadline) };
+        let count = usize::try_from(count).map_err(|_| LinkError)?;
+        if count > buf.len() { Err(LinkError) } else { Ok(count) }
+    }
+}
+
+impl embedded_io::Write for Link<'_> {
+    fn write(&mut self, buf: &[u8]) -> Result<usize, LinkError> {
+        let write = self.transport.write.ok_or(LinkError)?;
+        // SAFETY: the callback receives a valid, readable buffer of `len` bytes.
+        let count = unsafe { write(self.transport.context, buf.as_ptr(), buf.len(), self.deadline) };
+        let count = usize::try_from(count).map_err(|_| LinkError)?;
+        if count > buf.len() { Err(LinkError) } else { Ok(count) }
+    }
+
+    fn flush(&mut self) -> Result<(), LinkError> {
+        Ok(())
+    }
+}
+
+impl embedded_io::ReadReady for Link<'_> {
+    fn read_ready(&mut self) -> Result<bool, LinkError> {
+        let readable = self.transport.readable.ok_or(LinkError)?;
+        // SAFETY: the callback only receives the context the caller gave.
+        match unsafe { readable(self.transport.context) } {
+            0 => Ok(false),
+            1.. => Ok(true),
+            _ => Err(LinkError),
+        }
+    }
+}
+
+fn status(error: Error) -> c_int {
+    match error {
+        Error::InvalidTopic(_) => MQTT_ERR_INVALID_TOPIC,
+        Error::TooLong => MQTT_ERR_TOO_LONG,
+        Error::InvalidClientId => MQTT_ERR_INVALID_CLIENT_ID,
+        Error::NotConnected => MQTT_ERR_NOT_CONNECTED,
+        Error::InflightFull => MQTT_ERR_INFLIGHT_FULL,
+        Error::WrongState => MQTT_ERR_WRONG_STATE,
+        Error::Malformed(_) | Error::UnexpectedPacket => MQTT_ERR_PROTOCOL,
+        Error::PacketTooLarge => MQTT_ERR_PACKET_TOO_LARGE,
+        Error::PingTimeout => MQTT_ERR_PING_TIMEOUT,
+        Error::ConnectTimeout => MQTT_ERR_CONNECT_TIMEOUT,
+        Error::InboundFull => MQTT_ERR_INBOUND_FULL,
+        Error::Transport => MQTT_ERR_TRANSPORT,
+        Error::Closed => MQTT_ERR_CLOSED,
+    }
+}
+
+fn to_status(result: Result<(), Error>) -> c_int {
+    match result {
+        Ok(()) => MQTT_OK,
+        Err(error) => status(error),
+    }
+}
+
+/// # Safety
+/// `session` is null or points to memory set up by `mqtt_session_init`.
+unsafe fn session_mut<'a>(session: *mut c_void) -> Option<&'a mut Session> {
+    let session = session.cast::<Session>();
+    if session.is_null() || !session.is_aligned() {
+        return None;
+    }
+    // SAFETY: non-null and aligned; the caller promises it was initialised
+    // and that no other call uses it at the same time.
+    unsafe { session.as_mut() }
+}
+
+/// # Safety
+/// `transport` is null or points to a valid `mqtt_transport_t`.
+unsafe fn link<'a>(transport: *const mqtt_transport_t, session: &Session, now_ms: u32) -> Option<Link<'a>> {
+    // SAFETY: the caller promises a valid pointer or null.
+    let transport = unsafe { transport.as_ref() }?;
+    Some(Link {
+        transport,
+        deadline: now_ms.wrapping_add(session.command_timeout_ms()),
+    })
+}
+
+/// # Safety
+/// `bytes.data` is null or valid for `bytes.len` bytes.
+unsafe fn slice<'a>(bytes: mqtt_bytes_t) -> Option<&'a [u8]> {
+    if bytes.data.is_null() {
+        return None;
+    }
+    // SAFETY: the caller promises `len` readable bytes at `data`.
+    Some(unsafe { core::slice::from_raw_parts(bytes.data, bytes.len) })
+}
+
+/// # Safety
+/// As for [`slice`].
+unsafe fn text<'a>(bytes: mqtt_bytes_t) -> Result<Option<&'a str>, c_int> {
+    // SAFETY: forwarded from the caller.
+    match unsafe { slice(bytes) } {
+        None => Ok(None),
+        Some(raw) => core::str::from_utf8(raw)
+            .map(Some)
+            .map_err(|_| MQTT_ERR_INVALID_ARGUMENT),
+    }
+}
+
+fn qos(value: u8) -> Result<QoS, c_int> {
+    QoS::from_bits(value).ok_or(MQTT_ERR_INVALID_ARGUMENT)
+}
+
+fn ticket_out(ticket: Ticket) -> mqtt_ticket_t {
+    mqtt_ticket_t {
+        slot: ticket.slot,
+        packet_id: ticket.packet_id,
+    }
+}
+
+/// Bytes of memory a session needs.
+#[unsafe(no_mangle)]
+pub extern "C" fn mqtt_session_size() -> size_t {
+    size_of::<Session>()
+}
+
+/// Alignment, in bytes, the session's memory needs.
+#[unsafe(no_mangle)]
+pub extern "C" fn mqtt_session_align() -> size_t {
+    align_of::<Session>()
+}
+
+/// Sets up a session in `memory` (`size` bytes, see `mqtt_session_size`
+/// and `mqtt_session_align`). The memory holds no pointers, so it may be
+/// freed without any call back into the engine.
+///
+/// # Safety
+/// `memory` is valid for `size` writable bytes; `config` is valid or null.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_init(memory: *mut c_void, size: size_t, config: *const mqtt_config_t) -> c_int {
+    let session = memory.cast::<Session>();
+    // SAFETY: the caller promises a valid pointer or null.
+    let Some(config) = (unsafe { config.as_ref() }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    if session.is_null() || !session.is_aligned() || size < size_of::<Session>() {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    }
+    let config = Config {
+        command_timeout_ms: config.command_timeout_ms,
+        max_packet_size: config.max_packet_size,
+    };
+    // SAFETY: non-null, aligned and large enough, as checked above.
+    unsafe { session.write(Session::new(config)) };
+    MQTT_OK
+}
+
+/// Whether the broker accepted the connection and the link is up.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_is_connected(session: *mut c_void) -> bool {
+    // SAFETY: forwarded from the caller.
+    unsafe { session_mut(session) }.is_some_and(|session| session.is_connected())
+}
+
+/// Sends CONNECT; `*ticket` follows the CONNACK.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; the other pointers are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_connect(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+    options: *const mqtt_connect_t,
+    ticket: *mut mqtt_ticket_t,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let run = || -> Result<(), c_int> {
+        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let options = unsafe { options.as_ref() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let ticket = unsafe { ticket.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let will = match unsafe { text(options.will_topic) }? {
+            Some(topic) => Some(Will {
+                topic,
+                payload: unsafe { slice(options.will_payload) }.unwrap_or(&[]),
+                qos: qos(options.will_qos)?,
+                retain: options.will_retain,
+            }),
+            None => None,
+        };
+        let connect = Connect {
+            client_id: unsafe { text(options.client_id) }?.unwrap_or(""),
+            clean_session: options.clean_session,
+            keepalive_s: options.keepalive_s,
+            will,
+            username: unsafe { text(options.username) }?,
+            password: unsafe { slice(options.password) },
+        };
+        *ticket = ticket_out(session.connect(&mut io, now_ms, &connect).map_err(status)?);
+        Ok(())
+    };
+    run().err().unwrap_or(MQTT_OK)
+}
+
+/// Sends DISCONNECT if the link is up, and marks it down.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `transport` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_disconnect(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let Some(session) = (unsafe { session_mut(session) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    // SAFETY: forwarded from the caller.
+    let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    to_status(session.disconnect(&mut io))
+}
+
+/// Records that the transport is gone; in-flight publishes are kept.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_link_lost(session: *mut c_void) {
+    // SAFETY: forwarded from the caller.
+    if let Some(session) = unsafe { session_mut(session) } {
+        session.link_lost();
+    }
+}
+
+/// Sends a PUBLISH. For QoS 1 and 2, `*ticket` follows it; keep the topic
+/// and payload until `MQTT_EVENT_COMPLETED` for that ticket.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; the other pointers are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_publish(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+    topic: mqtt_bytes_t,
+    payload: mqtt_bytes_t,
+    qos_level: u8,
+    retain: bool,
+    ticket: *mut mqtt_ticket_t,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let run = || -> Result<(), c_int> {
+        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let ticket = unsafe { ticket.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let topic = unsafe { text(topic) }?.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let payload = unsafe { slice(payload) }.unwrap_or(&[]);
+        let sent = session
+            .publish(&mut io, now_ms, topic, payload, qos(qos_level)?, retain)
+            .map_err(status)?;
+        *ticket = sent.map(ticket_out).unwrap_or(mqtt_ticket_t { slot: 0, packet_id: 0 });
+        Ok(())
+    };
+    run().err().unwrap_or(MQTT_OK)
+}
+
+/// Finds the next in-flight publish at or after slot `from` that must be
+/// sent again on a new link. Returns 1 and sets `*ticket`, or 0 when there
+/// is none.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `ticket` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_next_resend(session: *mut c_void, from: u8, ticket: *mut mqtt_ticket_t) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let (Some(session), Some(ticket)) = (unsafe { session_mut(session) }, unsafe { ticket.as_mut() }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    match session.publishes_to_resend().find(|found| found.slot >= from) {
+        Some(found) => {
+            *ticket = ticket_out(found);
+            1
+        }
+        None => 0,
+    }
+}
+
+/// Sends an in-flight publish again (DUP set, same packet id).
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; the other pointers are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_resend(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+    ticket: mqtt_ticket_t,
+    topic: mqtt_bytes_t,
+    payload: mqtt_bytes_t,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let run = || -> Result<(), c_int> {
+        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let topic = unsafe { text(topic) }?.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let payload = unsafe { slice(payload) }.unwrap_or(&[]);
+        let ticket = Ticket {
+            slot: ticket.slot,
+            packet_id: ticket.packet_id,
+        };
+        session.resend(&mut io, now_ms, ticket, topic, payload).map_err(status)
+    };
+    run().err().unwrap_or(MQTT_OK)
+}
+
+/// Sends PUBREL again for QoS 2 publishes whose PUBREC came on an earlier link.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `transport` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_resend_releases(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let Some(session) = (unsafe { session_mut(session) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    // SAFETY: forwarded from the caller.
+    let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    to_status(session.resend_releases(&mut io, now_ms))
+}
+
+/// Sends SUBSCRIBE (`unsubscribe` false) or UNSUBSCRIBE for one filter.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; the other pointers are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_subscribe(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+    filter: mqtt_bytes_t,
+    qos_level: u8,
+    unsubscribe: bool,
+    ticket: *mut mqtt_ticket_t,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let run = || -> Result<(), c_int> {
+        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let ticket = unsafe { ticket.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let filter = unsafe { text(filter) }?.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let sent = if unsubscribe {
+            session.unsubscribe(&mut io, now_ms, filter)
+        } else {
+            session.subscribe(&mut io, now_ms, filter, qos(qos_level)?)
+        };
+        *ticket = ticket_out(sent.map_err(status)?);
+        Ok(())
+    };
+    run().err().unwrap_or(MQTT_OK)
+}
+
+/// Where a command stands (`MQTT_COMMAND_*`); for `MQTT_COMMAND_DONE`,
+/// `*code` is the CONNACK or SUBACK return code (0 otherwise). Asking
+/// about an answered subscription frees its slot.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `code` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_command_state(
+    session: *mut c_void,
+    ticket: mqtt_ticket_t,
+    now_ms: u32,
+    code: *mut u8,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let (Some(session), Some(code)) = (unsafe { session_mut(session) }, unsafe { code.as_mut() }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    let ticket = Ticket {
+        slot: ticket.slot,
+        packet_id: ticket.packet_id,
+    };
+    *code = 0;
+    match session.command_state(ticket, now_ms) {
+        CommandState::Pending => MQTT_COMMAND_PENDING,
+        CommandState::Done(answer) => {
+            *code = answer;
+            MQTT_COMMAND_DONE
+        }
+        CommandState::TimedOut => MQTT_COMMAND_TIMED_OUT,
+        CommandState::Interrupted => MQTT_COMMAND_INTERRUPTED,
+    }
+}
+
+/// Gives up waiting for a subscription's answer (a publish is kept).
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_forget(session: *mut c_void, ticket: mqtt_ticket_t) {
+    // SAFETY: forwarded from the caller.
+    if let Some(session) = unsafe { session_mut(session) } {
+        session.forget(Ticket {
+            slot: ticket.slot,
+            packet_id: ticket.packet_id,
+        });
+    }
+}
+
+/// Runs the keepalive and CONNECT timers.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `transport` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_tick(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let Some(session) = (unsafe { session_mut(session) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    // SAFETY: forwarded from the caller.
+    let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    to_status(session.tick(&mut io, now_ms))
+}
+
+/// Reads and handles one packet if one has started to arrive.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; the other pointers are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_receive(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+    event: *mut mqtt_event_t,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let run = || -> Result<(), c_int> {
+        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let event = unsafe { event.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        *event = mqtt_event_t {
+            kind: MQTT_EVENT_NOTHING,
+            qos: 0,
+            retain: false,
+            dup: false,
+            session_present: false,
+            code: 0,
+            topic_len: 0,
+            payload_len: 0,
+            ticket: mqtt_ticket_t { slot: 0, packet_id: 0 },
+        };
+        match session.receive(&mut io, now_ms).map_err(status)? {
+            Event::Nothing => {}
+            Event::ConnAck { code, session_present } => {
+                event.kind = MQTT_EVENT_CONNACK;
+                event.code = code;
+                event.session_present = session_present;
+            }
+            Event::Message {
+                topic_len,
+                payload_len,
+                qos,
+                retain,
+                dup,
+            } => {
+                event.kind = MQTT_EVENT_MESSAGE;
+                event.topic_len = topic_len;
+                event.payload_len = payload_len;
+                event.qos = qos as u8;
+                event.retain = retain;
+                event.dup = dup;
+            }
+            Event::Completed(ticket) => {
+                event.kind = MQTT_EVENT_COMPLETED;
+                event.ticket = ticket_out(ticket);
+            }
+            Event::Answered(ticket) => {
+                event.kind = MQTT_EVENT_ANSWERED;
+                event.ticket = ticket_out(ticket);
+            }
+        }
+        Ok(())
+    };
+    run().err().unwrap_or(MQTT_OK)
+}
+
+/// Reads the current message's topic into `buf` (exactly `topic_len`
+/// bytes) and checks it; `*info` says whether to deliver the message.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `buf` is valid for `len`
+/// writable bytes; the other pointers are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_read_topic(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+    buf: *mut u8,
+    len: size_t,
+    info: *mut mqtt_message_info_t,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let run = || -> Result<(), c_int> {
+        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let info = unsafe { info.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        if buf.is_null() {
+            return Err(MQTT_ERR_INVALID_ARGUMENT);
+        }
+        // SAFETY: non-null, and the caller promises `len` writable bytes.
+        let topic = unsafe { core::slice::from_raw_parts_mut(buf, len) };
+        let found = session.read_topic(&mut io, topic).map_err(status)?;
+        info.packet_id = found.packet_id;
+        info.deliver = found.deliver;
+        Ok(())
+    };
+    run().err().unwrap_or(MQTT_OK)
+}
+
+/// Reads the current message's payload into `buf` (exactly `payload_len`
+/// bytes), or skips it when `buf` is null.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `buf` is null or valid for
+/// `len` writable bytes; `transport` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_read_payload(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+    buf: *mut u8,
+    len: size_t,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let Some(session) = (unsafe { session_mut(session) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    // SAFETY: forwarded from the caller.
+    let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    let payload = if buf.is_null() {
+        None
+    } else {
+        // SAFETY: non-null, and the caller promises `len` writable bytes.
+        Some(unsafe { core::slice::from_raw_parts_mut(buf, len) })
+    };
+    to_status(session.read_payload(&mut io, payload))
+}
+
+/// Acknowledges the current message (PUBACK or PUBREC as its QoS asks).
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `transport` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_finish_message(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let Some(session) = (unsafe { session_mut(session) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    // SAFETY: forwarded from the caller.
+    let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    to_status(session.finish_message(&mut io, now_ms))
+}
+
+/// Checks a topic name (`filter` false) or a topic filter; returns
+/// `MQTT_OK` or `MQTT_ERR_INVALID_TOPIC`.
+///
+/// # Safety
+/// `bytes.data` is valid for `bytes.len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_topic_check(bytes: mqtt_bytes_t, filter: bool) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let raw = unsafe { slice(bytes) }.unwrap_or(&[]);
+    let checked = if filter {
+        crate::topic::check_filter(raw)
+    } else {
+        crate::topic::check_name(raw)
+    };
+    match checked {
+        Ok(()) => MQTT_OK,
+        Err(_) => MQTT_ERR_INVALID_TOPIC,
+    }
+}
+
+/// Whether `topic` matches the topic filter `filter`.
+///
+/// # Safety
+/// Both point to valid bytes of the given lengths.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_topic_matches(filter: mqtt_bytes_t, topic: mqtt_bytes_t) -> bool {
+    // SAFETY: forwarded from the caller.
+    let (filter, topic) = unsafe { (slice(filter).unwrap_or(&[]), slice(topic).unwrap_or(&[])) };
+    crate::topic::matches(filter, topic)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    /// The committed C header matches what cbindgen makes of this module.
+    #[test]
+    fn header_is_current() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let path = std::path::Path::new(root).join("mqtt_engine.h");
+        let config = cbindgen::Config::from_root_or_default(root);
+        let mut generated = std::vec::Vec::new();
+        cbindgen::Builder::new()
+            .with_crate(root)
+            .with_config(config)
+            .generate()
+            .unwrap()
+            .write(&mut generated);
+        if std::env::var_os("MQTT_UPDATE_HEADER").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "mqtt_engine.h is out of date: run `MQTT_UPDATE_HEADER=1 cargo test header` and commit it"
+        );
+    }
+}

@@ -1,0 +1,33 @@
+//! The protocol engine of MicroPython's `mqtt` module: an MQTT 3.1.1 client
+//! that knows nothing about Python.
+//!
+//! - [`codec`]: the wire format of every control packet.
+//! - [`topic`]: topic name and filter rules, and matching.
+//! - [`session`]: packet ids, in-flight messages, keepalive and timeouts,
+//!   driven by the caller over `embedded_io` traits and a millisecond clock.
+//! - `ffi`: the C interface used by `modmqtt.c` (the only `unsafe` code).
+#![cfg_attr(not(test), no_std)]
+#![deny(unsafe_code)]
+
+pub mod codec;
+pub mod session;
+pub mod topic;
+
+#[allow(unsafe_code)]
+pub mod ffi;
+
+/// The unix port links the archive with the host's C library; Rust's
+/// prebuilt compiler_builtins references this symbol even though the
+/// engine never unwinds (`panic = "abort"`).
+#[cfg(all(not(test), not(target_os = "none")))]
+#[allow(unsafe_code)]
+#[unsafe(no_mangle)]
+pub extern "C" fn rust_eh_personality() {}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable by construction (clippy forbids the panicking
+    // constructs); if it ever happened, stop rather than unwind into C.
+    loop {}
+}

@@ -1,0 +1,48 @@
+"""An independent MQTT peer (paho-mqtt on CPython) to check what the
+firmware really sent and to publish to it."""
+
+import threading
+import time
+
+import paho.mqtt.client as paho
+
+
+class Peer:
+    def __init__(self, port, client_id="peer", clean_session=True):
+        self.messages = []
+        self.arrived = threading.Condition()
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session
+        )
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message):
+        with self.arrived:
+            self.messages.append(message)
+            self.arrived.notify_all()
+
+    def subscribe(self, topic, qos=0):
+        done = threading.Event()
+        self.client.on_subscribe = lambda *args: done.set()
+        self.client.subscribe(topic, qos)
+        assert done.wait(5), "peer subscription not acknowledged"
+
+    def publish(self, topic, payload, qos=0, retain=False):
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(10)
+
+    def wait_for(self, count, timeout=10):
+        deadline = time.monotonic() + timeout
+        with self.arrived:
+            while len(self.messages) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.arrived.wait(left)
+            return list(self.messages)
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
