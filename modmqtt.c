@@ -367,8 +367,6 @@ static NORETURN void raise_status(mp_obj_mqtt_client_t *self, int status) {
             raise_mqtt(MQTT_EXC_TIMEOUT, "timeout: no answer to keepalive ping");
         case MQTT_ERR_CONNECT_TIMEOUT:
             raise_mqtt(MQTT_EXC_TIMEOUT, "timeout: no CONNACK");
-        case MQTT_ERR_INBOUND_FULL:
-            raise_mqtt(MQTT_EXC_PROTOCOL, "too many QoS 2 messages awaiting release");
         case MQTT_ERR_CLOSED:
             mp_raise_OSError(MP_ECONNRESET);
         case MQTT_ERR_TRANSPORT:

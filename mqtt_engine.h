@@ -76,19 +76,14 @@
 #define MQTT_ERR_CONNECT_TIMEOUT -11
 
 /**
- * Too many inbound QoS 2 messages wait for their release.
- */
-#define MQTT_ERR_INBOUND_FULL -12
-
-/**
  * The transport callback failed; the caller knows why.
  */
-#define MQTT_ERR_TRANSPORT -13
+#define MQTT_ERR_TRANSPORT -12
 
 /**
  * The peer closed the connection.
  */
-#define MQTT_ERR_CLOSED -14
+#define MQTT_ERR_CLOSED -13
 
 /**
  * `mqtt_session_command_state`: sent, no answer yet.

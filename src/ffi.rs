@@ -40,12 +40,10 @@ pub const MQTT_ERR_PACKET_TOO_LARGE: c_int = -9;
 pub const MQTT_ERR_PING_TIMEOUT: c_int = -10;
 /// The broker did not answer CONNECT in time.
 pub const MQTT_ERR_CONNECT_TIMEOUT: c_int = -11;
-/// Too many inbound QoS 2 messages wait for their release.
-pub const MQTT_ERR_INBOUND_FULL: c_int = -12;
 /// The transport callback failed; the caller knows why.
-pub const MQTT_ERR_TRANSPORT: c_int = -13;
+pub const MQTT_ERR_TRANSPORT: c_int = -12;
 /// The peer closed the connection.
-pub const MQTT_ERR_CLOSED: c_int = -14;
+pub const MQTT_ERR_CLOSED: c_int = -13;
 
 /// `mqtt_session_command_state`: sent, no answer yet.
 pub const MQTT_COMMAND_PENDING: c_int = 0;
@@ -222,7 +220,6 @@ fn status(error: Error) -> c_int {
         Error::PacketTooLarge => MQTT_ERR_PACKET_TOO_LARGE,
         Error::PingTimeout => MQTT_ERR_PING_TIMEOUT,
         Error::ConnectTimeout => MQTT_ERR_CONNECT_TIMEOUT,
-        Error::InboundFull => MQTT_ERR_INBOUND_FULL,
         Error::Transport => MQTT_ERR_TRANSPORT,
         Error::Closed => MQTT_ERR_CLOSED,
     }

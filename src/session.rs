@@ -18,8 +18,14 @@ use crate::topic::{self, TopicError};
 /// for their acknowledgement at once.
 pub const INFLIGHT_MAX: usize = 16;
 
-/// How many inbound QoS 2 messages can wait for their PUBREL at once.
-pub const INBOUND_QOS2_MAX: usize = 16;
+/// How many inbound QoS 2 packet ids are remembered until their PUBREL.
+///
+/// MQTT 3.1.1 gives the client no way to limit how many QoS 2 messages a
+/// broker sends before releasing them (mosquitto sends 20, EMQX 32). When
+/// more are pending, the oldest id is forgotten: its PUBREL normally
+/// follows soon, and forgetting it risks a duplicate delivery only if the
+/// broker also sends that message again after a lost link.
+pub const INBOUND_QOS2_MAX: usize = 32;
 
 /// Longest body of any packet other than PUBLISH that a client accepts
 /// (a SUBACK for one filter is the longest: 3 bytes).
@@ -63,8 +69,6 @@ pub enum Error {
     PingTimeout,
     /// The broker did not answer CONNECT in time.
     ConnectTimeout,
-    /// Too many inbound QoS 2 messages wait for their release.
-    InboundFull,
     // The transport.
     /// The transport reported an error (the caller knows which).
     Transport,
@@ -697,7 +701,11 @@ impl Session {
             QoS::AtLeastOnce => codec::write_ack(io, PacketType::PubAck, info.packet_id)?,
             QoS::ExactlyOnce => {
                 if info.deliver {
-                    self.inbound_qos2.push(info.packet_id).map_err(|_| Error::InboundFull)?;
+                    if self.inbound_qos2.is_full() {
+                        self.inbound_qos2.remove(0);
+                    }
+                    // Cannot fail: there is room now.
+                    let _ = self.inbound_qos2.push(info.packet_id);
                 }
                 codec::write_ack(io, PacketType::PubRec, info.packet_id)?;
             }
@@ -1266,6 +1274,24 @@ mod tests {
         // Released: the same id now carries a new message.
         broker_publish(&mut pipe, "x", b"2", QoS::ExactlyOnce, 7, false);
         assert!(read_message(&mut session, &mut pipe, 4).unwrap().2.deliver);
+    }
+
+    #[test]
+    fn many_pending_qos2_releases_forget_the_oldest() {
+        let (mut session, mut pipe) = connected(0);
+        for id in 1..=(INBOUND_QOS2_MAX as u16 + 5) {
+            broker_publish(&mut pipe, "x", b"", QoS::ExactlyOnce, id, false);
+            assert!(read_message(&mut session, &mut pipe, 1).unwrap().2.deliver);
+        }
+        assert!(session.is_connected());
+        // The newest ids are still recognised as duplicates.
+        broker_publish(&mut pipe, "x", b"", QoS::ExactlyOnce, INBOUND_QOS2_MAX as u16 + 5, true);
+        assert!(!read_message(&mut session, &mut pipe, 2).unwrap().2.deliver);
+        broker_publish(&mut pipe, "x", b"", QoS::ExactlyOnce, 1, true);
+        assert!(
+            read_message(&mut session, &mut pipe, 2).unwrap().2.deliver,
+            "the oldest was forgotten"
+        );
     }
 
     #[test]

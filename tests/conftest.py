@@ -75,9 +75,23 @@ def firmware():
     return FIRMWARE
 
 
+PRELUDE = """
+import mqtt, time
+
+def wait_until(condition, timeout_ms=5000):
+    start = time.ticks_ms()
+    while not condition():
+        if time.ticks_diff(time.ticks_ms(), start) > timeout_ms:
+            return False
+        time.sleep_ms(2)
+    return True
+"""
+
+
 class Script:
     """Runs MicroPython code in the firmware, with `PORT` and other
-    parameters defined at the top of the script."""
+    parameters defined at the top of the script, after a prelude that
+    imports mqtt and time and defines wait_until(condition, timeout_ms)."""
 
     def __init__(self, firmware, directory):
         self.firmware = firmware
@@ -86,7 +100,7 @@ class Script:
 
     def source(self, code, **params):
         header = "".join(f"{name} = {value!r}\n" for name, value in params.items())
-        return header + textwrap.dedent(code)
+        return header + PRELUDE + textwrap.dedent(code)
 
     def start(self, code, **params):
         self.count += 1
