@@ -38,13 +38,11 @@ def wait_for_port(port, process, timeout=10.0):
 class Broker:
     """A mosquitto process on 127.0.0.1, stopped by its PID at the end."""
 
-    def __init__(self, directory, extra_config=""):
+    def __init__(self, directory, settings="allow_anonymous true\n"):
         self.directory = Path(directory)
         self.port = free_port()
         self.config = self.directory / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{extra_config}"
-        )
+        self.config.write_text(f"listener {self.port} 127.0.0.1\n{settings}")
         self.log = open(self.directory / "mosquitto.log", "wb")
         self.process = subprocess.Popen(
             ["mosquitto", "-c", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
