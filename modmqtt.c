@@ -692,10 +692,9 @@ static int process_input(mp_obj_mqtt_client_t *self) {
             release_held(self, event.ticket.slot);
         } else if (event.kind == MQTT_EVENT_CONNACK) {
             self->return_code = event.code;
-            if (event.code != 0) {
-                // Refused: the broker closes the link next; nothing more to read.
-                return MQTT_OK;
-            }
+            // connect() is waiting for this: what follows is the loop's to
+            // read (and when refused, the broker closes the link next).
+            return MQTT_OK;
         }
     }
     if (status == MQTT_OK) {

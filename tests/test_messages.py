@@ -199,16 +199,14 @@ def test_overlapping_subscriptions_deliver_once_per_subscription(broker, micropy
             calls.append("shared")
         c = mqtt.Client("overlap")
         c.connect("127.0.0.1", 30, port=PORT)
-        c.subscribe("a/#", first, qos=1)
-        c.subscribe("a/b", shared)
-        c.subscribe("+/b", shared)
+        print(c.subscribe("a/#", first, qos=1), c.subscribe("a/b", shared), c.subscribe("+/b", shared, qos=2))
         c.publish("a/b", "x", qos=1)
         wait_until(lambda: len(calls) >= 3)
         time.sleep_ms(300)
         print(sorted(calls))
         # Subscribing again to a filter replaces its callback.
         calls.clear()
-        c.subscribe("a/#", shared)
+        print(c.subscribe("a/#", shared))
         c.publish("a/c", "y", qos=1)
         wait_until(lambda: calls)
         time.sleep_ms(300)
@@ -217,7 +215,9 @@ def test_overlapping_subscriptions_deliver_once_per_subscription(broker, micropy
         """,
         PORT=broker.port,
     )
-    assert output.strip().splitlines() == ["['first', 'shared', 'shared']", "['shared']"]
+    # The granted QoS follows each subscription, and a second subscription
+    # to a filter replaces both its callback and its QoS.
+    assert output.strip().splitlines() == ["1 0 2", "['first', 'shared', 'shared']", "0", "['shared']"]
 
 
 def test_unsubscribe_stops_the_callback(broker, micropython):
@@ -497,3 +497,66 @@ def test_mosquitto_sub_sees_what_the_firmware_publishes(broker, micropython):
             listener.kill()
             listener.wait()
     assert output.strip().splitlines() == ["cli/0 value 0", "cli/1 value 1", "cli/2 value 2"]
+
+
+def test_objects_survive_garbage_collection_while_messages_flow(broker, micropython):
+    """Callbacks, topics and in-flight payloads built at run time stay
+    reachable from the client while the GC runs on another thread."""
+    output = micropython.run(
+        """
+        import gc
+        got = []
+
+        def make_callback():
+            prefix = "p" * 10
+            return lambda client, payload, topic: got.append(prefix + payload.decode())
+
+        c = mqtt.Client("gc-" + "stress")
+        c.connect("127.0.0.1", 30, port=PORT)
+        c.subscribe("g/" + "x", make_callback(), qos=1)
+        gc.collect()
+        for i in range(300):
+            c.publish("g/" + "x", ("m%d" % i).encode(), qos=i % 3)
+            junk = [bytearray(100) for _ in range(10)]
+            if i % 7 == 0:
+                gc.collect()
+        print(wait_until(lambda: len(got) == 300, 20000))
+        print(sorted(got) == sorted("pppppppppp" + "m%d" % i for i in range(300)))
+        c.disconnect()
+        """,
+        PORT=broker.port,
+    )
+    assert output.split() == ["True", "True"], output
+
+
+def test_subscribe_and_unsubscribe_from_inside_a_callback(broker, micropython):
+    output = micropython.run(
+        """
+        got = []
+        def late(client, payload, topic):
+            got.append(("late", payload))
+        def control(client, payload, topic):
+            if payload == b"subscribe":
+                client.subscribe("late", late, qos=1)
+            elif payload == b"unsubscribe":
+                client.unsubscribe("late")
+            got.append(("control", payload))
+        c = mqtt.Client("nested")
+        c.connect("127.0.0.1", 30, port=PORT)
+        c.subscribe("control", control, qos=1)
+        c.publish("control", "subscribe", qos=1)
+        wait_until(lambda: len(got) == 1)
+        time.sleep_ms(200)
+        c.publish("late", "one", qos=1)
+        wait_until(lambda: len(got) == 2)
+        c.publish("control", "unsubscribe", qos=1)
+        wait_until(lambda: len(got) == 3)
+        time.sleep_ms(200)
+        c.publish("late", "two", qos=1)
+        time.sleep_ms(300)
+        print(got)
+        c.disconnect()
+        """,
+        PORT=broker.port,
+    )
+    assert output.strip() == "[('control', b'subscribe'), ('late', b'one'), ('control', b'unsubscribe')]"

@@ -1,0 +1,72 @@
+# How CMake ports (rp2, esp32) build the `mqtt` user C module:
+#
+#   make BOARD=... USER_C_MODULES=/path/to/this/repository/micropython.cmake
+#
+# The Rust engine is built with cargo for the board's target and pre-linked
+# into one object that exports only the engine's C functions, so that no
+# memcpy, memmove or soft-float routine of the Rust archive replaces the
+# firmware's own (on RP2040 those live in RAM; the archive's are in flash).
+cmake_minimum_required(VERSION 3.19)
+
+set(MQTT_MOD_DIR ${CMAKE_CURRENT_LIST_DIR})
+
+add_library(usermod_mqtt INTERFACE)
+target_sources(usermod_mqtt INTERFACE ${MQTT_MOD_DIR}/modmqtt.c)
+target_include_directories(usermod_mqtt INTERFACE ${MQTT_MOD_DIR})
+
+# The Rust target, from the port's own settings unless given.
+if(NOT MQTT_RUST_TARGET)
+    if(PICO_PLATFORM STREQUAL "rp2040")
+        set(MQTT_RUST_TARGET thumbv6m-none-eabi)
+    elseif(PICO_PLATFORM STREQUAL "rp2350-arm-s" OR PICO_PLATFORM STREQUAL "rp2350")
+        set(MQTT_RUST_TARGET thumbv8m.main-none-eabi)
+    elseif(PICO_PLATFORM STREQUAL "rp2350-riscv")
+        set(MQTT_RUST_TARGET riscv32imac-unknown-none-elf)
+    elseif(IDF_TARGET STREQUAL "esp32c3")
+        set(MQTT_RUST_TARGET riscv32imc-unknown-none-elf)
+    elseif(IDF_TARGET STREQUAL "esp32c6")
+        set(MQTT_RUST_TARGET riscv32imac-unknown-none-elf)
+    elseif(IDF_TARGET STREQUAL "esp32")
+        # Xtensa needs the esp Rust toolchain fork (espup); see README.md.
+        set(MQTT_RUST_TARGET xtensa-esp32-none-elf)
+    elseif(IDF_TARGET STREQUAL "esp32s3")
+        set(MQTT_RUST_TARGET xtensa-esp32s3-none-elf)
+    else()
+        message(FATAL_ERROR "mqtt: unknown board target; pass -DMQTT_RUST_TARGET=<rust target triple>")
+    endif()
+endif()
+
+find_program(MQTT_CARGO cargo REQUIRED)
+set(MQTT_CARGO_DIR ${CMAKE_BINARY_DIR}/mqtt-engine)
+set(MQTT_ARCHIVE ${MQTT_CARGO_DIR}/${MQTT_RUST_TARGET}/release/libmqtt_engine.a)
+set(MQTT_ENGINE_OBJ ${CMAKE_BINARY_DIR}/mqtt_engine.o)
+
+# The engine's exported functions, as the committed header declares them.
+file(READ ${MQTT_MOD_DIR}/mqtt_engine.h MQTT_HEADER)
+string(REGEX MATCHALL "mqtt_[a-z_]+\\(" MQTT_EXPORTS "${MQTT_HEADER}")
+string(REPLACE "(" "" MQTT_EXPORTS "${MQTT_EXPORTS}")
+list(REMOVE_DUPLICATES MQTT_EXPORTS)
+list(TRANSFORM MQTT_EXPORTS PREPEND "-u" OUTPUT_VARIABLE MQTT_UNDEFINED)
+list(TRANSFORM MQTT_EXPORTS PREPEND "--keep-global-symbol=" OUTPUT_VARIABLE MQTT_KEEP)
+
+file(GLOB MQTT_RUST_SOURCES ${MQTT_MOD_DIR}/src/*.rs)
+add_custom_command(
+    OUTPUT ${MQTT_ENGINE_OBJ}
+    COMMAND ${MQTT_CARGO} build --release --locked --lib
+        --manifest-path ${MQTT_MOD_DIR}/Cargo.toml --target-dir ${MQTT_CARGO_DIR}
+        --target ${MQTT_RUST_TARGET}
+    COMMAND ${CMAKE_LINKER} -r --gc-sections -o ${MQTT_ENGINE_OBJ}.full ${MQTT_UNDEFINED} ${MQTT_ARCHIVE}
+    COMMAND ${CMAKE_OBJCOPY} ${MQTT_KEEP}
+        --remove-section=.llvmbc --remove-section=.llvmcmd
+        --remove-section=.ARM.exidx* --remove-section=.ARM.extab*
+        ${MQTT_ENGINE_OBJ}.full ${MQTT_ENGINE_OBJ}
+    DEPENDS ${MQTT_RUST_SOURCES} ${MQTT_MOD_DIR}/Cargo.toml ${MQTT_MOD_DIR}/Cargo.lock ${MQTT_MOD_DIR}/mqtt_engine.h
+    COMMENT "Building the mqtt engine for ${MQTT_RUST_TARGET}"
+    VERBATIM
+)
+add_custom_target(mqtt_engine_build DEPENDS ${MQTT_ENGINE_OBJ})
+
+# Dependencies of an interface library pass to the firmware that links it.
+add_dependencies(usermod_mqtt mqtt_engine_build)
+target_link_libraries(usermod_mqtt INTERFACE ${MQTT_ENGINE_OBJ})
+target_link_libraries(usermod INTERFACE usermod_mqtt)

@@ -1,0 +1,150 @@
+"""Timeouts against a broker of the tests' own that accepts the connection
+and then stops answering, or stalls in the middle of a packet."""
+
+import socket
+import threading
+import time
+
+CONNACK = bytes([0x20, 2, 0, 0])
+
+
+class MuteBroker:
+    """Accepts one client on loopback, answers CONNECT with CONNACK, then
+    sends `then` (if any) and swallows everything without answering."""
+
+    def __init__(self, then=b""):
+        self.then = then
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.received = bytearray()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        self.listener.settimeout(30)
+        try:
+            connection, _ = self.listener.accept()
+        except OSError:
+            return
+        with connection:
+            connection.settimeout(30)
+            try:
+                self.received += connection.recv(1024)
+                connection.sendall(CONNACK + self.then)
+                while True:
+                    data = connection.recv(65536)
+                    if not data:
+                        return
+                    self.received += data
+            except OSError:
+                return
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(timeout=5)
+
+
+def test_unanswered_commands_time_out_and_the_client_stays_usable(micropython):
+    broker = MuteBroker()
+    try:
+        output = micropython.run(
+            """
+            c = mqtt.Client("patient", command_timeout=700)
+            c.connect("127.0.0.1", 0, port=PORT)
+            for call in (lambda: c.publish("t", "x", qos=1), lambda: c.publish("t", "x", qos=2),
+                         lambda: c.subscribe("t", print), lambda: c.unsubscribe("t")):
+                start = time.ticks_ms()
+                try:
+                    call()
+                    print("no exception")
+                except mqtt.MQTTException as e:
+                    elapsed = time.ticks_diff(time.ticks_ms(), start)
+                    print(e.args[0] == mqtt.TIMEOUT, 600 <= elapsed < 2000)
+            c.publish("t", "qos 0 still goes out")
+            print(c.connected())
+            c.disconnect()
+            print(c.connected())
+            """,
+            PORT=broker.port,
+            timeout=30,
+        )
+    finally:
+        broker.close()
+    assert output.split() == ["True", "True"] * 4 + ["True", "False"], output
+    assert b"qos 0 still goes out" in broker.received
+
+
+def test_connack_that_never_comes_times_out(micropython):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        output = micropython.run(
+            """
+            c = mqtt.Client("waiting", command_timeout=500)
+            start = time.ticks_ms()
+            try:
+                c.connect("127.0.0.1", 30, port=PORT)
+            except mqtt.MQTTException as e:
+                print(e.args[0] == mqtt.TIMEOUT, time.ticks_diff(time.ticks_ms(), start) < 2000)
+            print(c.connected())
+            """,
+            PORT=listener.getsockname()[1],
+            timeout=30,
+        )
+    finally:
+        listener.close()
+    assert output.split() == ["True", "True", "False"], output
+
+
+def test_packet_stalled_midway_fails_the_link_within_command_timeout(micropython):
+    # The first bytes of a PUBLISH (type, remaining length 20, topic length),
+    # then nothing more.
+    broker = MuteBroker(then=bytes([0x30, 20, 0, 5, ord("a")]))
+    try:
+        output = micropython.run(
+            """
+            failures = []
+            start = time.ticks_ms()
+            def failed(client):
+                failures.append(time.ticks_diff(time.ticks_ms(), start))
+                return mqtt.BREAK_LOOP
+            c = mqtt.Client("stalled", command_timeout=800)
+            c.connect("127.0.0.1", 0, port=PORT, loop_failure=failed)
+            print(wait_until(lambda: failures, 10000), c.connected())
+            print(700 <= failures[0] < 3000)
+            """,
+            PORT=broker.port,
+            timeout=30,
+        )
+    finally:
+        broker.close()
+    assert output.split() == ["True", "False", "True"], output
+
+
+def test_silent_broker_is_detected_by_keepalive(micropython):
+    broker = MuteBroker()
+    try:
+        start = time.monotonic()
+        output = micropython.run(
+            """
+            failures = []
+            def failed(client):
+                failures.append(client.connected())
+                return mqtt.BREAK_LOOP
+            c = mqtt.Client("pinger")
+            c.connect("127.0.0.1", 1, port=PORT, loop_failure=failed)
+            print(wait_until(lambda: failures, 10000), failures)
+            """,
+            PORT=broker.port,
+            timeout=30,
+        )
+        elapsed = time.monotonic() - start
+    finally:
+        broker.close()
+    assert output.strip() == "True [False]", output
+    # Keepalive 1 s: PINGREQ after 1 s of quiet, dead after half a period more.
+    assert elapsed < 4
+    assert bytes([0xC0, 0]) in broker.received
