@@ -335,54 +335,59 @@ static mqtt_transport_t transport_of(mp_obj_mqtt_client_t *self) {
 // ---------------------------------------------------------------------------
 // Errors
 
-static NORETURN void raise_mqtt(int code, const char *text) {
+static mp_obj_t mqtt_exception(int code, const char *text) {
     mp_obj_t args[2] = { MP_OBJ_NEW_SMALL_INT(code), mp_obj_new_str(text, strlen(text)) };
-    nlr_raise(mp_obj_new_exception_args(&mp_type_MQTTException, 2, args));
+    return mp_obj_new_exception_args(&mp_type_MQTTException, 2, args);
 }
 
-// Raises what the last engine call means. Call without the lock held.
-static NORETURN void raise_status(mp_obj_mqtt_client_t *self, int status) {
-    mp_obj_t exception = self->pending_exception;
+static NORETURN void raise_mqtt(int code, const char *text) {
+    nlr_raise(mqtt_exception(code, text));
+}
+
+static mp_obj_t os_error(int errcode) {
+    return mp_obj_new_exception_arg1(&mp_type_OSError, MP_OBJ_NEW_SMALL_INT(errcode));
+}
+
+// The exception that the status of the last engine call means, taking
+// what a transport callback stashed. Call without the lock held.
+static mp_obj_t exception_for_status(mp_obj_mqtt_client_t *self, int status) {
+    mp_obj_t stashed = self->pending_exception;
     int errcode = self->pending_errno;
     self->pending_exception = MP_OBJ_NULL;
     self->pending_errno = 0;
     switch (status) {
         case MQTT_ERR_INVALID_TOPIC:
-            mp_raise_ValueError(MP_ERROR_TEXT("invalid topic"));
+            return mp_obj_new_exception_msg(&mp_type_ValueError, MP_ERROR_TEXT("invalid topic"));
         case MQTT_ERR_TOO_LONG:
-            mp_raise_ValueError(MP_ERROR_TEXT("too long for MQTT"));
+            return mp_obj_new_exception_msg(&mp_type_ValueError, MP_ERROR_TEXT("too long for MQTT"));
         case MQTT_ERR_INVALID_CLIENT_ID:
-            mp_raise_ValueError(MP_ERROR_TEXT("empty client_id needs clean_session=True"));
+            return mp_obj_new_exception_msg(&mp_type_ValueError, MP_ERROR_TEXT("empty client_id needs clean_session=True"));
         case MQTT_ERR_INVALID_ARGUMENT:
-            mp_raise_ValueError(MP_ERROR_TEXT("invalid argument"));
+            return mp_obj_new_exception_msg(&mp_type_ValueError, MP_ERROR_TEXT("invalid argument"));
         case MQTT_ERR_NOT_CONNECTED:
-            mp_raise_OSError(MP_ENOTCONN);
+            return os_error(MP_ENOTCONN);
         case MQTT_ERR_INFLIGHT_FULL:
-            mp_raise_OSError(MP_ENOBUFS);
+            return os_error(MP_ENOBUFS);
         case MQTT_ERR_PROTOCOL:
-            raise_mqtt(MQTT_EXC_PROTOCOL, "protocol error: the broker sent an invalid packet");
+            return mqtt_exception(MQTT_EXC_PROTOCOL, "protocol error: the broker sent an invalid packet");
         case MQTT_ERR_PACKET_TOO_LARGE:
-            raise_mqtt(MQTT_EXC_PROTOCOL, "incoming packet larger than max_packet_size");
+            return mqtt_exception(MQTT_EXC_PROTOCOL, "incoming packet larger than max_packet_size");
         case MQTT_ERR_PING_TIMEOUT:
-            raise_mqtt(MQTT_EXC_TIMEOUT, "timeout: no answer to keepalive ping");
+            return mqtt_exception(MQTT_EXC_TIMEOUT, "timeout: no answer to keepalive ping");
         case MQTT_ERR_CONNECT_TIMEOUT:
-            raise_mqtt(MQTT_EXC_TIMEOUT, "timeout: no CONNACK");
+            return mqtt_exception(MQTT_EXC_TIMEOUT, "timeout: no CONNACK");
         case MQTT_ERR_CLOSED:
-            mp_raise_OSError(MP_ECONNRESET);
-        case MQTT_ERR_TRANSPORT:
-            if (exception != MP_OBJ_NULL) {
-                nlr_raise(exception);
-            }
-            mp_raise_OSError(errcode ? errcode : MP_EIO);
+            return os_error(MP_ECONNRESET);
         default:
-            if (exception != MP_OBJ_NULL) {
-                nlr_raise(exception);
+            if (stashed != MP_OBJ_NULL) {
+                return stashed;
             }
-            if (errcode != 0) {
-                mp_raise_OSError(errcode);
-            }
-            mp_raise_msg_varg(&mp_type_RuntimeError, MP_ERROR_TEXT("mqtt engine status %d"), status);
+            return os_error(errcode ? errcode : MP_EIO);
     }
+}
+
+static NORETURN void raise_status(mp_obj_mqtt_client_t *self, int status) {
+    nlr_raise(exception_for_status(self, status));
 }
 
 static void clear_pending(mp_obj_mqtt_client_t *self) {
@@ -423,7 +428,8 @@ static uint8_t qos_of(mp_obj_t object) {
     return (uint8_t)qos;
 }
 
-static uint32_t milliseconds_of(mp_obj_t object, const char *what) {
+// A non-negative int argument below 2**31 (milliseconds, sizes).
+static uint32_t non_negative_of(mp_obj_t object, const char *what) {
     mp_int_t value = mp_obj_get_int(object);
     if (value < 0 || value > 0x7fffffff) {
         mp_raise_msg_varg(&mp_type_ValueError, MP_ERROR_TEXT("%s out of range"), what);
@@ -887,6 +893,18 @@ static int connect_and_notify(mp_obj_mqtt_client_t *self) {
 // ---------------------------------------------------------------------------
 // The loop
 
+// After a failed cycle: calls loop_failure(client) and tells whether it
+// returned RECOVERED (anything else, an exception, or no callback: no).
+static bool loop_failure_recovers(mp_obj_mqtt_client_t *self) {
+    if (self->loop_failure == mp_const_none) {
+        return false;
+    }
+    mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
+    mp_obj_t verdict = call_and_report(self->loop_failure, 1, &self_obj);
+    return verdict != MP_OBJ_NULL && mp_obj_is_small_int(verdict) && MP_OBJ_SMALL_INT_VALUE(verdict) == MQTT_RECOVERED;
+}
+
+#if MICROPY_PY_THREAD
 // Runs the loop until it is stopped or a failure is not recovered.
 static void run_loop(mp_obj_mqtt_client_t *self) {
     while (self->loop_state == LOOP_RUNNING) {
@@ -895,28 +913,21 @@ static void run_loop(mp_obj_mqtt_client_t *self) {
             continue;
         }
         clear_pending(self);
-        if (self->loop_state != LOOP_RUNNING) {
-            break;
-        }
-        mp_obj_t verdict = MP_OBJ_NULL;
-        if (self->loop_failure != mp_const_none) {
-            mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
-            verdict = call_and_report(self->loop_failure, 1, &self_obj);
-        }
-        if (verdict == MP_OBJ_NULL || !mp_obj_is_small_int(verdict) || MP_OBJ_SMALL_INT_VALUE(verdict) != MQTT_RECOVERED) {
+        if (self->loop_state != LOOP_RUNNING || !loop_failure_recovers(self)) {
             break;
         }
     }
-    self->loop_state = LOOP_STOPPED;
 }
 
-#if MICROPY_PY_THREAD
 // The background thread's body: loop_thread(client)
 static mp_obj_t loop_thread(mp_obj_t self_in) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
     self->loop_thread = mp_thread_get_state();
     run_loop(self);
+    // Cleared before the loop counts as stopped, so a loop() started
+    // right after finds its own thread recorded, not a stale one.
     self->loop_thread = NULL;
+    self->loop_state = LOOP_STOPPED;
     return mp_const_none;
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(loop_thread_obj, loop_thread);
@@ -974,12 +985,12 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     if (client_id.len == 0 && !clean_session) {
         mp_raise_ValueError(MP_ERROR_TEXT("empty client_id needs clean_session=True"));
     }
-    uint32_t cycle_timeout = milliseconds_of(args[ARG_cycle_timeout].u_obj, "cycle_timeout");
-    uint32_t command_timeout = milliseconds_of(args[ARG_command_timeout].u_obj, "command_timeout");
+    uint32_t cycle_timeout = non_negative_of(args[ARG_cycle_timeout].u_obj, "cycle_timeout");
+    uint32_t command_timeout = non_negative_of(args[ARG_command_timeout].u_obj, "command_timeout");
     if (command_timeout == 0) {
         mp_raise_ValueError(MP_ERROR_TEXT("command_timeout must be positive"));
     }
-    uint32_t max_packet_size = milliseconds_of(args[ARG_max_packet_size].u_obj, "max_packet_size");
+    uint32_t max_packet_size = non_negative_of(args[ARG_max_packet_size].u_obj, "max_packet_size");
 
     size_t words = (mqtt_session_size() + sizeof(uint64_t) - 1) / sizeof(uint64_t);
     mp_obj_mqtt_client_t *self = mp_obj_malloc_var(mp_obj_mqtt_client_t, session, uint64_t, words, type);
@@ -1127,14 +1138,13 @@ static mp_obj_t client_cycle(mp_obj_t self_in) {
     if (status == MQTT_OK || status == MQTT_LINK_REPLACED) {
         return mp_const_none;
     }
-    if (self->loop_failure != mp_const_none) {
-        clear_pending(self);
-        mp_obj_t verdict = call_and_report(self->loop_failure, 1, &self_in);
-        if (verdict != MP_OBJ_NULL && mp_obj_is_small_int(verdict) && MP_OBJ_SMALL_INT_VALUE(verdict) == MQTT_RECOVERED) {
-            return mp_const_none;
-        }
+    // Made before loop_failure runs: a reconnect there clears what the
+    // failed link stashed.
+    mp_obj_t failure = exception_for_status(self, status);
+    if (loop_failure_recovers(self)) {
+        return mp_const_none;
     }
-    raise_status(self, status);
+    nlr_raise(failure);
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(client_cycle_obj, client_cycle);
 
@@ -1235,15 +1245,13 @@ static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t
 }
 static MP_DEFINE_CONST_FUN_OBJ_KW(client_publish_obj, 2, client_publish);
 
-// Returns the subscription table with `filter` removed, and whether it was there.
-static mp_obj_t table_without(mp_obj_t table, mp_obj_t filter, bool *found) {
+// Returns the subscription table with `filter` removed.
+static mp_obj_t table_without(mp_obj_t table, mp_obj_t filter) {
     size_t n;
     mp_obj_t *items;
     mp_obj_tuple_get(table, &n, &items);
-    *found = false;
     for (size_t i = 0; i + 1 < n; i += 2) {
         if (mp_obj_equal(items[i], filter)) {
-            *found = true;
             mp_obj_tuple_t *smaller = MP_OBJ_TO_PTR(mp_obj_new_tuple(n - 2, NULL));
             memcpy(smaller->items, items, i * sizeof(mp_obj_t));
             memcpy(smaller->items + i, items + i + 2, (n - i - 2) * sizeof(mp_obj_t));
@@ -1270,6 +1278,28 @@ static mp_obj_t table_with(mp_obj_t table, mp_obj_t filter, mp_obj_t callback) {
     larger->items[n] = filter;
     larger->items[n + 1] = callback;
     return MP_OBJ_FROM_PTR(larger);
+}
+
+// Installs a subscription table where `filter` maps to `callback`, or is
+// absent when `callback` is MP_OBJ_NULL. The table is built outside the
+// lock (building allocates, which may raise) and installed only if no
+// other thread changed the table meanwhile. Returns the table it replaced;
+// `*installed` is the new one.
+static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, mp_obj_t *installed) {
+    for (;;) {
+        mp_obj_t current = self->subscriptions;
+        mp_obj_t next = callback == MP_OBJ_NULL ? table_without(current, filter) : table_with(current, filter, callback);
+        client_lock(self);
+        bool unchanged = self->subscriptions == current;
+        if (unchanged) {
+            self->subscriptions = next;
+        }
+        client_unlock(self);
+        if (unchanged) {
+            *installed = next;
+            return current;
+        }
+    }
 }
 
 // Sends SUBSCRIBE or UNSUBSCRIBE and returns its ticket (raises on error).
@@ -1311,11 +1341,8 @@ static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map
 
     // The callback is in the table before SUBSCRIBE leaves, so retained
     // messages that follow the SUBACK at once find it.
-    mp_obj_t updated = table_with(self->subscriptions, filter, function);
-    client_lock(self);
-    mp_obj_t previous = self->subscriptions;
-    self->subscriptions = updated;
-    client_unlock(self);
+    mp_obj_t updated;
+    mp_obj_t previous = update_subscriptions(self, filter, function, &updated);
 
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
@@ -1340,12 +1367,9 @@ static MP_DEFINE_CONST_FUN_OBJ_KW(client_subscribe_obj, 3, client_subscribe);
 static mp_obj_t client_unsubscribe(mp_obj_t self_in, mp_obj_t filter) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
     check_topic(filter, true);
-    bool found;
     // Off the table first: its callback is never called again.
-    client_lock(self);
-    mp_obj_t smaller = table_without(self->subscriptions, filter, &found);
-    self->subscriptions = smaller;
-    client_unlock(self);
+    mp_obj_t smaller;
+    update_subscriptions(self, filter, MP_OBJ_NULL, &smaller);
     mqtt_ticket_t ticket = send_subscription(self, filter, 0, true);
     if (!in_callback(self)) {
         wait_for(self, ticket);
@@ -1358,7 +1382,7 @@ static MP_DEFINE_CONST_FUN_OBJ_2(client_unsubscribe_obj, client_unsubscribe);
 static mp_obj_t client_disconnect(size_t n_args, const mp_obj_t *args) {
     mp_obj_mqtt_client_t *self = client_of(args[0]);
     mp_obj_t timeout_obj = n_args > 1 ? args[1] : mp_const_none;
-    uint32_t timeout = timeout_obj == mp_const_none ? 0 : milliseconds_of(timeout_obj, "timeout");
+    uint32_t timeout = timeout_obj == mp_const_none ? 0 : non_negative_of(timeout_obj, "timeout");
     client_lock(self);
     if (self->loop_state == LOOP_RUNNING) {
         self->loop_state = LOOP_STOPPING;

@@ -171,3 +171,63 @@ def test_loop_failure_is_called_when_the_broker_goes_away(tmp_path, micropython)
         if process.poll() is None:
             process.kill()
     assert output.strip() == "[False]"
+
+
+def test_loop_failure_that_raises_is_printed_and_ends_the_loop(tmp_path, micropython):
+    broker = Broker(tmp_path)
+    process = micropython.start(
+        """
+        calls = []
+        def failed(client):
+            calls.append(1)
+            raise RuntimeError("handler bug")
+        c = mqtt.Client("fragile")
+        c.connect("127.0.0.1", 30, port=PORT, loop_failure=failed)
+        print("connected")
+        wait_until(lambda: calls, 10000)
+        time.sleep_ms(1500)
+        print("calls", len(calls))
+        # The loop ended; loop() starts it again (and it fails again at once).
+        c.loop()
+        wait_until(lambda: len(calls) == 2, 5000)
+        print("calls", len(calls))
+        """,
+        PORT=broker.port,
+    )
+    try:
+        assert process.stdout.readline().strip() == "connected"
+        broker.stop()
+        output, _ = process.communicate(timeout=20)
+    finally:
+        broker.stop()
+        if process.poll() is None:
+            process.kill()
+    assert "RuntimeError: handler bug" in output
+    assert "calls 1" in output and "calls 2" in output
+
+
+def test_cycle_raises_the_link_failure_without_loop_failure(tmp_path, micropython):
+    broker = Broker(tmp_path)
+    process = micropython.start(
+        """
+        c = mqtt.Client("manual")
+        c.connect("127.0.0.1", 30, port=PORT, start_loop=False)
+        print("connected")
+        try:
+            for i in range(100):
+                c.cycle()
+        except OSError as e:
+            print("OSError", e.errno)
+        print(c.connected())
+        """,
+        PORT=broker.port,
+    )
+    try:
+        assert process.stdout.readline().strip() == "connected"
+        broker.stop()
+        output, _ = process.communicate(timeout=20)
+    finally:
+        broker.stop()
+        if process.poll() is None:
+            process.kill()
+    assert output.split() == ["OSError", "104", "False"], output
