@@ -375,7 +375,8 @@ static mp_obj_t exception_for_status(mp_obj_mqtt_client_t *self, int status) {
         case MQTT_ERR_PING_TIMEOUT:
             return mqtt_exception(MQTT_EXC_TIMEOUT, "timeout: no answer to keepalive ping");
         case MQTT_ERR_CONNECT_TIMEOUT:
-            return mqtt_exception(MQTT_EXC_TIMEOUT, "timeout: no CONNACK");
+            // A broker that does not answer CONNECT counts as unreachable.
+            return os_error(MP_ETIMEDOUT);
         case MQTT_ERR_CLOSED:
             return os_error(MP_ECONNRESET);
         default:
@@ -624,7 +625,6 @@ static bool new_message_objects(vstr_t *topic, vstr_t *payload, mp_obj_t *topic_
 static int handle_message(mp_obj_mqtt_client_t *self, const mqtt_transport_t *transport, const mqtt_event_t *event) {
     uint32_t generation = self->link_generation;
     vstr_t topic;
-    vstr_t payload;
     if (!new_buffer(&topic, event->topic_len)) {
         // Without room for the topic the stream cannot be followed.
         stash_errno(self, MP_ENOMEM);
@@ -636,6 +636,13 @@ static int handle_message(mp_obj_mqtt_client_t *self, const mqtt_transport_t *tr
         vstr_clear(&topic);
         return status;
     }
+    if (!info.deliver) {
+        // A QoS 2 message delivered before: skip it, acknowledge it again.
+        vstr_clear(&topic);
+        status = mqtt_session_read_payload(self->session, transport, now_ms(), NULL, event->payload_len);
+        return status == MQTT_OK ? mqtt_session_finish_message(self->session, transport, now_ms()) : status;
+    }
+    vstr_t payload;
     bool have_room = new_buffer(&payload, event->payload_len);
     status = mqtt_session_read_payload(self->session, transport, now_ms(), have_room ? (uint8_t *)payload.buf : NULL, event->payload_len);
     mp_obj_t topic_obj = MP_OBJ_NULL;
@@ -661,11 +668,9 @@ static int handle_message(mp_obj_mqtt_client_t *self, const mqtt_transport_t *tr
         stash_errno(self, MP_ENOMEM);
         return MQTT_ERR_TRANSPORT;
     }
-    if (info.deliver) {
-        deliver(self, topic_obj, payload_obj);
-        if (self->link_generation != generation || self->stream == MP_OBJ_NULL) {
-            return MQTT_LINK_REPLACED;
-        }
+    deliver(self, topic_obj, payload_obj);
+    if (self->link_generation != generation || self->stream == MP_OBJ_NULL) {
+        return MQTT_LINK_REPLACED;
     }
     return mqtt_session_finish_message(self->session, transport, now_ms());
 }
@@ -752,6 +757,10 @@ static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket) {
             case MQTT_COMMAND_DONE:
                 return code;
             case MQTT_COMMAND_TIMED_OUT:
+                if (ticket.slot == MQTT_CONNECT_SLOT) {
+                    // A broker that does not answer CONNECT counts as unreachable.
+                    mp_raise_OSError(MP_ETIMEDOUT);
+                }
                 raise_mqtt(MQTT_EXC_TIMEOUT, "timeout: no acknowledgement within command_timeout");
             case MQTT_COMMAND_INTERRUPTED:
                 mp_raise_OSError(MP_ENOTCONN);

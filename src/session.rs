@@ -655,6 +655,16 @@ impl Session {
             }
         };
         let deliver = !(qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&packet_id));
+        if qos == QoS::ExactlyOnce && deliver {
+            // Remembered before the application gets the message: if the
+            // link dies before PUBREC leaves, the broker's resend is then
+            // recognised and not delivered a second time.
+            if self.inbound_qos2.is_full() {
+                self.inbound_qos2.remove(0);
+            }
+            // Cannot fail: there is room now.
+            let _ = self.inbound_qos2.push(packet_id);
+        }
         let info = MessageInfo { packet_id, deliver };
         self.incoming = Incoming::Payload { payload_len, qos, info };
         Ok(info)
@@ -674,6 +684,10 @@ impl Session {
                 io.read_exact(buffer)?;
             }
             None => {
+                if qos == QoS::ExactlyOnce && info.deliver {
+                    // Skipped, so not delivered: the broker's resend must be.
+                    self.inbound_qos2.retain(|&pending| pending != info.packet_id);
+                }
                 let mut scratch = [0u8; 64];
                 let mut left = payload_len;
                 while left > 0 {
@@ -689,8 +703,9 @@ impl Session {
     }
 
     /// Acknowledges the current message once the application has it:
-    /// PUBACK for QoS 1; PUBREC for QoS 2, remembering its packet id until
-    /// PUBREL so that a redelivery is not delivered again.
+    /// PUBACK for QoS 1, PUBREC for QoS 2. A QoS 2 packet id is remembered
+    /// from [`Session::read_topic`] until PUBREL, so that a redelivery is
+    /// not delivered again.
     pub fn finish_message<W: Write>(&mut self, io: &mut W, now: u32) -> Result<(), Error> {
         let Incoming::Received { qos, info } = self.incoming else {
             return Err(Error::WrongState);
@@ -699,16 +714,7 @@ impl Session {
         match qos {
             QoS::AtMostOnce => return Ok(()),
             QoS::AtLeastOnce => codec::write_ack(io, PacketType::PubAck, info.packet_id)?,
-            QoS::ExactlyOnce => {
-                if info.deliver {
-                    if self.inbound_qos2.is_full() {
-                        self.inbound_qos2.remove(0);
-                    }
-                    // Cannot fail: there is room now.
-                    let _ = self.inbound_qos2.push(info.packet_id);
-                }
-                codec::write_ack(io, PacketType::PubRec, info.packet_id)?;
-            }
+            QoS::ExactlyOnce => codec::write_ack(io, PacketType::PubRec, info.packet_id)?,
         }
         self.last_sent = now;
         Ok(())
@@ -1274,6 +1280,46 @@ mod tests {
         // Released: the same id now carries a new message.
         broker_publish(&mut pipe, "x", b"2", QoS::ExactlyOnce, 7, false);
         assert!(read_message(&mut session, &mut pipe, 4).unwrap().2.deliver);
+    }
+
+    #[test]
+    fn qos2_delivered_before_a_lost_pubrec_is_not_delivered_again() {
+        let (mut session, mut pipe) = connected(0);
+        broker_publish(&mut pipe, "x", b"1", QoS::ExactlyOnce, 9, false);
+        let Event::Message {
+            topic_len, payload_len, ..
+        } = session.receive(&mut pipe, 0).unwrap()
+        else {
+            panic!()
+        };
+        let mut topic = vec![0; topic_len.into()];
+        assert!(session.read_topic(&mut pipe, &mut topic).unwrap().deliver);
+        let mut payload = vec![0; payload_len as usize];
+        session.read_payload(&mut pipe, Some(&mut payload)).unwrap();
+        // Delivered; the link dies before PUBREC leaves.
+        session.link_lost();
+        session.connect(&mut pipe, 1, &connect_options(0, false)).unwrap();
+        pipe.broker_sends(|b| write_connack(&mut VecWriter(b), true, 0).unwrap());
+        session.receive(&mut pipe, 2).unwrap();
+        broker_publish(&mut pipe, "x", b"1", QoS::ExactlyOnce, 9, true);
+        assert!(!read_message(&mut session, &mut pipe, 3).unwrap().2.deliver);
+    }
+
+    #[test]
+    fn skipped_qos2_message_is_delivered_when_sent_again() {
+        let (mut session, mut pipe) = connected(0);
+        broker_publish(&mut pipe, "x", b"big", QoS::ExactlyOnce, 4, false);
+        let Event::Message { topic_len, .. } = session.receive(&mut pipe, 0).unwrap() else {
+            panic!()
+        };
+        session.read_topic(&mut pipe, &mut vec![0; topic_len.into()]).unwrap();
+        session.read_payload(&mut pipe, None).unwrap();
+        session.link_lost();
+        session.connect(&mut pipe, 1, &connect_options(0, false)).unwrap();
+        pipe.broker_sends(|b| write_connack(&mut VecWriter(b), true, 0).unwrap());
+        session.receive(&mut pipe, 2).unwrap();
+        broker_publish(&mut pipe, "x", b"big", QoS::ExactlyOnce, 4, true);
+        assert!(read_message(&mut session, &mut pipe, 3).unwrap().2.deliver);
     }
 
     #[test]

@@ -87,8 +87,8 @@ def test_connack_that_never_comes_times_out(micropython):
             start = time.ticks_ms()
             try:
                 c.connect("127.0.0.1", 30, port=PORT)
-            except mqtt.MQTTException as e:
-                print(e.args[0] == mqtt.TIMEOUT, time.ticks_diff(time.ticks_ms(), start) < 2000)
+            except OSError as e:
+                print(e.errno == 110, time.ticks_diff(time.ticks_ms(), start) < 2000)
             print(c.connected())
             """,
             PORT=listener.getsockname()[1],
