@@ -42,7 +42,10 @@ class Broker:
         self.directory = Path(directory)
         self.port = free_port()
         self.config = self.directory / "mosquitto.conf"
-        self.config.write_text(f"listener {self.port} 127.0.0.1\n{settings}")
+        # Started as root, mosquitto would switch to its own user, which
+        # cannot read the tests' temporary files; "user root" keeps it as is.
+        identity = "user root\n" if os.geteuid() == 0 else ""
+        self.config.write_text(f"{identity}listener {self.port} 127.0.0.1\n{settings}")
         self.log = open(self.directory / "mosquitto.log", "wb")
         self.process = subprocess.Popen(
             ["mosquitto", "-c", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
@@ -106,6 +109,7 @@ class Script:
         path.write_text(self.source(code, **params))
         return subprocess.Popen(
             [str(self.firmware), str(path)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
