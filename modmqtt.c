@@ -720,6 +720,8 @@ static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
     client_lock(self);
     mp_obj_t stream = self->stream;
     int fd = self->sock_fd;
+    // Wake up in time for the keepalive timers.
+    wait_ms = mqtt_session_next_timer(self->session, now_ms(), wait_ms);
     client_unlock(self);
     if (stream == MP_OBJ_NULL) {
         mp_hal_delay_ms(wait_ms);

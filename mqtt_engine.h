@@ -366,6 +366,14 @@ int mqtt_session_command_state(void *session, mqtt_ticket_t ticket, uint32_t now
 void mqtt_session_forget(void *session, mqtt_ticket_t ticket);
 
 /**
+ * Milliseconds until `mqtt_session_tick` has work to do, at most `limit_ms`.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`.
+ */
+uint32_t mqtt_session_next_timer(void *session, uint32_t now_ms, uint32_t limit_ms);
+
+/**
  * Runs the keepalive and CONNECT timers.
  *
  * # Safety

@@ -590,6 +590,19 @@ pub unsafe extern "C" fn mqtt_session_forget(session: *mut c_void, ticket: mqtt_
     }
 }
 
+/// Milliseconds until `mqtt_session_tick` has work to do, at most `limit_ms`.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_next_timer(session: *mut c_void, now_ms: u32, limit_ms: u32) -> u32 {
+    // SAFETY: forwarded from the caller.
+    match unsafe { session_mut(session) } {
+        Some(session) => session.next_timer(now_ms, limit_ms),
+        None => limit_ms,
+    }
+}
+
 /// Runs the keepalive and CONNECT timers.
 ///
 /// # Safety
