@@ -742,10 +742,17 @@ static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
 // ---------------------------------------------------------------------------
 // Waiting for acknowledgements
 
+static NORETURN void raise_still_in_flight(const char *why) {
+    raise_mqtt(MQTT_EXC_TIMEOUT, why);
+}
+
 // Waits until the command behind `ticket` is answered; returns its code
-// (CONNACK or SUBACK return code). Runs cycles itself unless the loop is
-// running, and raises on timeout or a lost link.
-static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket) {
+// (CONNACK or SUBACK return code). Runs cycles itself unless the loop runs
+// on another thread. Raises on timeout or a lost link: for a publish
+// (`publish` true), MQTTException(TIMEOUT) always, since the message
+// stays in flight and goes again after a reconnect; while another thread
+// runs the loop, which may reconnect, a publish waits through a lost link.
+static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket, bool publish) {
     uint32_t waited_since = now_ms();
     for (;;) {
         uint8_t code = 0;
@@ -755,27 +762,34 @@ static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket) {
             mqtt_session_forget(self->session, ticket);
         }
         client_unlock(self);
-        switch (state) {
-            case MQTT_COMMAND_DONE:
-                return code;
-            case MQTT_COMMAND_TIMED_OUT:
-                if (ticket.slot == MQTT_CONNECT_SLOT) {
-                    // A broker that does not answer CONNECT counts as unreachable.
-                    mp_raise_OSError(MP_ETIMEDOUT);
-                }
-                raise_mqtt(MQTT_EXC_TIMEOUT, "timeout: no acknowledgement within command_timeout");
-            case MQTT_COMMAND_INTERRUPTED:
-                mp_raise_OSError(MP_ENOTCONN);
-            default:
-                break;
+        bool out_of_time = now_ms() - waited_since >= self->command_timeout_ms;
+        if (state == MQTT_COMMAND_DONE) {
+            return code;
+        }
+        if (state == MQTT_COMMAND_TIMED_OUT || (publish && out_of_time)) {
+            if (ticket.slot == MQTT_CONNECT_SLOT) {
+                // A broker that does not answer CONNECT counts as unreachable.
+                mp_raise_OSError(MP_ETIMEDOUT);
+            }
+            raise_still_in_flight("timeout: no acknowledgement within command_timeout");
+        }
+        if (state == MQTT_COMMAND_INTERRUPTED && !(publish && loop_on_other_thread(self))) {
+            if (publish) {
+                raise_still_in_flight("link lost before the acknowledgement: the message stays in flight");
+            }
+            mp_raise_OSError(MP_ENOTCONN);
         }
         if (loop_on_other_thread(self)) {
             pause_briefly(now_ms() - waited_since);
-        } else {
-            int status = run_cycle(self, self->cycle_timeout_ms);
-            if (status != MQTT_OK && status != MQTT_LINK_REPLACED) {
-                raise_status(self, status);
+            continue;
+        }
+        int status = run_cycle(self, self->cycle_timeout_ms);
+        if (status != MQTT_OK && status != MQTT_LINK_REPLACED) {
+            if (publish) {
+                clear_pending(self);
+                raise_still_in_flight("link lost before the acknowledgement: the message stays in flight");
             }
+            raise_status(self, status);
         }
     }
 }
@@ -832,7 +846,7 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
 
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
-        uint8_t code = wait_for(self, ticket);
+        uint8_t code = wait_for(self, ticket, false);
         nlr_pop();
         self->return_code = code;
     } else {
@@ -1250,7 +1264,7 @@ static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t
     }
     // From a callback the loop is busy with us: it completes the flow later.
     if (qos > 0 && !in_callback(self)) {
-        wait_for(self, ticket);
+        wait_for(self, ticket, true);
     }
     return mp_const_none;
 }
@@ -1358,7 +1372,7 @@ static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
         mqtt_ticket_t ticket = send_subscription(self, filter, qos, false);
-        uint8_t code = in_callback(self) ? 0 : wait_for(self, ticket);
+        uint8_t code = in_callback(self) ? 0 : wait_for(self, ticket, false);
         if (code == MQTT_EXC_SUBSCRIBE_FAILED) {
             raise_mqtt(MQTT_EXC_SUBSCRIBE_FAILED, "subscription refused by the broker");
         }
@@ -1383,7 +1397,7 @@ static mp_obj_t client_unsubscribe(mp_obj_t self_in, mp_obj_t filter) {
     update_subscriptions(self, filter, MP_OBJ_NULL, &smaller);
     mqtt_ticket_t ticket = send_subscription(self, filter, 0, true);
     if (!in_callback(self)) {
-        wait_for(self, ticket);
+        wait_for(self, ticket, false);
     }
     return mp_const_none;
 }

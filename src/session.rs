@@ -396,8 +396,9 @@ impl Session {
             payload,
         };
         let written = codec::write_publish(io, &publish);
-        if let (Err(EncodeError::FieldTooLong | EncodeError::PacketTooLong), Some(ticket)) = (&written, ticket) {
-            // Nothing was written: the message never left.
+        if let (Err(_), Some(ticket)) = (&written, ticket) {
+            // At most part of the packet left, which the broker discards:
+            // the message was not sent, and the caller may send it again.
             self.release(ticket);
         }
         written?;
@@ -867,6 +868,8 @@ mod tests {
     struct Pipe {
         inbound: VecDeque<u8>,
         outbound: Vec<u8>,
+        /// Every write fails, as on a link that just died.
+        broken: bool,
     }
 
     impl embedded_io::ErrorType for Pipe {
@@ -891,6 +894,9 @@ mod tests {
 
     impl Write for Pipe {
         fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+            if self.broken {
+                return Err(embedded_io::ErrorKind::BrokenPipe);
+            }
             self.outbound.extend_from_slice(buf);
             Ok(buf.len())
         }
@@ -1148,6 +1154,19 @@ mod tests {
         });
         assert_eq!(pipe.take_sent(), [format!("{expected:?}")]);
         assert_eq!(session.command_state(ticket, 2003), CommandState::Pending);
+    }
+
+    #[test]
+    fn publish_that_could_not_be_written_is_not_in_flight() {
+        let (mut session, mut pipe) = connected(0);
+        pipe.broken = true;
+        assert_eq!(
+            session.publish(&mut pipe, 0, "a", b"x", QoS::AtLeastOnce, false),
+            Err(Error::Transport)
+        );
+        assert_eq!(session.inflight.iter().flatten().count(), 0);
+        session.link_lost();
+        assert_eq!(session.publishes_to_resend().count(), 0);
     }
 
     #[test]

@@ -46,21 +46,34 @@ class Broker:
         # cannot read the tests' temporary files; "user root" keeps it as is.
         identity = "user root\n" if os.geteuid() == 0 else ""
         self.config.write_text(f"{identity}listener {self.port} 127.0.0.1\n{settings}")
-        self.log = open(self.directory / "mosquitto.log", "wb")
+        self.log = open(self.directory / "mosquitto.log", "ab")
+        self.start()
+
+    def start(self):
         self.process = subprocess.Popen(
             ["mosquitto", "-c", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
         )
         wait_for_port(self.port, self.process)
 
-    def stop(self):
+    def terminate(self):
+        """Stops mosquitto as a service manager would (SIGTERM: it saves
+        its persistence database first)."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=5)
+                self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.log.close()
+
+    def restart(self):
+        self.terminate()
+        self.start()
+
+    def stop(self):
+        self.terminate()
+        if not self.log.closed:
+            self.log.close()
 
 
 @pytest.fixture

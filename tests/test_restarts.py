@@ -1,0 +1,158 @@
+"""No message is lost while mosquitto (with persistence) is restarted ten
+times under a stream of numbered messages: the firmware's loop_failure
+reconnects each time with clean_session=False."""
+
+import threading
+import time
+
+import pytest
+
+from conftest import Broker
+from peer import Peer
+
+RESTARTS = 10
+
+# The firmware's side: reconnect until the broker answers, then go on.
+RECONNECTING = """
+        failures = []
+        def recover(client):
+            failures.append(1)
+            while True:
+                try:
+                    if client.reconnect() == 0:
+                        return mqtt.RECOVERED
+                except OSError:
+                    pass
+                time.sleep_ms(50)
+"""
+
+
+@pytest.fixture
+def persistent_broker(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    broker = Broker(tmp_path, settings=f"allow_anonymous true\npersistence true\npersistence_location {store}/\n")
+    yield broker
+    broker.stop()
+
+
+def link_failures(output):
+    """How often the firmware's loop_failure ran: the restarts must have
+    hit it, or the test proves nothing."""
+    return int(output.split("link failures")[1].split()[0])
+
+
+def restart_repeatedly(broker, stop, pause=0.4):
+    for _ in range(RESTARTS):
+        if stop.wait(pause):
+            break
+        broker.restart()
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_firmware_receives_every_number_through_restarts(persistent_broker, micropython, qos):
+    count = 400
+    process = micropython.start(
+        RECONNECTING
+        + """
+        got = []
+        c = mqtt.Client("sink-%d" % QOS, clean_session=False)
+        c.connect("127.0.0.1", 5, port=PORT, loop_failure=recover)
+        c.subscribe("numbers", lambda client, payload, topic: got.append(int(payload)), qos=QOS)
+        print("ready")
+        wait_until(lambda: len(set(got)) >= COUNT, 60000)
+        time.sleep_ms(500)
+        print("distinct", len(set(got)) == COUNT, "duplicates", len(got) - len(set(got)))
+        print("link failures", len(failures))
+        c.disconnect()
+        """,
+        PORT=persistent_broker.port,
+        QOS=qos,
+        COUNT=count,
+    )
+    assert process.stdout.readline().strip() == "ready"
+    source = Peer(persistent_broker.port, client_id=f"source-{qos}", clean_session=False)
+    source.client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)
+    stop = threading.Event()
+    restarter = threading.Thread(target=restart_repeatedly, args=(persistent_broker, stop))
+    restarter.start()
+    try:
+        for number in range(count):
+            source.client.publish("numbers", str(number), qos=qos)
+            time.sleep(0.01)
+        restarter.join()
+        output, _ = process.communicate(timeout=90)
+    finally:
+        stop.set()
+        restarter.join()
+        source.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "distinct True" in output, output
+    assert link_failures(output) >= RESTARTS // 2, output
+    if qos == 2:
+        assert "duplicates 0" in output, output
+
+
+def test_subscriber_gets_every_number_the_firmware_publishes_through_restarts(persistent_broker, micropython):
+    # Paced to outlast the restarts: about 7 s of publishing.
+    count = 500
+    sink = Peer(persistent_broker.port, client_id="persistent-sink", clean_session=False)
+    sink.client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)
+    sink.subscribe("numbers", qos=1)
+    process = micropython.start(
+        RECONNECTING
+        + """
+        import sys
+        c = mqtt.Client("source", clean_session=False, command_timeout=3000)
+        c.connect("127.0.0.1", 5, port=PORT, loop_failure=recover)
+        print("ready")
+        sys.stdin.readline()
+        number = 0
+        in_flight_errors = 0
+        while number < COUNT:
+            try:
+                c.publish("numbers", str(number), qos=1)
+                number += 1
+            except mqtt.MQTTException:
+                # Taken but not yet acknowledged: it is sent again after the
+                # reconnect, so go on with the next number.
+                in_flight_errors += 1
+                number += 1
+            except OSError:
+                # Not taken (no link, or the in-flight table is full): retry.
+                time.sleep_ms(20)
+            time.sleep_ms(12)
+        print("published", in_flight_errors)
+        print("link failures", len(failures))
+        wait_until(lambda: False, 3000)
+        c.disconnect()
+        """,
+        PORT=persistent_broker.port,
+        COUNT=count,
+    )
+    assert process.stdout.readline().strip() == "ready"
+    stop = threading.Event()
+    restarter = threading.Thread(target=restart_repeatedly, args=(persistent_broker, stop))
+    try:
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        restarter.start()
+        restarter.join()
+        output, _ = process.communicate(timeout=90)
+        assert process.returncode == 0, output
+        messages = sink.wait_for(count, timeout=30)
+        deadline = time.monotonic() + 30
+        while len({int(m.payload) for m in sink.messages}) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        numbers = {int(m.payload) for m in sink.messages}
+    finally:
+        stop.set()
+        if restarter.is_alive():
+            restarter.join()
+        sink.close()
+        if process.poll() is None:
+            process.kill()
+    assert numbers == set(range(count)), (sorted(set(range(count)) - numbers), output)
+    assert link_failures(output) >= RESTARTS // 2, output
