@@ -39,6 +39,7 @@ def to_der(name, cwd):
 class Certificates:
     def __init__(self, directory):
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
         cwd = str(self.directory)
         make_ca("ca", cwd)
         make_ca("other-ca", cwd)

@@ -560,3 +560,39 @@ def test_subscribe_and_unsubscribe_from_inside_a_callback(broker, micropython):
         PORT=broker.port,
     )
     assert output.strip() == "[('control', b'subscribe'), ('late', b'one'), ('control', b'unsubscribe')]"
+
+
+def test_disconnect_waits_for_the_loop_only_as_long_as_asked(broker, micropython):
+    output = micropython.run(
+        """
+        entered = []
+        def slow(client, payload, topic):
+            entered.append(1)
+            time.sleep_ms(1500)
+        c = mqtt.Client("slow")
+        c.connect("127.0.0.1", 30, port=PORT)
+        c.subscribe("slow", slow)
+        c.publish("slow", "x")
+        wait_until(lambda: entered)
+        # The loop is inside the callback for another 1.5 s.
+        start = time.ticks_ms()
+        c.disconnect(300)
+        waited = time.ticks_diff(time.ticks_ms(), start)
+        print(250 <= waited < 600, c.connected())
+        c.connect("127.0.0.1", 30, port=PORT, start_loop=False)
+        start = time.ticks_ms()
+        c.disconnect()
+        print(time.ticks_diff(time.ticks_ms(), start) < 100, c.connected())
+        # Once the callback returns, the old loop ends; loop() starts a new one.
+        time.sleep_ms(1500)
+        c.connect("127.0.0.1", 30, port=PORT)
+        c.subscribe("slow", slow)
+        c.publish("slow", "y")
+        wait_until(lambda: len(entered) == 2)
+        start = time.ticks_ms()
+        c.disconnect(3000)
+        print(1000 <= time.ticks_diff(time.ticks_ms(), start) < 2000, len(entered))
+        """,
+        PORT=broker.port,
+    )
+    assert output.split() == ["True", "False", "True", "False", "True", "2"], output

@@ -95,12 +95,13 @@ def test_firmware_receives_every_number_through_restarts(persistent_broker, micr
         assert "duplicates 0" in output, output
 
 
-def test_subscriber_gets_every_number_the_firmware_publishes_through_restarts(persistent_broker, micropython):
+@pytest.mark.parametrize("qos", [1, 2])
+def test_subscriber_gets_every_number_the_firmware_publishes_through_restarts(persistent_broker, micropython, qos):
     # Paced to outlast the restarts: about 7 s of publishing.
     count = 500
     sink = Peer(persistent_broker.port, client_id="persistent-sink", clean_session=False)
     sink.client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)
-    sink.subscribe("numbers", qos=1)
+    sink.subscribe("numbers", qos=qos)
     process = micropython.start(
         RECONNECTING
         + """
@@ -113,7 +114,7 @@ def test_subscriber_gets_every_number_the_firmware_publishes_through_restarts(pe
         in_flight_errors = 0
         while number < COUNT:
             try:
-                c.publish("numbers", str(number), qos=1)
+                c.publish("numbers", str(number), qos=QOS)
                 number += 1
             except mqtt.MQTTException:
                 # Taken but not yet acknowledged: it is sent again after the
@@ -131,6 +132,7 @@ def test_subscriber_gets_every_number_the_firmware_publishes_through_restarts(pe
         """,
         PORT=persistent_broker.port,
         COUNT=count,
+        QOS=qos,
     )
     assert process.stdout.readline().strip() == "ready"
     stop = threading.Event()
@@ -147,6 +149,7 @@ def test_subscriber_gets_every_number_the_firmware_publishes_through_restarts(pe
         while len({int(m.payload) for m in sink.messages}) < count and time.monotonic() < deadline:
             time.sleep(0.2)
         numbers = {int(m.payload) for m in sink.messages}
+        duplicates = len(sink.messages) - len(numbers)
     finally:
         stop.set()
         if restarter.is_alive():
@@ -155,4 +158,6 @@ def test_subscriber_gets_every_number_the_firmware_publishes_through_restarts(pe
         if process.poll() is None:
             process.kill()
     assert numbers == set(range(count)), (sorted(set(range(count)) - numbers), output)
+    if qos == 2:
+        assert duplicates == 0, output
     assert link_failures(output) >= RESTARTS // 2, output

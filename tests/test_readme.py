@@ -1,0 +1,130 @@
+"""The README's examples run as written against real brokers: only the
+broker's address, port and CA file are put in."""
+
+import re
+import subprocess
+import time
+
+import pytest
+
+from certificates import Certificates
+from conftest import REPO, Broker, free_port
+from peer import Peer
+
+
+def example(name):
+    readme = (REPO / "README.md").read_text()
+    match = re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", readme, re.S)
+    assert match, f"no example {name} in README.md"
+    return match.group(1)
+
+
+def for_broker(code, port, **replacements):
+    code = code.replace('"broker.example"', '"127.0.0.1"').replace("port=1883", f"port={port}")
+    for old, new in replacements.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    return code
+
+
+def indented(code):
+    """Example code, indented like the test scripts it is joined with."""
+    return "".join("        " + line + "\n" if line else "\n" for line in code.splitlines())
+
+
+def test_quickstart(broker, micropython):
+    output = micropython.run(
+        indented(for_broker(example("quickstart"), broker.port))
+        + """
+        client.publish("lights/kitchen", b"on")
+        time.sleep_ms(500)
+        client.disconnect()
+        """
+    )
+    assert output.strip() == "lights/kitchen b'on'"
+
+
+def test_credentials_and_will(tmp_path, micropython):
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "sensor-12", "secret"], check=True)
+    broker = Broker(tmp_path, settings=f"allow_anonymous true\npassword_file {passwords}\n")
+    process = None
+    try:
+        # The password file holds the example's user; the watcher is anonymous.
+        watcher = Peer(broker.port, client_id="watcher")
+        watcher.subscribe("sensors/12/status", qos=1)
+        process = micropython.start(
+            indented(for_broker(example("credentials"), broker.port))
+            + """
+        print("online")
+        time.sleep(60)
+        """
+        )
+        assert process.stdout.readline().strip() == "online"
+        assert [m.payload for m in watcher.wait_for(1)] == [b"online"]
+        process.kill()
+        process.communicate()
+        assert [m.payload for m in watcher.wait_for(2)] == [b"online", b"offline"]
+        watcher.close()
+    finally:
+        if process and process.poll() is None:
+            process.kill()
+        broker.stop()
+
+
+def test_tls(tmp_path, micropython):
+    certificates = Certificates(tmp_path / "certificates")
+    tls_port = free_port()
+    broker = Broker(tmp_path, settings="allow_anonymous true\n" + certificates.listener(tls_port))
+    try:
+        code = for_broker(example("tls"), broker.port, **{'"ca.der"': repr(certificates.path("ca.crt.der")), "port=8883": f"port={tls_port}"})
+        output = micropython.run(indented(code) + "\n        print(client.connected())\n        client.disconnect()\n")
+    finally:
+        broker.stop()
+    assert output.strip() == "True"
+
+
+def test_reconnect(tmp_path, micropython):
+    broker = Broker(tmp_path)
+    process = micropython.start(
+        indented(for_broker(example("reconnect"), broker.port))
+        + """
+        print("connected")
+        time.sleep(60)
+        """
+    )
+    try:
+        assert process.stdout.readline().strip() == "connected"
+        broker.restart()
+        # The example resubscribes once reconnected; publish until it hears.
+        commander = Peer(broker.port, client_id="commander")
+        deadline = time.monotonic() + 20
+        line = ""
+        while time.monotonic() < deadline and not line:
+            commander.publish("devices/12/commands", b"reboot", qos=1)
+            line = read_line_within(process, 0.5)
+        commander.close()
+        assert line == "command: b'reboot'"
+    finally:
+        process.kill()
+        process.communicate()
+        broker.stop()
+
+
+def read_line_within(process, seconds):
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    ready = selector.select(seconds)
+    selector.close()
+    return process.stdout.readline().strip() if ready else ""
+
+
+def test_cycle(broker, micropython):
+    loop = for_broker(example("cycle"), broker.port, **{"while True:": "for _ in range(4):"})
+    # Something to receive, published before the loop runs.
+    loop = loop.replace("for _ in range(4):", 'client.publish("lights/hall", b"off")\nfor _ in range(4):', 1)
+    handler = "def on_message(client, payload, topic):\n    print(topic, payload)\n"
+    output = micropython.run(indented(handler + loop + "client.disconnect()\n"))
+    assert output.strip() == "lights/hall b'off'"
