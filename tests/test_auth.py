@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import Broker
+from broker import Broker
 
 
 @pytest.fixture

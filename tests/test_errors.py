@@ -3,7 +3,7 @@ each gives a clear exception and leaves the client usable."""
 
 import pytest
 
-from conftest import Broker, free_port
+from broker import Broker, free_port
 
 # Each case: (expression run against a connected client `c`, expected exception).
 BAD_CALLS = [

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from certificates import Certificates
-from conftest import REPO, Broker, free_port
+from broker import Broker, free_port
+from conftest import REPO
 from peer import Peer
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import Broker
+from broker import Broker
 from peer import Peer
 
 RESTARTS = 10

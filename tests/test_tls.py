@@ -4,7 +4,7 @@ with certificates made by openssl for this run."""
 import pytest
 
 from certificates import Certificates
-from conftest import Broker, free_port
+from broker import Broker, free_port
 from peer import Peer
 
 
