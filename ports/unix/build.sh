@@ -6,7 +6,11 @@
 # MICROPYTHON_DIR (or the MICROPY_DIR environment variable) is a MicroPython
 # source tree of your own. Without one, Debian's micropython 1.25 source
 # package is fetched once into .build/ (needs apt-get and dpkg-dev).
-# The firmware lands in .build/unix/micropython.
+# The firmware lands in .build/unix/micropython; its path is printed.
+#
+# MQTT_FREEZE_PACKAGE=DIR:NAME also freezes the Python package DIR/NAME into
+# a second firmware, .build/unix-NAME/micropython (the benchmark uses it to
+# measure umqtt.simple frozen).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -40,11 +44,22 @@ micropython=$(cd "$micropython" && pwd)
 mkdir -p "$work/usermod"
 ln -sfn "$repo" "$work/usermod/mqtt"
 
+build="$work/unix"
+manifest="$repo/ports/unix/manifest.py"
+if [[ -n "${MQTT_FREEZE_PACKAGE:-}" ]]; then
+    package_dir=$(cd "${MQTT_FREEZE_PACKAGE%:*}" && pwd)
+    package=${MQTT_FREEZE_PACKAGE##*:}
+    build="$work/unix-$package"
+    mkdir -p "$build"
+    manifest="$build/manifest.py"
+    printf 'include("%s")\npackage("%s", base_path="%s")\n' "$repo/ports/unix/manifest.py" "$package" "$package_dir" > "$manifest"
+fi
+
 jobs=$(nproc 2>/dev/null || echo 2)
 make -s -C "$micropython/mpy-cross" -j"$jobs" >&2
 make -s -C "$micropython/ports/unix" -j"$jobs" \
-    BUILD="$work/unix" \
+    BUILD="$build" \
     USER_C_MODULES="$work/usermod" \
-    FROZEN_MANIFEST="$repo/ports/unix/manifest.py" \
+    FROZEN_MANIFEST="$manifest" \
     MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 >&2
-echo "$work/unix/micropython"
+echo "$build/micropython"
