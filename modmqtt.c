@@ -32,6 +32,7 @@
 #if defined(__unix__) || defined(__APPLE__)
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #define MQTT_POSIX_POLL (1)
 #else
 #define MQTT_POSIX_POLL (0)
@@ -83,9 +84,8 @@ typedef struct _mp_obj_mqtt_client_t {
     // Topic and payload of each in-flight QoS 1/2 publish, by slot, kept
     // for a resend after reconnect; allocated on the first such publish.
     mp_obj_t *held;
-    // The link: the socket, and what the session talks to (the socket or
-    // its TLS wrapper). MP_OBJ_NULL when there is none.
-    mp_obj_t sock;
+    // What the session talks to: the socket or its TLS wrapper (closing
+    // that closes the socket too). MP_OBJ_NULL when there is no link.
     mp_obj_t stream;
     // What a transport callback caught, raised once the engine returned.
     mp_obj_t pending_exception;
@@ -173,19 +173,21 @@ static bool loop_on_other_thread(mp_obj_mqtt_client_t *self) {
     #endif
 }
 
-// Waits a little while another thread makes progress.
+// Waits a little while another thread makes progress: for the first
+// milliseconds only by yielding the processor (an acknowledgement on a
+// good link takes well under a millisecond), then in 1 ms sleeps.
 static void pause_briefly(uint32_t waited_ms) {
-    if (waited_ms < 2) {
-        #if MICROPY_PY_THREAD
-        MP_THREAD_GIL_EXIT();
-        mp_hal_delay_us(50);
-        MP_THREAD_GIL_ENTER();
-        #else
-        mp_hal_delay_us(50);
-        #endif
-    } else {
+    if (waited_ms >= 2) {
         mp_hal_delay_ms(1);
+        return;
     }
+    MP_THREAD_GIL_EXIT();
+    #if MQTT_POSIX_POLL
+    sched_yield();
+    #else
+    mp_hal_delay_us(50);
+    #endif
+    MP_THREAD_GIL_ENTER();
 }
 
 static uint32_t now_ms(void) {
@@ -483,7 +485,6 @@ static void drop_link(mp_obj_mqtt_client_t *self) {
     mqtt_session_link_lost(self->session);
     mp_obj_t stream = self->stream;
     self->stream = MP_OBJ_NULL;
-    self->sock = MP_OBJ_NULL;
     self->sock_fd = -1;
     if (stream != MP_OBJ_NULL) {
         nlr_buf_t nlr;
@@ -720,8 +721,9 @@ static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
     client_lock(self);
     mp_obj_t stream = self->stream;
     int fd = self->sock_fd;
-    // Wake up in time for the keepalive timers.
-    wait_ms = mqtt_session_next_timer(self->session, now_ms(), wait_ms);
+    // Wake up in time for the keepalive timers; do not wait at all when
+    // the engine holds input it read ahead.
+    wait_ms = mqtt_session_has_input(self->session) ? 0 : mqtt_session_next_timer(self->session, now_ms(), wait_ms);
     client_unlock(self);
     if (stream == MP_OBJ_NULL) {
         mp_hal_delay_ms(wait_ms);
@@ -825,7 +827,6 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
         .keepalive_s = self->keepalive_s,
     };
     client_lock(self);
-    self->sock = sock;
     self->stream = stream;
     self->sock_fd = socket_fd(sock);
     self->return_code = -1;
@@ -1031,7 +1032,6 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     self->loop_failure = mp_const_none;
     self->subscriptions = mp_const_empty_tuple;
     self->held = NULL;
-    self->sock = MP_OBJ_NULL;
     self->stream = MP_OBJ_NULL;
     self->pending_exception = MP_OBJ_NULL;
     self->pending_errno = 0;

@@ -134,7 +134,7 @@
 /**
  * The in-flight table's size: tickets' slots are below this.
  */
-#define MQTT_INFLIGHT_MAX 16
+#define MQTT_INFLIGHT_MAX 8
 
 /**
  * The slot of a CONNECT's ticket.
@@ -364,6 +364,15 @@ int mqtt_session_command_state(void *session, mqtt_ticket_t ticket, uint32_t now
  * `session` comes from `mqtt_session_init`.
  */
 void mqtt_session_forget(void *session, mqtt_ticket_t ticket);
+
+/**
+ * Whether bytes the engine already read wait to be handled: then call
+ * `mqtt_session_receive` without waiting for the stream first.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`.
+ */
+bool mqtt_session_has_input(void *session);
 
 /**
  * Milliseconds until `mqtt_session_tick` has work to do, at most `limit_ms`.

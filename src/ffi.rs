@@ -67,7 +67,7 @@ pub const MQTT_EVENT_COMPLETED: u8 = 3;
 pub const MQTT_EVENT_ANSWERED: u8 = 4;
 
 /// The in-flight table's size: tickets' slots are below this.
-pub const MQTT_INFLIGHT_MAX: usize = 16;
+pub const MQTT_INFLIGHT_MAX: usize = 8;
 /// The slot of a CONNECT's ticket.
 pub const MQTT_CONNECT_SLOT: u8 = 255;
 
@@ -588,6 +588,17 @@ pub unsafe extern "C" fn mqtt_session_forget(session: *mut c_void, ticket: mqtt_
             packet_id: ticket.packet_id,
         });
     }
+}
+
+/// Whether bytes the engine already read wait to be handled: then call
+/// `mqtt_session_receive` without waiting for the stream first.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_has_input(session: *mut c_void) -> bool {
+    // SAFETY: forwarded from the caller.
+    unsafe { session_mut(session) }.is_some_and(|session| session.has_input())
 }
 
 /// Milliseconds until `mqtt_session_tick` has work to do, at most `limit_ms`.

@@ -15,8 +15,11 @@ use crate::codec::{self, Connect, DecodeError, EncodeError, FixedHeader, Packet,
 use crate::topic::{self, TopicError};
 
 /// How many QoS 1/2 publishes, subscriptions and unsubscriptions can wait
-/// for their acknowledgement at once.
-pub const INFLIGHT_MAX: usize = 16;
+/// for their acknowledgement at once. A publish from the application's
+/// thread waits for its own, so this bounds what callbacks send in a burst
+/// and what a dead link leaves behind; each slot costs 8 bytes here and two
+/// object references in the binding.
+pub const INFLIGHT_MAX: usize = 8;
 
 /// How many inbound QoS 2 packet ids are remembered until their PUBREL.
 ///
@@ -30,6 +33,11 @@ pub const INBOUND_QOS2_MAX: usize = 32;
 /// Longest body of any packet other than PUBLISH that a client accepts
 /// (a SUBACK for one filter is the longest: 3 bytes).
 const SMALL_BODY_MAX: usize = 4;
+
+/// Bytes read from the transport ahead of need: an acknowledgement, or a
+/// PUBLISH header with its topic, then comes in one transport read rather
+/// than one per field (each a system call on the unix port). At most 255.
+const READ_AHEAD_LEN: usize = 32;
 
 /// Settings fixed when the session is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,21 +178,23 @@ pub struct MessageInfo {
     pub deliver: bool,
 }
 
+/// Where an in-flight command stands. A publish waiting for its first
+/// answer carries its RETAIN flag, needed to send it again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
-    AwaitPubAck,
-    AwaitPubRec,
+    AwaitPubAck { retain: bool },
+    AwaitPubRec { retain: bool },
     AwaitPubComp,
     AwaitSubAck,
     AwaitUnsubAck,
     Answered(u8),
 }
 
+/// One in-flight command: 8 bytes, INFLIGHT_MAX of them per client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Inflight {
     packet_id: u16,
     stage: Stage,
-    retain: bool,
     sent_at: u32,
 }
 
@@ -192,7 +202,7 @@ impl Inflight {
     fn is_publish(&self) -> bool {
         matches!(
             self.stage,
-            Stage::AwaitPubAck | Stage::AwaitPubRec | Stage::AwaitPubComp
+            Stage::AwaitPubAck { .. } | Stage::AwaitPubRec { .. } | Stage::AwaitPubComp
         )
     }
 }
@@ -237,6 +247,71 @@ pub struct Session {
     last_received: u32,
     ping_sent: Option<u32>,
     incoming: Incoming,
+    read_ahead: ReadAhead,
+}
+
+/// What was read from the transport but not yet used.
+#[derive(Clone, Copy, Debug, Default)]
+struct ReadAhead {
+    bytes: [u8; READ_AHEAD_LEN],
+    start: u8,
+    end: u8,
+}
+
+impl ReadAhead {
+    fn buffered(&self) -> &[u8] {
+        self.bytes
+            .get(usize::from(self.start)..usize::from(self.end))
+            .unwrap_or(&[])
+    }
+}
+
+/// The transport as the session reads it: through its read-ahead bytes.
+struct Reading<'a, T> {
+    io: &'a mut T,
+    ahead: &'a mut ReadAhead,
+}
+
+impl<T: embedded_io::ErrorType> embedded_io::ErrorType for Reading<'_, T> {
+    type Error = T::Error;
+}
+
+impl<T: Read> Read for Reading<'_, T> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, T::Error> {
+        if self.ahead.buffered().is_empty() {
+            if buf.len() >= READ_AHEAD_LEN {
+                // Large reads (payloads) go straight to their destination.
+                return self.io.read(buf);
+            }
+            let count = self.io.read(&mut self.ahead.bytes)?;
+            self.ahead.start = 0;
+            self.ahead.end = u8::try_from(count.min(READ_AHEAD_LEN)).unwrap_or(0);
+        }
+        let available = self.ahead.buffered();
+        let count = available.len().min(buf.len());
+        if let (Some(destination), Some(source)) = (buf.get_mut(..count), available.get(..count)) {
+            destination.copy_from_slice(source);
+        }
+        // count <= READ_AHEAD_LEN, which fits a u8.
+        self.ahead.start = self.ahead.start.saturating_add(u8::try_from(count).unwrap_or(0));
+        Ok(count)
+    }
+}
+
+impl<T: ReadReady> ReadReady for Reading<'_, T> {
+    fn read_ready(&mut self) -> Result<bool, T::Error> {
+        Ok(!self.ahead.buffered().is_empty() || self.io.read_ready()?)
+    }
+}
+
+impl<T: Write> Write for Reading<'_, T> {
+    fn write(&mut self, buf: &[u8]) -> Result<usize, T::Error> {
+        self.io.write(buf)
+    }
+
+    fn flush(&mut self) -> Result<(), T::Error> {
+        self.io.flush()
+    }
 }
 
 fn elapsed(now: u32, since: u32) -> u32 {
@@ -257,7 +332,23 @@ impl Session {
             last_received: 0,
             ping_sent: None,
             incoming: Incoming::Idle,
+            read_ahead: ReadAhead::default(),
         }
+    }
+
+    /// Whether bytes already read from the transport wait to be handled:
+    /// then the caller must not wait for the transport before
+    /// [`Session::receive`].
+    pub fn has_input(&self) -> bool {
+        !self.read_ahead.buffered().is_empty()
+    }
+
+    /// Runs `step` with the transport wrapped in the read-ahead bytes.
+    fn reading<T, R>(&mut self, io: &mut T, step: impl FnOnce(&mut Self, &mut Reading<'_, T>) -> R) -> R {
+        let mut ahead = core::mem::take(&mut self.read_ahead);
+        let result = step(self, &mut Reading { io, ahead: &mut ahead });
+        self.read_ahead = ahead;
+        result
     }
 
     /// How long an acknowledgement, or the rest of a started packet, may take.
@@ -288,6 +379,7 @@ impl Session {
         self.keepalive_ms = u32::from(connect.keepalive_s).saturating_mul(1000);
         self.ping_sent = None;
         self.incoming = Incoming::Idle;
+        self.read_ahead = ReadAhead::default();
         self.last_sent = now;
         self.last_received = now;
         codec::write_connect(io, connect).inspect_err(|_| self.link = Link::Down)?;
@@ -310,6 +402,7 @@ impl Session {
         self.link = Link::Down;
         self.ping_sent = None;
         self.incoming = Incoming::Idle;
+        self.read_ahead = ReadAhead::default();
     }
 
     fn free_slot(&self) -> Result<u8, Error> {
@@ -336,14 +429,13 @@ impl Session {
         }
     }
 
-    fn start_command(&mut self, now: u32, stage: Stage, retain: bool) -> Result<Ticket, Error> {
+    fn start_command(&mut self, now: u32, stage: Stage) -> Result<Ticket, Error> {
         let slot = self.free_slot()?;
         let packet_id = self.allocate_packet_id();
         if let Some(entry) = self.inflight.get_mut(usize::from(slot)) {
             *entry = Some(Inflight {
                 packet_id,
                 stage,
-                retain,
                 sent_at: now,
             });
         }
@@ -384,8 +476,8 @@ impl Session {
         }
         let ticket = match qos {
             QoS::AtMostOnce => None,
-            QoS::AtLeastOnce => Some(self.start_command(now, Stage::AwaitPubAck, retain)?),
-            QoS::ExactlyOnce => Some(self.start_command(now, Stage::AwaitPubRec, retain)?),
+            QoS::AtLeastOnce => Some(self.start_command(now, Stage::AwaitPubAck { retain })?),
+            QoS::ExactlyOnce => Some(self.start_command(now, Stage::AwaitPubRec { retain })?),
         };
         let publish = Publish {
             topic,
@@ -411,7 +503,7 @@ impl Session {
     pub fn publishes_to_resend(&self) -> impl Iterator<Item = Ticket> + '_ {
         self.inflight.iter().enumerate().filter_map(|(slot, entry)| {
             let entry = entry.as_ref()?;
-            let wants_payload = matches!(entry.stage, Stage::AwaitPubAck | Stage::AwaitPubRec);
+            let wants_payload = matches!(entry.stage, Stage::AwaitPubAck { .. } | Stage::AwaitPubRec { .. });
             let slot = u8::try_from(slot).ok()?;
             wants_payload.then_some(Ticket {
                 slot,
@@ -433,16 +525,16 @@ impl Session {
             return Err(Error::NotConnected);
         }
         let entry = *self.entry(ticket).ok_or(Error::WrongState)?;
-        let qos = match entry.stage {
-            Stage::AwaitPubAck => QoS::AtLeastOnce,
-            Stage::AwaitPubRec => QoS::ExactlyOnce,
+        let (qos, retain) = match entry.stage {
+            Stage::AwaitPubAck { retain } => (QoS::AtLeastOnce, retain),
+            Stage::AwaitPubRec { retain } => (QoS::ExactlyOnce, retain),
             _ => return Err(Error::WrongState),
         };
         let publish = Publish {
             topic,
             packet_id: Some(entry.packet_id),
             qos,
-            retain: entry.retain,
+            retain,
             dup: true,
             payload,
         };
@@ -480,7 +572,7 @@ impl Session {
         if self.link != Link::Up {
             return Err(Error::NotConnected);
         }
-        let ticket = self.start_command(now, Stage::AwaitSubAck, false)?;
+        let ticket = self.start_command(now, Stage::AwaitSubAck)?;
         codec::write_subscribe(io, ticket.packet_id, &[(filter, qos)])?;
         self.last_sent = now;
         Ok(ticket)
@@ -492,7 +584,7 @@ impl Session {
         if self.link != Link::Up {
             return Err(Error::NotConnected);
         }
-        let ticket = self.start_command(now, Stage::AwaitUnsubAck, false)?;
+        let ticket = self.start_command(now, Stage::AwaitUnsubAck)?;
         codec::write_unsubscribe(io, ticket.packet_id, &[filter])?;
         self.last_sent = now;
         Ok(ticket)
@@ -602,6 +694,10 @@ impl Session {
     /// packet whose first byte is here must complete within the transport's
     /// deadline. PUBLISH is read only up to its topic: see [`Event::Message`].
     pub fn receive<T: Read + Write + ReadReady>(&mut self, io: &mut T, now: u32) -> Result<Event, Error> {
+        self.reading(io, |session, reading| session.receive_packet(reading, now))
+    }
+
+    fn receive_packet<T: Read + Write + ReadReady>(&mut self, io: &mut T, now: u32) -> Result<Event, Error> {
         if self.incoming != Incoming::Idle {
             return Err(Error::WrongState);
         }
@@ -665,6 +761,10 @@ impl Session {
     /// Reads the topic of the message announced by [`Event::Message`] into
     /// `topic` (exactly `topic_len` bytes) and checks it.
     pub fn read_topic<T: Read>(&mut self, io: &mut T, topic: &mut [u8]) -> Result<MessageInfo, Error> {
+        self.reading(io, |session, reading| session.read_topic_from(reading, topic))
+    }
+
+    fn read_topic_from<T: Read>(&mut self, io: &mut T, topic: &mut [u8]) -> Result<MessageInfo, Error> {
         let Incoming::Topic {
             topic_len,
             payload_len,
@@ -707,6 +807,10 @@ impl Session {
     /// Reads the payload of the current message into `payload` (exactly
     /// `payload_len` bytes), or skips it when `payload` is `None`.
     pub fn read_payload<T: Read>(&mut self, io: &mut T, payload: Option<&mut [u8]>) -> Result<(), Error> {
+        self.reading(io, |session, reading| session.read_payload_from(reading, payload))
+    }
+
+    fn read_payload_from<T: Read>(&mut self, io: &mut T, payload: Option<&mut [u8]>) -> Result<(), Error> {
         let Incoming::Payload { payload_len, qos, info } = self.incoming else {
             return Err(Error::WrongState);
         };
@@ -754,10 +858,10 @@ impl Session {
         Ok(())
     }
 
-    fn find(&self, packet_id: u16, stage: Stage) -> Option<Ticket> {
+    fn find(&self, packet_id: u16, at_stage: impl Fn(Stage) -> bool) -> Option<Ticket> {
         self.inflight.iter().enumerate().find_map(|(slot, entry)| {
             let entry = entry.as_ref()?;
-            let found = entry.packet_id == packet_id && entry.stage == stage;
+            let found = entry.packet_id == packet_id && at_stage(entry.stage);
             found.then_some(Ticket {
                 slot: u8::try_from(slot).ok()?,
                 packet_id,
@@ -783,13 +887,13 @@ impl Session {
             }
             _ if self.link != Link::Up => return Err(Error::UnexpectedPacket),
             Packet::PubAck(id) => {
-                if let Some(ticket) = self.find(id, Stage::AwaitPubAck) {
+                if let Some(ticket) = self.find(id, |stage| matches!(stage, Stage::AwaitPubAck { .. })) {
                     self.release(ticket);
                     return Ok(Event::Completed(ticket));
                 }
             }
             Packet::PubRec(id) => {
-                if let Some(ticket) = self.find(id, Stage::AwaitPubRec) {
+                if let Some(ticket) = self.find(id, |stage| matches!(stage, Stage::AwaitPubRec { .. })) {
                     self.set_stage(ticket, Stage::AwaitPubComp, now);
                 }
                 // Answered even for an unknown id, so the broker can finish.
@@ -797,7 +901,7 @@ impl Session {
                 self.last_sent = now;
             }
             Packet::PubComp(id) => {
-                if let Some(ticket) = self.find(id, Stage::AwaitPubComp) {
+                if let Some(ticket) = self.find(id, |stage| stage == Stage::AwaitPubComp) {
                     self.release(ticket);
                     return Ok(Event::Completed(ticket));
                 }
@@ -808,7 +912,7 @@ impl Session {
                 self.last_sent = now;
             }
             Packet::SubAck { packet_id, codes } => {
-                if let Some(ticket) = self.find(packet_id, Stage::AwaitSubAck) {
+                if let Some(ticket) = self.find(packet_id, |stage| stage == Stage::AwaitSubAck) {
                     // One filter per SUBSCRIBE, so exactly one return code.
                     let [code] = codes else {
                         return Err(DecodeError::BadLength.into());
@@ -818,7 +922,7 @@ impl Session {
                 }
             }
             Packet::UnsubAck(id) => {
-                if let Some(ticket) = self.find(id, Stage::AwaitUnsubAck) {
+                if let Some(ticket) = self.find(id, |stage| stage == Stage::AwaitUnsubAck) {
                     self.set_stage(ticket, Stage::Answered(0), now);
                     return Ok(Event::Answered(ticket));
                 }
@@ -978,7 +1082,11 @@ mod tests {
     }
 
     /// Reads a whole message the way the binding does.
-    fn read_message(session: &mut Session, pipe: &mut Pipe, now: u32) -> Option<(String, Vec<u8>, MessageInfo)> {
+    fn read_message<T: Read + Write + ReadReady>(
+        session: &mut Session,
+        pipe: &mut T,
+        now: u32,
+    ) -> Option<(String, Vec<u8>, MessageInfo)> {
         let Event::Message {
             topic_len, payload_len, ..
         } = session.receive(pipe, now).unwrap()
@@ -1003,6 +1111,17 @@ mod tests {
             payload,
         };
         pipe.broker_sends(|b| write_publish(&mut VecWriter(b), &publish).unwrap());
+    }
+
+    #[test]
+    fn session_is_small() {
+        // It lives in the client's heap object: every byte counts.
+        assert_eq!(core::mem::size_of::<Inflight>(), 8);
+        assert!(
+            core::mem::size_of::<Session>() <= 256,
+            "{}",
+            core::mem::size_of::<Session>()
+        );
     }
 
     #[test]
@@ -1390,6 +1509,71 @@ mod tests {
             read_message(&mut session, &mut pipe, 2).unwrap().2.deliver,
             "the oldest was forgotten"
         );
+    }
+
+    /// A transport that counts its reads.
+    struct Counting<'a> {
+        pipe: &'a mut Pipe,
+        reads: usize,
+    }
+
+    impl embedded_io::ErrorType for Counting<'_> {
+        type Error = embedded_io::ErrorKind;
+    }
+
+    impl Read for Counting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+            self.reads += 1;
+            self.pipe.read(buf)
+        }
+    }
+
+    impl ReadReady for Counting<'_> {
+        fn read_ready(&mut self) -> Result<bool, Self::Error> {
+            self.pipe.read_ready()
+        }
+    }
+
+    impl Write for Counting<'_> {
+        fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+            self.pipe.write(buf)
+        }
+        fn flush(&mut self) -> Result<(), Self::Error> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn packets_are_read_ahead_in_few_transport_reads() {
+        let (mut session, mut pipe) = connected(0);
+        let ticket = session
+            .publish(&mut pipe, 0, "a", b"", QoS::AtLeastOnce, false)
+            .unwrap()
+            .unwrap();
+        pipe.broker_sends(|b| write_ack(&mut VecWriter(b), PacketType::PubAck, ticket.packet_id).unwrap());
+        broker_publish(&mut pipe, "topic/x", &[5; 100], QoS::AtMostOnce, 0, false);
+        let mut io = Counting {
+            pipe: &mut pipe,
+            reads: 0,
+        };
+        assert_eq!(session.receive(&mut io, 1).unwrap(), Event::Completed(ticket));
+        assert_eq!(io.reads, 1, "the PUBACK and the start of the PUBLISH came in one read");
+        assert!(session.has_input());
+        let (topic, payload, _) = read_message(&mut session, &mut io, 2).unwrap();
+        assert_eq!((topic.as_str(), payload), ("topic/x", vec![5; 100]));
+        // The rest of the payload went straight into the caller's buffer.
+        assert_eq!(io.reads, 2);
+        assert!(!session.has_input());
+    }
+
+    #[test]
+    fn read_ahead_bytes_of_a_dead_link_are_dropped() {
+        let (mut session, mut pipe) = connected(0);
+        pipe.broker_sends(|b| b.extend_from_slice(&[0xd0, 0, 0x30]));
+        session.receive(&mut pipe, 1).unwrap();
+        assert!(session.has_input());
+        session.link_lost();
+        assert!(!session.has_input());
     }
 
     #[test]
