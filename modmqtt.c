@@ -608,12 +608,42 @@ static bool new_buffer(vstr_t *vstr, size_t len) {
     return false;
 }
 
+// Where an incoming topic is read: on the C stack when short, so that a
+// topic the firmware already knows as a qstr (any literal in the program)
+// costs no allocation at all; in a heap buffer that becomes the str when
+// long.
+#define MQTT_TOPIC_ON_STACK (64)
+
+typedef struct _topic_buffer_t {
+    byte on_stack[MQTT_TOPIC_ON_STACK];
+    vstr_t on_heap;
+    size_t len;
+} topic_buffer_t;
+
+// Prepares room for `len` bytes without raising; false when out of memory.
+static bool topic_buffer_init(topic_buffer_t *topic, size_t len) {
+    topic->len = len;
+    return len <= MQTT_TOPIC_ON_STACK || new_buffer(&topic->on_heap, len);
+}
+
+static byte *topic_buffer_data(topic_buffer_t *topic) {
+    return topic->len <= MQTT_TOPIC_ON_STACK ? topic->on_stack : (byte *)topic->on_heap.buf;
+}
+
+static void topic_buffer_clear(topic_buffer_t *topic) {
+    if (topic->len > MQTT_TOPIC_ON_STACK) {
+        vstr_clear(&topic->on_heap);
+    }
+}
+
 // Builds the topic str and payload bytes from their buffers without raising.
-static bool new_message_objects(vstr_t *topic, vstr_t *payload, mp_obj_t *topic_out, mp_obj_t *payload_out) {
+static bool new_message_objects(topic_buffer_t *topic, vstr_t *payload, mp_obj_t *topic_out, mp_obj_t *payload_out) {
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
         // The engine checked the topic's UTF-8 already.
-        *topic_out = mp_obj_new_str_from_vstr(topic);
+        *topic_out = topic->len <= MQTT_TOPIC_ON_STACK
+            ? mp_obj_new_str((const char *)topic->on_stack, topic->len)
+            : mp_obj_new_str_from_vstr(&topic->on_heap);
         *payload_out = mp_obj_new_bytes_from_vstr(payload);
         nlr_pop();
         return true;
@@ -625,21 +655,21 @@ static bool new_message_objects(vstr_t *topic, vstr_t *payload, mp_obj_t *topic_
 // Called with the lock held.
 static int handle_message(mp_obj_mqtt_client_t *self, const mqtt_transport_t *transport, const mqtt_event_t *event) {
     uint32_t generation = self->link_generation;
-    vstr_t topic;
-    if (!new_buffer(&topic, event->topic_len)) {
+    topic_buffer_t topic;
+    if (!topic_buffer_init(&topic, event->topic_len)) {
         // Without room for the topic the stream cannot be followed.
         stash_errno(self, MP_ENOMEM);
         return MQTT_ERR_TRANSPORT;
     }
     mqtt_message_info_t info;
-    int status = mqtt_session_read_topic(self->session, transport, now_ms(), (uint8_t *)topic.buf, topic.len, &info);
+    int status = mqtt_session_read_topic(self->session, transport, now_ms(), topic_buffer_data(&topic), topic.len, &info);
     if (status != MQTT_OK) {
-        vstr_clear(&topic);
+        topic_buffer_clear(&topic);
         return status;
     }
     if (!info.deliver) {
         // A QoS 2 message delivered before: skip it, acknowledge it again.
-        vstr_clear(&topic);
+        topic_buffer_clear(&topic);
         status = mqtt_session_read_payload(self->session, transport, now_ms(), NULL, event->payload_len);
         return status == MQTT_OK ? mqtt_session_finish_message(self->session, transport, now_ms()) : status;
     }
@@ -652,7 +682,7 @@ static int handle_message(mp_obj_mqtt_client_t *self, const mqtt_transport_t *tr
         have_room = new_message_objects(&topic, &payload, &topic_obj, &payload_obj);
     }
     if (status != MQTT_OK || !have_room) {
-        vstr_clear(&topic);
+        topic_buffer_clear(&topic);
         if (have_room) {
             vstr_clear(&payload);
         }
