@@ -70,13 +70,9 @@ typedef struct _mp_obj_mqtt_client_t {
     // Connection parameters, kept for reconnect().
     mp_obj_t client_id;
     mp_obj_t host;
-    mp_obj_t ssl_ctx;
-    mp_obj_t username;
-    mp_obj_t password;
-    mp_obj_t will_topic;
-    mp_obj_t will_payload;
-    mp_obj_t breconnect_cb;
-    mp_obj_t aconnect_cb;
+    // The optional settings (OPTION_*), allocated when one is first set:
+    // a client that uses none of them saves their room.
+    mp_obj_t *options;
     mp_obj_t loop_failure;
     // (filter, callback, filter, callback, ...); replaced, never mutated,
     // so that a delivery in progress can keep iterating its snapshot.
@@ -89,21 +85,6 @@ typedef struct _mp_obj_mqtt_client_t {
     mp_obj_t stream;
     // What a transport callback caught, raised once the engine returned.
     mp_obj_t pending_exception;
-    int pending_errno;
-    int sock_fd;
-    // Bumped on every new link, so a cycle notices when a callback
-    // disconnected or reconnected under it.
-    uint32_t link_generation;
-    uint32_t cycle_timeout_ms;
-    uint32_t command_timeout_ms;
-    uint32_t max_packet_size;
-    uint16_t port;
-    uint16_t keepalive_s;
-    uint8_t will_qos;
-    bool will_retain;
-    bool clean_session;
-    int16_t return_code;
-    volatile uint8_t loop_state;
     #if MICROPY_PY_THREAD
     mp_thread_mutex_t lock;
     // The thread running the background loop, and the thread calling
@@ -113,11 +94,56 @@ typedef struct _mp_obj_mqtt_client_t {
     #else
     volatile bool in_callback;
     #endif
+    // The small fields last, packed: the object lives on the heap.
+    int sock_fd;
+    uint32_t cycle_timeout_ms;
+    int16_t pending_errno;
+    // Bumped on every new link, so a cycle notices when a callback
+    // disconnected or reconnected under it.
+    uint16_t link_generation;
+    uint16_t port;
+    uint16_t keepalive_s;
+    int8_t return_code;
+    uint8_t will_qos;
+    bool will_retain;
+    bool clean_session;
+    volatile uint8_t loop_state;
     // The engine's session, mqtt_session_size() bytes.
     uint64_t session[];
 } mp_obj_mqtt_client_t;
 
 static const mp_obj_type_t mqtt_client_type;
+
+// The optional settings a client keeps for reconnect().
+enum {
+    OPTION_SSL_CTX,
+    OPTION_USERNAME,
+    OPTION_PASSWORD,
+    OPTION_WILL_TOPIC,
+    OPTION_WILL_PAYLOAD,
+    OPTION_BRECONNECT_CB,
+    OPTION_ACONNECT_CB,
+    OPTION_COUNT,
+};
+
+static mp_obj_t option(mp_obj_mqtt_client_t *self, size_t which) {
+    return self->options == NULL ? mp_const_none : self->options[which];
+}
+
+// Sets an optional setting (may raise MemoryError on the first one).
+static void set_option(mp_obj_mqtt_client_t *self, size_t which, mp_obj_t value) {
+    if (self->options == NULL) {
+        if (value == mp_const_none) {
+            return;
+        }
+        mp_obj_t *options = m_new(mp_obj_t, OPTION_COUNT);
+        for (size_t i = 0; i < OPTION_COUNT; i++) {
+            options[i] = mp_const_none;
+        }
+        self->options = options;
+    }
+    self->options[which] = value;
+}
 
 // ---------------------------------------------------------------------------
 // Locking and thread identity
@@ -194,6 +220,10 @@ static uint32_t now_ms(void) {
     return (uint32_t)mp_hal_ticks_ms();
 }
 
+static uint32_t command_timeout_ms(mp_obj_mqtt_client_t *self) {
+    return mqtt_session_command_timeout(self->session);
+}
+
 // ---------------------------------------------------------------------------
 // The transport: the engine's view of the MicroPython stream
 
@@ -251,7 +281,7 @@ static void stash_exception(mp_obj_mqtt_client_t *self, mp_obj_t exception) {
 
 static void stash_errno(mp_obj_mqtt_client_t *self, int errcode) {
     if (self->pending_errno == 0 && self->pending_exception == MP_OBJ_NULL) {
-        self->pending_errno = errcode;
+        self->pending_errno = (int16_t)errcode;
     }
 }
 
@@ -514,7 +544,7 @@ static void open_link(mp_obj_mqtt_client_t *self, mp_obj_t *sock_out, mp_obj_t *
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
         // Bound the connection attempt by command_timeout.
-        mp_obj_t timeout = mp_obj_new_float((mp_float_t)self->command_timeout_ms / 1000);
+        mp_obj_t timeout = mp_obj_new_float((mp_float_t)command_timeout_ms(self) / 1000);
         call_method(sock, MP_QSTR_settimeout, 1, &timeout);
         call_method(sock, MP_QSTR_connect, 1, &fields[n_fields - 1]);
         // TCP_NODELAY (IPPROTO_TCP 6, option 1 on Linux and lwIP) so a small
@@ -526,10 +556,11 @@ static void open_link(mp_obj_mqtt_client_t *self, mp_obj_t *sock_out, mp_obj_t *
             nlr_pop();
         }
         mp_obj_t stream = sock;
-        if (self->ssl_ctx != mp_const_none) {
+        mp_obj_t ssl_ctx = option(self, OPTION_SSL_CTX);
+        if (ssl_ctx != mp_const_none) {
             // ssl_ctx.wrap_socket(sock, server_hostname=host)
             mp_obj_t call[5];
-            mp_load_method(self->ssl_ctx, MP_QSTR_wrap_socket, call);
+            mp_load_method(ssl_ctx, MP_QSTR_wrap_socket, call);
             call[2] = sock;
             call[3] = MP_OBJ_NEW_QSTR(MP_QSTR_server_hostname);
             call[4] = self->host;
@@ -794,7 +825,7 @@ static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket, bool p
             mqtt_session_forget(self->session, ticket);
         }
         client_unlock(self);
-        bool out_of_time = now_ms() - waited_since >= self->command_timeout_ms;
+        bool out_of_time = now_ms() - waited_since >= command_timeout_ms(self);
         if (state == MQTT_COMMAND_DONE) {
             return code;
         }
@@ -847,10 +878,10 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
 
     mqtt_connect_t options = {
         .client_id = bytes_of_str(self->client_id, "client_id"),
-        .username = optional_bytes(self->username),
-        .password = optional_bytes(self->password),
-        .will_topic = optional_bytes(self->will_topic),
-        .will_payload = optional_bytes(self->will_payload),
+        .username = optional_bytes(option(self, OPTION_USERNAME)),
+        .password = optional_bytes(option(self, OPTION_PASSWORD)),
+        .will_topic = optional_bytes(option(self, OPTION_WILL_TOPIC)),
+        .will_payload = optional_bytes(option(self, OPTION_WILL_PAYLOAD)),
         .will_qos = self->will_qos,
         .will_retain = self->will_retain,
         .clean_session = self->clean_session,
@@ -939,9 +970,10 @@ static const char *refusal_text(int code) {
 // Connects, runs aconnect_cb on success, and returns the return code.
 static int connect_and_notify(mp_obj_mqtt_client_t *self) {
     int code = do_connect(self);
-    if (code == 0 && self->aconnect_cb != mp_const_none) {
+    mp_obj_t aconnect_cb = option(self, OPTION_ACONNECT_CB);
+    if (code == 0 && aconnect_cb != mp_const_none) {
         mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
-        call_and_report(self->aconnect_cb, 1, &self_obj);
+        call_and_report(aconnect_cb, 1, &self_obj);
     }
     return code;
 }
@@ -975,18 +1007,35 @@ static void run_loop(mp_obj_mqtt_client_t *self) {
     }
 }
 
-// The background thread's body: loop_thread(client)
-static mp_obj_t loop_thread(mp_obj_t self_in) {
-    mp_obj_mqtt_client_t *self = client_of(self_in);
+// The stack size of loop threads, as mp_thread_create adjusted it.
+static size_t loop_stack_size;
+
+// The background thread, started with mp_thread_create as _thread does
+// (the port keeps `arg`, the client, reachable for the GC), but without
+// _thread's argument record on the heap.
+static void *loop_thread(void *arg) {
+    mp_obj_mqtt_client_t *self = arg;
+    mp_state_thread_t state;
+    mp_thread_init_state(&state, loop_stack_size, NULL, NULL);
+    MP_THREAD_GIL_ENTER();
+    mp_thread_start();
     self->loop_thread = mp_thread_get_state();
-    run_loop(self);
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        run_loop(self);
+        nlr_pop();
+    } else {
+        mp_printf(MICROPY_ERROR_PRINTER, "mqtt: exception in the loop:\n");
+        mp_obj_print_exception(MICROPY_ERROR_PRINTER, MP_OBJ_FROM_PTR(nlr.ret_val));
+    }
     // Cleared before the loop counts as stopped, so a loop() started
     // right after finds its own thread recorded, not a stale one.
     self->loop_thread = NULL;
     self->loop_state = LOOP_STOPPED;
-    return mp_const_none;
+    mp_thread_finish();
+    MP_THREAD_GIL_EXIT();
+    return NULL;
 }
-static MP_DEFINE_CONST_FUN_OBJ_1(loop_thread_obj, loop_thread);
 #endif
 
 static void start_loop(mp_obj_mqtt_client_t *self) {
@@ -1000,12 +1049,13 @@ static void start_loop(mp_obj_mqtt_client_t *self) {
         pause_briefly(now_ms() - start);
     }
     self->loop_state = LOOP_RUNNING;
+    // The port's default stack; mp_thread_create writes back what the
+    // thread may use, which the thread reads when it starts. Every loop
+    // thread gets the same size, so one variable serves them all.
+    loop_stack_size = 0;
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
-        // _thread registers the thread with the GC and runs it like Python.
-        mp_obj_t thread_module = mp_import_name(MP_QSTR__thread, mp_const_none, MP_OBJ_NEW_SMALL_INT(0));
-        mp_obj_t args[2] = { MP_OBJ_FROM_PTR(&loop_thread_obj), mp_obj_new_tuple(1, (mp_obj_t[]) { MP_OBJ_FROM_PTR(self) }) };
-        call_method(thread_module, MP_QSTR_start_new_thread, 2, args);
+        mp_thread_create(loop_thread, self, &loop_stack_size);
         nlr_pop();
     } else {
         self->loop_state = LOOP_STOPPED;
@@ -1052,13 +1102,7 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     mp_obj_mqtt_client_t *self = mp_obj_malloc_var(mp_obj_mqtt_client_t, session, uint64_t, words, type);
     self->client_id = args[ARG_client_id].u_obj;
     self->host = mp_const_none;
-    self->ssl_ctx = mp_const_none;
-    self->username = mp_const_none;
-    self->password = mp_const_none;
-    self->will_topic = mp_const_none;
-    self->will_payload = mp_const_none;
-    self->breconnect_cb = mp_const_none;
-    self->aconnect_cb = mp_const_none;
+    self->options = NULL;
     self->loop_failure = mp_const_none;
     self->subscriptions = mp_const_empty_tuple;
     self->held = NULL;
@@ -1068,8 +1112,6 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     self->sock_fd = -1;
     self->link_generation = 0;
     self->cycle_timeout_ms = cycle_timeout;
-    self->command_timeout_ms = command_timeout;
-    self->max_packet_size = max_packet_size;
     self->port = 1883;
     self->keepalive_s = 0;
     self->will_qos = 0;
@@ -1131,9 +1173,9 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
     self->host = args[ARG_host].u_obj;
     self->keepalive_s = (uint16_t)keepalive;
     self->port = (uint16_t)port;
-    self->ssl_ctx = args[ARG_ssl_ctx].u_obj;
-    self->breconnect_cb = args[ARG_breconnect_cb].u_obj;
-    self->aconnect_cb = args[ARG_aconnect_cb].u_obj;
+    set_option(self, OPTION_SSL_CTX, args[ARG_ssl_ctx].u_obj);
+    set_option(self, OPTION_BRECONNECT_CB, args[ARG_breconnect_cb].u_obj);
+    set_option(self, OPTION_ACONNECT_CB, args[ARG_aconnect_cb].u_obj);
     self->loop_failure = args[ARG_loop_failure].u_obj;
 
     int code = connect_and_notify(self);
@@ -1153,8 +1195,9 @@ static mp_obj_t client_reconnect(mp_obj_t self_in) {
     if (self->host == mp_const_none) {
         mp_raise_OSError(MP_ENOTCONN);
     }
-    if (self->breconnect_cb != mp_const_none) {
-        call_and_report(self->breconnect_cb, 1, &self_in);
+    mp_obj_t breconnect_cb = option(self, OPTION_BRECONNECT_CB);
+    if (breconnect_cb != mp_const_none) {
+        call_and_report(breconnect_cb, 1, &self_in);
     }
     return MP_OBJ_NEW_SMALL_INT(connect_and_notify(self));
 }
@@ -1218,8 +1261,8 @@ static mp_obj_t client_set_username_pw(size_t n_args, const mp_obj_t *args) {
     if (username.len > 65535) {
         mp_raise_ValueError(MP_ERROR_TEXT("username too long"));
     }
-    self->username = args[1];
-    self->password = password;
+    set_option(self, OPTION_USERNAME, args[1]);
+    set_option(self, OPTION_PASSWORD, password);
     return mp_const_none;
 }
 static MP_DEFINE_CONST_FUN_OBJ_VAR_BETWEEN(client_set_username_pw_obj, 2, 3, client_set_username_pw);
@@ -1240,9 +1283,10 @@ static mp_obj_t client_set_will(size_t n_args, const mp_obj_t *pos_args, mp_map_
     if (bytes_of_buffer(args[ARG_payload].u_obj).len > 65535) {
         mp_raise_ValueError(MP_ERROR_TEXT("will payload too long"));
     }
-    self->will_qos = qos_of(args[ARG_qos].u_obj);
-    self->will_topic = args[ARG_topic].u_obj;
-    self->will_payload = args[ARG_payload].u_obj;
+    uint8_t qos = qos_of(args[ARG_qos].u_obj);
+    set_option(self, OPTION_WILL_TOPIC, args[ARG_topic].u_obj);
+    set_option(self, OPTION_WILL_PAYLOAD, args[ARG_payload].u_obj);
+    self->will_qos = qos;
     self->will_retain = args[ARG_retain].u_bool;
     return mp_const_none;
 }

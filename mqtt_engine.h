@@ -366,6 +366,14 @@ int mqtt_session_command_state(void *session, mqtt_ticket_t ticket, uint32_t now
 void mqtt_session_forget(void *session, mqtt_ticket_t ticket);
 
 /**
+ * The command timeout the session was set up with, in milliseconds.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`.
+ */
+uint32_t mqtt_session_command_timeout(void *session);
+
+/**
  * Whether bytes the engine already read wait to be handled: then call
  * `mqtt_session_receive` without waiting for the stream first.
  *

@@ -590,6 +590,16 @@ pub unsafe extern "C" fn mqtt_session_forget(session: *mut c_void, ticket: mqtt_
     }
 }
 
+/// The command timeout the session was set up with, in milliseconds.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_command_timeout(session: *mut c_void) -> u32 {
+    // SAFETY: forwarded from the caller.
+    unsafe { session_mut(session) }.map_or(0, |session| session.command_timeout_ms())
+}
+
 /// Whether bytes the engine already read wait to be handled: then call
 /// `mqtt_session_receive` without waiting for the stream first.
 ///

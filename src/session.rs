@@ -242,7 +242,7 @@ pub struct Session {
     keepalive_ms: u32,
     next_packet_id: u16,
     inflight: [Option<Inflight>; INFLIGHT_MAX],
-    inbound_qos2: heapless::Vec<u16, INBOUND_QOS2_MAX>,
+    inbound_qos2: heapless::Vec<u16, INBOUND_QOS2_MAX, u8>,
     last_sent: u32,
     last_received: u32,
     ping_sent: Option<u32>,
@@ -1118,7 +1118,7 @@ mod tests {
         // It lives in the client's heap object: every byte counts.
         assert_eq!(core::mem::size_of::<Inflight>(), 8);
         assert!(
-            core::mem::size_of::<Session>() <= 256,
+            core::mem::size_of::<Session>() <= 216,
             "{}",
             core::mem::size_of::<Session>()
         );
