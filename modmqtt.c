@@ -108,6 +108,10 @@ typedef struct _mp_obj_mqtt_client_t {
     bool will_retain;
     bool clean_session;
     volatile uint8_t loop_state;
+    // The stream is a TLS wrapper that may hold input of its own.
+    bool stream_buffers;
+    // The cycle's wait found input (spares the engine's readiness check).
+    bool input_ready;
     // The engine's session, mqtt_session_size() bytes.
     uint64_t session[];
 } mp_obj_mqtt_client_t;
@@ -236,14 +240,19 @@ static mp_uint_t stream_poll(mp_obj_t stream, mp_uint_t events, int *errcode) {
 // Waits up to `timeout_ms` for the stream (whose socket has descriptor
 // `fd`, or -1) to be ready for `events`. Returns false when the time ran
 // out. Never raises on POSIX ports.
-static bool wait_ready(mp_obj_t stream, int fd, mp_uint_t events, uint32_t timeout_ms) {
+static bool wait_ready(mp_obj_t stream, int fd, mp_uint_t events, uint32_t timeout_ms, bool buffers) {
+    (void)buffers;
     int errcode = 0;
-    mp_uint_t ready = stream_poll(stream, events, &errcode);
-    if (ready == MP_STREAM_ERROR || (ready & (events | MP_STREAM_POLL_ERR | MP_STREAM_POLL_HUP | MP_STREAM_POLL_NVAL))) {
-        return true;
-    }
+    mp_uint_t ready;
     uint32_t start = now_ms();
     #if MQTT_POSIX_POLL
+    // A stream that buffers (TLS) may hold input its socket no longer shows.
+    if (buffers) {
+        ready = stream_poll(stream, events, &errcode);
+        if (ready == MP_STREAM_ERROR || (ready & (events | MP_STREAM_POLL_ERR | MP_STREAM_POLL_HUP | MP_STREAM_POLL_NVAL))) {
+            return true;
+        }
+    }
     if (fd >= 0) {
         struct pollfd pfd = { .fd = fd, .events = (events & MP_STREAM_POLL_RD) ? POLLIN : POLLOUT };
         for (;;) {
@@ -315,7 +324,7 @@ static intptr_t transport_io(mp_obj_mqtt_client_t *self, void *buf, size_t len, 
         }
         int32_t left = (int32_t)(deadline - now_ms());
         mp_uint_t events = reading ? MP_STREAM_POLL_RD : MP_STREAM_POLL_WR;
-        if (left <= 0 || !wait_ready(self->stream, self->sock_fd, events, (uint32_t)left)) {
+        if (left <= 0 || !wait_ready(self->stream, self->sock_fd, events, (uint32_t)left, self->stream_buffers)) {
             stash_errno(self, MP_ETIMEDOUT);
             result = -1;
             break;
@@ -341,6 +350,11 @@ static intptr_t transport_write(void *context, const uint8_t *buf, size_t len, u
 
 static int transport_readable(void *context) {
     mp_obj_mqtt_client_t *self = context;
+    if (self->input_ready) {
+        // The cycle's wait just found input: no need to ask again.
+        self->input_ready = false;
+        return 1;
+    }
     if (self->stream == MP_OBJ_NULL) {
         stash_errno(self, MP_ENOTCONN);
         return -1;
@@ -604,7 +618,7 @@ static bool still_subscribed(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj
 }
 
 // Calls the callback of every subscription whose filter matches `topic`.
-// Called with the lock held; releases it around the callbacks.
+// Called without the lock.
 static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload) {
     mp_obj_t snapshot = self->subscriptions;
     size_t n;
@@ -612,7 +626,6 @@ static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload
     mp_obj_tuple_get(snapshot, &n, &items);
     mqtt_bytes_t topic_bytes = bytes_of_str(topic, "topic");
     bool outer = set_in_callback(self, true);
-    client_unlock(self);
     for (size_t i = 0; i + 1 < n; i += 2) {
         if (!mqtt_topic_matches(bytes_of_str(items[i], "filter"), topic_bytes)) {
             continue;
@@ -624,9 +637,18 @@ static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload
         mp_obj_t args[3] = { MP_OBJ_FROM_PTR(self), payload, topic };
         call_and_report(items[i + 1], 3, args);
     }
-    client_lock(self);
     set_in_callback(self, outer);
 }
+
+// A message read from the link, handed to the callbacks once the lock is
+// released.
+typedef struct _delivery_t {
+    mp_obj_t topic;
+    mp_obj_t payload;
+    uint16_t link_generation;
+    // QoS 1/2: acknowledged once the callbacks returned.
+    bool acknowledge;
+} delivery_t;
 
 // Allocates a vstr of `len` bytes without raising; false when out of memory.
 static bool new_buffer(vstr_t *vstr, size_t len) {
@@ -682,10 +704,9 @@ static bool new_message_objects(topic_buffer_t *topic, vstr_t *payload, mp_obj_t
     return false;
 }
 
-// Reads the message announced by `event`, delivers it and acknowledges it.
-// Called with the lock held.
-static int handle_message(mp_obj_mqtt_client_t *self, const mqtt_transport_t *transport, const mqtt_event_t *event) {
-    uint32_t generation = self->link_generation;
+// Reads the message announced by `event` into `*delivery`. Called with
+// the lock held.
+static int handle_message(mp_obj_mqtt_client_t *self, const mqtt_transport_t *transport, const mqtt_event_t *event, delivery_t *delivery) {
     topic_buffer_t topic;
     if (!topic_buffer_init(&topic, event->topic_len)) {
         // Without room for the topic the stream cannot be followed.
@@ -730,11 +751,12 @@ static int handle_message(mp_obj_mqtt_client_t *self, const mqtt_transport_t *tr
         stash_errno(self, MP_ENOMEM);
         return MQTT_ERR_TRANSPORT;
     }
-    deliver(self, topic_obj, payload_obj);
-    if (self->link_generation != generation || self->stream == MP_OBJ_NULL) {
-        return MQTT_LINK_REPLACED;
-    }
-    return mqtt_session_finish_message(self->session, transport, now_ms());
+    delivery->topic = topic_obj;
+    delivery->payload = payload_obj;
+    delivery->link_generation = self->link_generation;
+    delivery->acknowledge = event->qos > 0;
+    // QoS 0 has no acknowledgement: the link is done with it already.
+    return delivery->acknowledge ? MQTT_OK : mqtt_session_finish_message(self->session, transport, now_ms());
 }
 
 static void release_held(mp_obj_mqtt_client_t *self, uint8_t slot) {
@@ -744,23 +766,30 @@ static void release_held(mp_obj_mqtt_client_t *self, uint8_t slot) {
     }
 }
 
-// Handles the packets that have arrived, then runs the timers.
-// Called with the lock held. Returns MQTT_OK, MQTT_LINK_REPLACED or an
-// engine error (a link failure).
-static int process_input(mp_obj_mqtt_client_t *self) {
+// Handles the packets that have arrived, up to the first message to
+// deliver, then runs the timers. Called with the lock held. Returns MQTT_OK
+// or an engine error (a link failure).
+static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
     if (self->stream == MP_OBJ_NULL) {
         return MQTT_ERR_NOT_CONNECTED;
     }
     mqtt_transport_t transport = transport_of(self);
     int status = MQTT_OK;
     for (int handled = 0; handled < MQTT_PACKETS_PER_CYCLE && status == MQTT_OK; handled++) {
+        // After the first packet, go on only with what the engine read
+        // ahead: asking the stream again costs a system call, and the next
+        // cycle's wait asks anyway.
+        if (handled > 0 && !mqtt_session_has_input(self->session)) {
+            break;
+        }
         mqtt_event_t event;
         status = mqtt_session_receive(self->session, &transport, now_ms(), &event);
         if (status != MQTT_OK || event.kind == MQTT_EVENT_NOTHING) {
             break;
         }
         if (event.kind == MQTT_EVENT_MESSAGE) {
-            status = handle_message(self, &transport, &event);
+            status = handle_message(self, &transport, &event, delivery);
+            break;
         } else if (event.kind == MQTT_EVENT_COMPLETED) {
             release_held(self, event.ticket.slot);
         } else if (event.kind == MQTT_EVENT_CONNACK) {
@@ -776,12 +805,14 @@ static int process_input(mp_obj_mqtt_client_t *self) {
     return status;
 }
 
-// One cycle: waits up to `wait_ms` for input (without the lock), then
-// handles it. A failed link is closed before this returns its status.
+// One cycle: waits up to `wait_ms` for input (without the lock), handles
+// it, and calls the callbacks of a message that arrived (without the
+// lock). A failed link is closed before this returns its status.
 static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
     client_lock(self);
     mp_obj_t stream = self->stream;
     int fd = self->sock_fd;
+    bool buffers = self->stream_buffers;
     // Wake up in time for the keepalive timers; do not wait at all when
     // the engine holds input it read ahead.
     wait_ms = mqtt_session_has_input(self->session) ? 0 : mqtt_session_next_timer(self->session, now_ms(), wait_ms);
@@ -792,13 +823,34 @@ static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
     }
     // Another thread may close the stream while we wait: the wait then
     // ends early, and the lock below sees the change.
-    wait_ready(stream, fd, MP_STREAM_POLL_RD, wait_ms);
+    bool ready = wait_ready(stream, fd, MP_STREAM_POLL_RD, wait_ms, buffers);
+    delivery_t delivery = { .topic = MP_OBJ_NULL };
     client_lock(self);
-    int status = process_input(self);
-    if (status != MQTT_OK && status != MQTT_LINK_REPLACED && self->stream != MP_OBJ_NULL) {
+    self->input_ready = ready && self->stream == stream;
+    int status = process_input(self, &delivery);
+    self->input_ready = false;
+    if (status != MQTT_OK && self->stream != MP_OBJ_NULL) {
         drop_link(self);
     }
     client_unlock(self);
+    if (delivery.topic == MP_OBJ_NULL) {
+        return status;
+    }
+    deliver(self, delivery.topic, delivery.payload);
+    if (delivery.acknowledge && status == MQTT_OK) {
+        client_lock(self);
+        if (self->link_generation != delivery.link_generation || self->stream == MP_OBJ_NULL) {
+            // A callback disconnected or reconnected: that link is gone.
+            status = MQTT_LINK_REPLACED;
+        } else {
+            mqtt_transport_t transport = transport_of(self);
+            status = mqtt_session_finish_message(self->session, &transport, now_ms());
+            if (status != MQTT_OK) {
+                drop_link(self);
+            }
+        }
+        client_unlock(self);
+    }
     return status;
 }
 
@@ -889,6 +941,7 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
     };
     client_lock(self);
     self->stream = stream;
+    self->stream_buffers = stream != sock;
     self->sock_fd = socket_fd(sock);
     self->return_code = -1;
     clear_pending(self);
@@ -1119,6 +1172,8 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     self->clean_session = clean_session;
     self->return_code = -1;
     self->loop_state = LOOP_STOPPED;
+    self->stream_buffers = false;
+    self->input_ready = false;
     #if MICROPY_PY_THREAD
     mp_thread_mutex_init(&self->lock);
     self->loop_thread = NULL;
