@@ -1276,7 +1276,15 @@ static MP_DEFINE_CONST_FUN_OBJ_1(client_connected_obj, client_connected);
 
 // Client.loop(): start the background loop (a no-op when it runs already)
 static mp_obj_t client_loop(mp_obj_t self_in) {
-    start_loop(client_of(self_in));
+    mp_obj_mqtt_client_t *self = client_of(self_in);
+    client_lock(self);
+    bool linked = self->stream != MP_OBJ_NULL;
+    client_unlock(self);
+    if (!linked) {
+        // A loop without a link would only end at once.
+        mp_raise_OSError(MP_ENOTCONN);
+    }
+    start_loop(self);
     return mp_const_none;
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(client_loop_obj, client_loop);

@@ -6,7 +6,7 @@
 //! - [`session`]: packet ids, in-flight messages, keepalive and timeouts,
 //!   driven by the caller over `embedded_io` traits and a millisecond clock.
 //! - `ffi`: the C interface used by `modmqtt.c` (the only `unsafe` code).
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![deny(unsafe_code)]
 
 pub mod codec;
@@ -19,12 +19,12 @@ pub mod ffi;
 /// The unix port links the archive with the host's C library; Rust's
 /// prebuilt compiler_builtins references this symbol even though the
 /// engine never unwinds (`panic = "abort"`).
-#[cfg(all(not(test), not(target_os = "none")))]
+#[cfg(all(not(test), not(feature = "std"), not(target_os = "none")))]
 #[allow(unsafe_code)]
 #[unsafe(no_mangle)]
 pub extern "C" fn rust_eh_personality() {}
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "std")))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // Unreachable by construction (clippy forbids the panicking

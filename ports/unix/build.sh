@@ -11,6 +11,9 @@
 # MQTT_FREEZE_PACKAGE=DIR:NAME also freezes the Python package DIR/NAME into
 # a second firmware, .build/unix-NAME/micropython (the benchmark uses it to
 # measure umqtt.simple frozen).
+#
+# MQTT_SANITIZE=1 builds .build/unix-sanitize/micropython instead, with
+# AddressSanitizer and UndefinedBehaviorSanitizer.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -55,11 +58,18 @@ if [[ -n "${MQTT_FREEZE_PACKAGE:-}" ]]; then
     printf 'include("%s")\npackage("%s", base_path="%s")\n' "$repo/ports/unix/manifest.py" "$package" "$package_dir" > "$manifest"
 fi
 
+sanitize=()
+if [[ -n "${MQTT_SANITIZE:-}" ]]; then
+    build="$work/unix-sanitize"
+    flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+    sanitize=(CFLAGS_EXTRA="$flags" LDFLAGS_EXTRA="$flags" STRIP=)
+fi
+
 jobs=$(nproc 2>/dev/null || echo 2)
 make -s -C "$micropython/mpy-cross" -j"$jobs" >&2
 make -s -C "$micropython/ports/unix" -j"$jobs" \
     BUILD="$build" \
     USER_C_MODULES="$work/usermod" \
     FROZEN_MANIFEST="$manifest" \
-    MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 >&2
+    MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 "${sanitize[@]}" >&2
 echo "$build/micropython"

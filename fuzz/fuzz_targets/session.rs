@@ -1,0 +1,180 @@
+//! The session fed arbitrary broker bytes in arbitrary chunks, interleaved
+//! with arbitrary API calls and clock jumps. Checked: no panic, no message
+//! larger than the configured maximum is announced, and everything the
+//! session writes is a well-formed packet a client may send.
+#![no_main]
+
+use std::collections::VecDeque;
+
+use arbitrary::Arbitrary;
+use embedded_io::{ErrorKind, ErrorType, Read, ReadReady, Write};
+use libfuzzer_sys::fuzz_target;
+use mqtt_engine::codec::{self, Connect, Packet, QoS, Will};
+use mqtt_engine::session::{Config, Event, Session, Ticket};
+
+const MAX_PACKET: u32 = 4096;
+
+#[derive(Arbitrary, Debug)]
+enum Step {
+    BrokerSends(Vec<u8>),
+    Receive,
+    Tick,
+    Advance(u16),
+    Connect { clean_session: bool, keepalive_s: u8, will: bool },
+    Publish { topic: String, payload: Vec<u8>, qos: u8, retain: bool },
+    Subscribe { filter: String, qos: u8 },
+    Unsubscribe { filter: String },
+    CommandState { slot: u8, packet_id: u16 },
+    Forget { slot: u8, packet_id: u16 },
+    Resend { slot: u8, packet_id: u16 },
+    ResendReleases,
+    LinkLost,
+    Disconnect,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    /// Largest number of bytes one transport read returns (0 means 1).
+    chunk: u8,
+    steps: Vec<Step>,
+}
+
+/// The broker's side of the link, in memory.
+struct Link {
+    inbound: VecDeque<u8>,
+    outbound: Vec<u8>,
+    chunk: usize,
+}
+
+impl ErrorType for Link {
+    type Error = ErrorKind;
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ErrorKind> {
+        if self.inbound.is_empty() {
+            // Nothing more will come within the deadline.
+            return Err(ErrorKind::TimedOut);
+        }
+        let count = buf.len().min(self.chunk).min(self.inbound.len());
+        for slot in &mut buf[..count] {
+            *slot = self.inbound.pop_front().unwrap();
+        }
+        Ok(count)
+    }
+}
+
+impl ReadReady for Link {
+    fn read_ready(&mut self) -> Result<bool, ErrorKind> {
+        Ok(!self.inbound.is_empty())
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> Result<usize, ErrorKind> {
+        self.outbound.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> Result<(), ErrorKind> {
+        Ok(())
+    }
+}
+
+/// Everything the client wrote must decode, whole, as packets a client sends.
+fn check_written(link: &mut Link) {
+    let mut rest = &link.outbound[..];
+    while !rest.is_empty() {
+        let (packet, used) = match codec::decode(rest) {
+            Ok(Some(found)) => found,
+            other => panic!("the session wrote a malformed packet: {other:?} in {rest:?}"),
+        };
+        match packet {
+            Packet::Connect(_)
+            | Packet::Publish(_)
+            | Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubRel(_)
+            | Packet::PubComp(_)
+            | Packet::Subscribe { .. }
+            | Packet::Unsubscribe { .. }
+            | Packet::PingReq
+            | Packet::Disconnect => {}
+            other => panic!("a client may not send {other:?}"),
+        }
+        rest = &rest[used..];
+    }
+    link.outbound.clear();
+}
+
+fn qos(value: u8) -> QoS {
+    QoS::from_bits(value % 3).unwrap()
+}
+
+fuzz_target!(|input: Input| {
+    let mut session = Session::new(Config { command_timeout_ms: 1000, max_packet_size: MAX_PACKET });
+    let mut link = Link { inbound: VecDeque::new(), outbound: Vec::new(), chunk: usize::from(input.chunk.max(1)) };
+    let mut now: u32 = 0;
+    for step in input.steps {
+        match step {
+            Step::BrokerSends(bytes) => link.inbound.extend(bytes),
+            Step::Receive => {
+                if let Ok(Event::Message { topic_len, payload_len, .. }) = session.receive(&mut link, now) {
+                    assert!(payload_len <= MAX_PACKET, "announced {payload_len} bytes");
+                    let mut topic = vec![0; usize::from(topic_len)];
+                    if session.read_topic(&mut link, &mut topic).is_ok() {
+                        let mut payload = vec![0; payload_len as usize];
+                        let keep = payload_len % 2 == 0;
+                        let buffer = keep.then_some(&mut payload[..]);
+                        if session.read_payload(&mut link, buffer).is_ok() {
+                            let _ = session.finish_message(&mut link, now);
+                        }
+                    }
+                }
+            }
+            Step::Tick => {
+                let _ = session.tick(&mut link, now);
+            }
+            Step::Advance(ms) => now = now.wrapping_add(u32::from(ms)),
+            Step::Connect { clean_session, keepalive_s, will } => {
+                let connect = Connect {
+                    client_id: "fuzz",
+                    clean_session,
+                    keepalive_s: u16::from(keepalive_s),
+                    will: will.then_some(Will { topic: "w", payload: b"x", qos: QoS::AtLeastOnce, retain: false }),
+                    username: None,
+                    password: None,
+                };
+                let _ = session.connect(&mut link, now, &connect);
+            }
+            Step::Publish { topic, payload, qos: level, retain } => {
+                let _ = session.publish(&mut link, now, &topic, &payload, qos(level), retain);
+            }
+            Step::Subscribe { filter, qos: level } => {
+                let _ = session.subscribe(&mut link, now, &filter, qos(level));
+            }
+            Step::Unsubscribe { filter } => {
+                let _ = session.unsubscribe(&mut link, now, &filter);
+            }
+            Step::CommandState { slot, packet_id } => {
+                let _ = session.command_state(Ticket { slot, packet_id }, now);
+            }
+            Step::Forget { slot, packet_id } => session.forget(Ticket { slot, packet_id }),
+            Step::Resend { slot, packet_id } => {
+                let _ = session.resend(&mut link, now, Ticket { slot, packet_id }, "t", b"again");
+            }
+            Step::ResendReleases => {
+                let _ = session.resend_releases(&mut link, now);
+            }
+            Step::LinkLost => {
+                session.link_lost();
+                link.inbound.clear();
+            }
+            Step::Disconnect => {
+                let _ = session.disconnect(&mut link);
+            }
+        }
+        let _ = session.next_timer(now, 1000);
+        check_written(&mut link);
+    }
+});
