@@ -255,6 +255,28 @@ unsafe fn link<'a>(transport: *const mqtt_transport_t, session: &Session, now_ms
     })
 }
 
+/// Runs `step` on the session over its transport, for the calls whose only
+/// pointers are those two.
+///
+/// # Safety
+/// As for [`session_mut`] and [`link`].
+unsafe fn with_link(
+    session: *mut c_void,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+    step: impl FnOnce(&mut Session, &mut Link<'_>) -> Result<(), Error>,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    let Some(session) = (unsafe { session_mut(session) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    // SAFETY: forwarded from the caller.
+    let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    to_status(step(session, &mut io))
+}
+
 /// # Safety
 /// `bytes.data` is null or valid for `bytes.len` bytes.
 unsafe fn slice<'a>(bytes: mqtt_bytes_t) -> Option<&'a [u8]> {
@@ -387,14 +409,7 @@ pub unsafe extern "C" fn mqtt_session_disconnect(
     now_ms: u32,
 ) -> c_int {
     // SAFETY: forwarded from the caller.
-    let Some(session) = (unsafe { session_mut(session) }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
-    // SAFETY: forwarded from the caller.
-    let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
-    to_status(session.disconnect(&mut io))
+    unsafe { with_link(session, transport, now_ms, |session, io| session.disconnect(io)) }
 }
 
 /// Records that the transport is gone; in-flight publishes are kept.
@@ -501,14 +516,11 @@ pub unsafe extern "C" fn mqtt_session_resend_releases(
     now_ms: u32,
 ) -> c_int {
     // SAFETY: forwarded from the caller.
-    let Some(session) = (unsafe { session_mut(session) }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
-    // SAFETY: forwarded from the caller.
-    let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
-    to_status(session.resend_releases(&mut io, now_ms))
+    unsafe {
+        with_link(session, transport, now_ms, |session, io| {
+            session.resend_releases(io, now_ms)
+        })
+    }
 }
 
 /// Sends SUBSCRIBE (`unsubscribe` false) or UNSUBSCRIBE for one filter.
@@ -635,14 +647,7 @@ pub unsafe extern "C" fn mqtt_session_tick(
     now_ms: u32,
 ) -> c_int {
     // SAFETY: forwarded from the caller.
-    let Some(session) = (unsafe { session_mut(session) }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
-    // SAFETY: forwarded from the caller.
-    let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
-    to_status(session.tick(&mut io, now_ms))
+    unsafe { with_link(session, transport, now_ms, |session, io| session.tick(io, now_ms)) }
 }
 
 /// Reads and handles one packet if one has started to arrive.
@@ -754,21 +759,18 @@ pub unsafe extern "C" fn mqtt_session_read_payload(
     buf: *mut u8,
     len: size_t,
 ) -> c_int {
-    // SAFETY: forwarded from the caller.
-    let Some(session) = (unsafe { session_mut(session) }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
-    // SAFETY: forwarded from the caller.
-    let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
     let payload = if buf.is_null() {
         None
     } else {
         // SAFETY: non-null, and the caller promises `len` writable bytes.
         Some(unsafe { core::slice::from_raw_parts_mut(buf, len) })
     };
-    to_status(session.read_payload(&mut io, payload))
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        with_link(session, transport, now_ms, |session, io| {
+            session.read_payload(io, payload)
+        })
+    }
 }
 
 /// Acknowledges the current message (PUBACK or PUBREC as its QoS asks).
@@ -782,14 +784,11 @@ pub unsafe extern "C" fn mqtt_session_finish_message(
     now_ms: u32,
 ) -> c_int {
     // SAFETY: forwarded from the caller.
-    let Some(session) = (unsafe { session_mut(session) }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
-    // SAFETY: forwarded from the caller.
-    let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
-    to_status(session.finish_message(&mut io, now_ms))
+    unsafe {
+        with_link(session, transport, now_ms, |session, io| {
+            session.finish_message(io, now_ms)
+        })
+    }
 }
 
 /// Checks a topic name (`filter` false) or a topic filter; returns
