@@ -112,6 +112,8 @@ typedef struct _mp_obj_mqtt_client_t {
     bool stream_buffers;
     // The cycle's wait found input (spares the engine's readiness check).
     bool input_ready;
+    // The thread that reads the link in a cycle (see run_cycle), or NULL.
+    void *volatile reader;
     // The engine's session, mqtt_session_size() bytes.
     uint64_t session[];
 } mp_obj_mqtt_client_t;
@@ -190,6 +192,16 @@ static bool set_in_callback(mp_obj_mqtt_client_t *self, bool active) {
     self->in_callback = active;
     #endif
     return previous;
+}
+
+// Identifies the calling thread (without threads, any non-NULL value).
+static void *current_thread(mp_obj_mqtt_client_t *self) {
+    #if MICROPY_PY_THREAD
+    (void)self;
+    return mp_thread_get_state();
+    #else
+    return self;
+    #endif
 }
 
 // Whether the background loop runs on a thread other than the caller's:
@@ -805,10 +817,9 @@ static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
     return status;
 }
 
-// One cycle: waits up to `wait_ms` for input (without the lock), handles
-// it, and calls the callbacks of a message that arrived (without the
-// lock). A failed link is closed before this returns its status.
-static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
+// Waits for input, handles it and delivers a message that arrived; the
+// body of run_cycle, run by the thread that holds the reader's role.
+static int read_and_deliver(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
     client_lock(self);
     mp_obj_t stream = self->stream;
     int fd = self->sock_fd;
@@ -837,20 +848,49 @@ static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
         return status;
     }
     deliver(self, delivery.topic, delivery.payload);
-    if (delivery.acknowledge && status == MQTT_OK) {
-        client_lock(self);
-        if (self->link_generation != delivery.link_generation || self->stream == MP_OBJ_NULL) {
-            // A callback disconnected or reconnected: that link is gone.
-            status = MQTT_LINK_REPLACED;
-        } else {
-            mqtt_transport_t transport = transport_of(self);
-            status = mqtt_session_finish_message(self->session, &transport, now_ms());
-            if (status != MQTT_OK) {
-                drop_link(self);
-            }
-        }
-        client_unlock(self);
+    if (!delivery.acknowledge || status != MQTT_OK) {
+        // QoS 0 needs nothing more from the link: no lock to take (a
+        // publisher woken by the callback is likely waiting for it).
+        return status;
     }
+    client_lock(self);
+    if (self->link_generation != delivery.link_generation || self->stream == MP_OBJ_NULL) {
+        // A callback disconnected or reconnected: that link is gone.
+        status = MQTT_LINK_REPLACED;
+    } else {
+        mqtt_transport_t transport = transport_of(self);
+        status = mqtt_session_finish_message(self->session, &transport, now_ms());
+        if (status != MQTT_OK) {
+            drop_link(self);
+        }
+    }
+    client_unlock(self);
+    return status;
+}
+
+// One cycle: waits up to `wait_ms` for input (without the lock), handles
+// it, and calls the callbacks of a message that arrived (without the
+// lock). A failed link is closed before this returns its status.
+//
+// One thread at a time reads the link, from its wait to the end of the
+// message it delivers: messages reach the callbacks one at a time, in
+// order, and no other thread waits on or reads the socket meanwhile.
+// Another thread that wants a cycle then just lets the reader work.
+static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
+    void *me = current_thread(self);
+    client_lock(self);
+    void *outer = self->reader;
+    bool busy = outer != NULL && outer != me;
+    if (!busy) {
+        self->reader = me;
+    }
+    client_unlock(self);
+    if (busy) {
+        pause_briefly(0);
+        return MQTT_OK;
+    }
+    int status = read_and_deliver(self, wait_ms);
+    self->reader = outer;
     return status;
 }
 
@@ -1174,6 +1214,7 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     self->loop_state = LOOP_STOPPED;
     self->stream_buffers = false;
     self->input_ready = false;
+    self->reader = NULL;
     #if MICROPY_PY_THREAD
     mp_thread_mutex_init(&self->lock);
     self->loop_thread = NULL;

@@ -123,3 +123,43 @@ def test_calls_in_the_wrong_state(broker, micropython):
         "reconnect after disconnect -> 0",
         "connected -> True",
     ], output
+
+
+def test_two_threads_running_cycles_without_a_loop(broker, micropython):
+    """With no background loop, each QoS 1 publish reads the link itself;
+    two threads doing so at once take turns, and messages reach the
+    callback one at a time, in order."""
+    output = micropython.run(
+        """
+        import _thread
+        got = []
+        inside = [0]
+        overlaps = [0]
+        def on_message(client, payload, topic):
+            inside[0] += 1
+            if inside[0] > 1:
+                overlaps[0] += 1
+            got.append(int(payload))
+            inside[0] -= 1
+        done = []
+        c = mqtt.Client("no-loop")
+        c.connect("127.0.0.1", 30, port=PORT, start_loop=False)
+        c.subscribe("seq", on_message, qos=1)
+        def worker(name):
+            for i in range(100):
+                c.publish("seq", str(name * 1000 + i), qos=1)
+            done.append(name)
+        _thread.start_new_thread(worker, (1,))
+        _thread.start_new_thread(worker, (2,))
+        wait_until(lambda: len(done) == 2, 30000)
+        while len(got) < 200:
+            c.cycle()
+        ones = [n for n in got if n < 2000]
+        twos = [n for n in got if n >= 2000]
+        print(len(got), ones == sorted(ones), twos == sorted(twos), overlaps[0], c.connected())
+        c.disconnect()
+        """,
+        PORT=broker.port,
+        timeout=60,
+    )
+    assert output.strip() == "200 True True 0 True", output
