@@ -49,6 +49,15 @@ BAD_CALLS = [
     ("c2.connect('127.0.0.1', 30, port=0)", "ValueError"),
     ("c2.connect(None, 30)", "TypeError"),
     ("c2.connect('127.0.0.1', 30, port=PORT, loop_failure=5)", "TypeError"),
+    ("c2.connect('127.0.0.1')", "TypeError"),
+    ("c.connected(1)", "TypeError"),
+    ("c.get_return_code(1)", "TypeError"),
+    ("c.loop(1)", "TypeError"),
+    ("c.cycle(1)", "TypeError"),
+    ("c.reconnect(1)", "TypeError"),
+    ("c.unsubscribe()", "TypeError"),
+    ("c.set_will('w')", "TypeError"),
+    ("c.disconnect(1, 2)", "TypeError"),
 ]
 
 
