@@ -155,9 +155,27 @@ def test_unreachable_broker_raises_oserror(micropython):
     assert output.split() == ["OSError", "111", "False", "OSError", "111"]
 
 
-def test_loop_failure_is_called_when_the_broker_goes_away(tmp_path, micropython):
+def output_after_the_broker_goes(tmp_path, micropython, code):
+    """Runs `code` (which prints "connected" once connected) against a
+    broker that is stopped at that point; returns what the script printed
+    after."""
     broker = Broker(tmp_path)
-    process = micropython.start(
+    process = micropython.start(code, PORT=broker.port)
+    try:
+        assert process.stdout.readline().strip() == "connected"
+        broker.stop()
+        output, _ = process.communicate(timeout=20)
+    finally:
+        broker.stop()
+        if process.poll() is None:
+            process.kill()
+    return output
+
+
+def test_loop_failure_is_called_when_the_broker_goes_away(tmp_path, micropython):
+    output = output_after_the_broker_goes(
+        tmp_path,
+        micropython,
         """
         calls = []
         def failed(client):
@@ -169,22 +187,14 @@ def test_loop_failure_is_called_when_the_broker_goes_away(tmp_path, micropython)
         wait_until(lambda: calls, 10000)
         print(calls)
         """,
-        PORT=broker.port,
     )
-    try:
-        assert process.stdout.readline().strip() == "connected"
-        broker.stop()
-        output, _ = process.communicate(timeout=20)
-    finally:
-        broker.stop()
-        if process.poll() is None:
-            process.kill()
     assert output.strip() == "[False]"
 
 
 def test_loop_failure_that_raises_is_printed_and_ends_the_loop(tmp_path, micropython):
-    broker = Broker(tmp_path)
-    process = micropython.start(
+    output = output_after_the_broker_goes(
+        tmp_path,
+        micropython,
         """
         calls = []
         def failed(client):
@@ -202,23 +212,15 @@ def test_loop_failure_that_raises_is_printed_and_ends_the_loop(tmp_path, micropy
         except OSError as e:
             print("loop", e.errno)
         """,
-        PORT=broker.port,
     )
-    try:
-        assert process.stdout.readline().strip() == "connected"
-        broker.stop()
-        output, _ = process.communicate(timeout=20)
-    finally:
-        broker.stop()
-        if process.poll() is None:
-            process.kill()
     assert "RuntimeError: handler bug" in output
     assert "calls 1" in output and "loop 107" in output
 
 
 def test_cycle_raises_the_link_failure_without_loop_failure(tmp_path, micropython):
-    broker = Broker(tmp_path)
-    process = micropython.start(
+    output = output_after_the_broker_goes(
+        tmp_path,
+        micropython,
         """
         c = mqtt.Client("manual")
         c.connect("127.0.0.1", 30, port=PORT, start_loop=False)
@@ -230,14 +232,5 @@ def test_cycle_raises_the_link_failure_without_loop_failure(tmp_path, micropytho
             print("OSError", e.errno)
         print(c.connected())
         """,
-        PORT=broker.port,
     )
-    try:
-        assert process.stdout.readline().strip() == "connected"
-        broker.stop()
-        output, _ = process.communicate(timeout=20)
-    finally:
-        broker.stop()
-        if process.poll() is None:
-            process.kill()
     assert output.split() == ["OSError", "104", "False"], output
