@@ -21,6 +21,7 @@
 #include "py/objexcept.h"
 #include "py/objstr.h"
 #include "py/objtuple.h"
+#include "py/objtype.h"
 #include "py/runtime.h"
 #include "py/stream.h"
 #if MICROPY_PY_THREAD
@@ -110,6 +111,9 @@ typedef struct _mp_obj_mqtt_client_t {
     volatile uint8_t loop_state;
     // The stream is a TLS wrapper that may hold input of its own.
     bool stream_buffers;
+    // The client opened the link's socket (false for connect(stream=...)),
+    // so it closes it when the link ends.
+    bool owns_stream;
     // The cycle's wait found input (spares the engine's readiness check).
     bool input_ready;
     // The thread that reads the link in a cycle (see run_cycle), or NULL.
@@ -129,6 +133,8 @@ enum {
     OPTION_WILL_PAYLOAD,
     OPTION_BRECONNECT_CB,
     OPTION_ACONNECT_CB,
+    // A stream the application connected itself (connect(stream=...)).
+    OPTION_STREAM,
     OPTION_COUNT,
 };
 
@@ -536,24 +542,30 @@ static mp_obj_t call_method(mp_obj_t object, qstr method, size_t n_args, const m
 // ---------------------------------------------------------------------------
 // The link
 
+// Closes a stream, ignoring any error.
+static void close_quietly(mp_obj_t stream) {
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        mp_stream_close(stream);
+        nlr_pop();
+    }
+}
+
 // Closes the stream (under the lock) and tells the session the link is gone.
 static void drop_link(mp_obj_mqtt_client_t *self) {
     mqtt_session_link_lost(self->session);
     mp_obj_t stream = self->stream;
     self->stream = MP_OBJ_NULL;
     self->sock_fd = -1;
-    if (stream != MP_OBJ_NULL) {
-        nlr_buf_t nlr;
-        if (nlr_push(&nlr) == 0) {
-            mp_stream_close(stream);
-            nlr_pop();
-        }
+    // A stream the application gave stays open: it belongs to the application.
+    if (stream != MP_OBJ_NULL && self->owns_stream) {
+        close_quietly(stream);
     }
 }
 
-// Opens a TCP connection (wrapped in TLS if the client has an SSLContext).
-// Runs without the lock; raises OSError when the broker cannot be reached.
-static void open_link(mp_obj_mqtt_client_t *self, mp_obj_t *sock_out, mp_obj_t *stream_out) {
+// Opens a TCP connection to the broker; raises OSError when it cannot be
+// reached. The socket is returned connected and still blocking.
+static mp_obj_t open_socket(mp_obj_mqtt_client_t *self) {
     mp_obj_t socket_module = mp_import_name(MP_QSTR_socket, mp_const_none, MP_OBJ_NEW_SMALL_INT(0));
     mp_obj_t lookup[2] = { self->host, MP_OBJ_NEW_SMALL_INT(self->port) };
     mp_obj_t addresses = call_method(socket_module, MP_QSTR_getaddrinfo, 2, lookup);
@@ -566,7 +578,6 @@ static void open_link(mp_obj_mqtt_client_t *self, mp_obj_t *sock_out, mp_obj_t *
     }
     mp_obj_t socket_type = mp_load_attr(socket_module, MP_QSTR_socket);
     mp_obj_t sock = mp_call_function_n_kw(socket_type, 3, 0, fields);
-    *sock_out = sock;
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
         // Bound the connection attempt by command_timeout.
@@ -581,6 +592,23 @@ static void open_link(mp_obj_mqtt_client_t *self, mp_obj_t *sock_out, mp_obj_t *
             call_method(sock, MP_QSTR_setsockopt, 3, option);
             nlr_pop();
         }
+        nlr_pop();
+    } else {
+        close_quietly(sock);
+        nlr_jump(nlr.ret_val);
+    }
+    return sock;
+}
+
+// Opens the link: a TCP connection, or the stream the application gave,
+// wrapped in TLS if the client has an SSLContext. Runs without the lock;
+// raises OSError when the broker cannot be reached.
+static void open_link(mp_obj_mqtt_client_t *self, mp_obj_t *sock_out, mp_obj_t *stream_out) {
+    mp_obj_t given = option(self, OPTION_STREAM);
+    bool owned = given == mp_const_none;
+    mp_obj_t sock = owned ? open_socket(self) : given;
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
         mp_obj_t stream = sock;
         mp_obj_t ssl_ctx = option(self, OPTION_SSL_CTX);
         if (ssl_ctx != mp_const_none) {
@@ -592,21 +620,31 @@ static void open_link(mp_obj_mqtt_client_t *self, mp_obj_t *sock_out, mp_obj_t *
             call[4] = self->host;
             stream = mp_call_method_n_kw(1, 1, call);
         }
-        // From here on every wait is a poll with a deadline.
-        call_method(sock, MP_QSTR_setblocking, 1, (mp_obj_t[]) { mp_const_false });
-        *stream_out = stream;
+        // From here on every wait is a poll with a deadline. A given stream
+        // without setblocking() (a UART, a stream class) must not block.
+        mp_obj_t setblocking[3];
+        mp_load_method_maybe(sock, MP_QSTR_setblocking, setblocking);
+        if (setblocking[0] != MP_OBJ_NULL) {
+            setblocking[2] = mp_const_false;
+            mp_call_method_n_kw(1, 0, setblocking);
+        }
         nlr_pop();
+        *sock_out = sock;
+        *stream_out = stream;
     } else {
-        nlr_buf_t closing;
-        if (nlr_push(&closing) == 0) {
-            mp_stream_close(sock);
-            nlr_pop();
+        if (owned) {
+            close_quietly(sock);
         }
         nlr_jump(nlr.ret_val);
     }
 }
 
+// The descriptor of a socket, or -1 when the stream has none (a stream
+// written in Python answers ioctls itself: never ask it).
 static int socket_fd(mp_obj_t sock) {
+    if (mp_obj_is_instance_type(mp_obj_get_type(sock))) {
+        return -1;
+    }
     int errcode = 0;
     const mp_stream_p_t *protocol = mp_get_stream(sock);
     mp_uint_t fd = protocol->ioctl(sock, MP_STREAM_GET_FILENO, 0, &errcode);
@@ -982,6 +1020,7 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
     client_lock(self);
     self->stream = stream;
     self->stream_buffers = stream != sock;
+    self->owns_stream = option(self, OPTION_STREAM) == mp_const_none;
     self->sock_fd = socket_fd(sock);
     self->return_code = -1;
     clear_pending(self);
@@ -1213,6 +1252,7 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     self->return_code = -1;
     self->loop_state = LOOP_STOPPED;
     self->stream_buffers = false;
+    self->owns_stream = true;
     self->input_ready = false;
     self->reader = NULL;
     #if MICROPY_PY_THREAD
@@ -1230,9 +1270,9 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
 }
 
 // Client.connect(host, keepalive, port=1883, ssl_ctx=None, breconnect_cb=None,
-//                aconnect_cb=None, loop_failure=None, start_loop=True)
+//                aconnect_cb=None, loop_failure=None, start_loop=True, *, stream=None)
 static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
-    enum { ARG_host, ARG_keepalive, ARG_port, ARG_ssl_ctx, ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure, ARG_start_loop };
+    enum { ARG_host, ARG_keepalive, ARG_port, ARG_ssl_ctx, ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure, ARG_start_loop, ARG_stream };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_host, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_keepalive, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
@@ -1242,12 +1282,28 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
         { MP_QSTR_aconnect_cb, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_loop_failure, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_start_loop, MP_ARG_BOOL, {.u_bool = true} },
+        { MP_QSTR_stream, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
     };
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
     mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
 
-    bytes_of_str(args[ARG_host].u_obj, "host");
+    mp_obj_t stream = args[ARG_stream].u_obj;
+    if (stream != mp_const_none) {
+        // Any stream: a socket, a UART, an io.IOBase class with
+        // readinto/write/ioctl.
+        nlr_buf_t nlr;
+        if (nlr_push(&nlr) == 0) {
+            mp_get_stream_raise(stream, MP_STREAM_OP_READ | MP_STREAM_OP_WRITE | MP_STREAM_OP_IOCTL);
+            nlr_pop();
+        } else {
+            mp_raise_TypeError(MP_ERROR_TEXT("stream must be a stream object"));
+        }
+    }
+    // Over a given stream the host only names the server for TLS.
+    if (stream == mp_const_none || args[ARG_host].u_obj != mp_const_none) {
+        bytes_of_str(args[ARG_host].u_obj, "host");
+    }
     mp_int_t keepalive = mp_obj_get_int(args[ARG_keepalive].u_obj);
     if (keepalive < 0 || keepalive > 65535) {
         mp_raise_ValueError(MP_ERROR_TEXT("keepalive must be 0-65535 seconds"));
@@ -1272,6 +1328,7 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
     set_option(self, OPTION_SSL_CTX, args[ARG_ssl_ctx].u_obj);
     set_option(self, OPTION_BRECONNECT_CB, args[ARG_breconnect_cb].u_obj);
     set_option(self, OPTION_ACONNECT_CB, args[ARG_aconnect_cb].u_obj);
+    set_option(self, OPTION_STREAM, stream);
     self->loop_failure = args[ARG_loop_failure].u_obj;
 
     int code = connect_and_notify(self);
@@ -1288,7 +1345,8 @@ static MP_DEFINE_CONST_FUN_OBJ_KW(client_connect_obj, 3, client_connect);
 // Client.reconnect() -> CONNACK return code
 static mp_obj_t client_reconnect(mp_obj_t self_in) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
-    if (self->host == mp_const_none) {
+    if (self->host == mp_const_none && option(self, OPTION_STREAM) == mp_const_none) {
+        // Never connected: nothing to connect to again.
         mp_raise_OSError(MP_ENOTCONN);
     }
     mp_obj_t breconnect_cb = option(self, OPTION_BRECONNECT_CB);

@@ -1,0 +1,166 @@
+"""connect(stream=...): the client talks MQTT over a stream the application
+connected itself (a modem, a serial bridge, a custom transport) instead of
+opening a socket."""
+
+import textwrap
+
+from peer import Peer
+from test_tls import CONTEXT, certificates, tls_broker  # noqa: F401 (fixtures)
+
+# A stream written in Python, as a modem or serial driver would be: it
+# relays a socket and records what the client asked of it.
+RELAY = """
+import io, socket
+
+class Relay(io.IOBase):
+    def __init__(self, port):
+        self.sock = socket.socket()
+        self.sock.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+        self.sock.setblocking(False)
+        self.sent = 0
+        self.closed = False
+
+    def readinto(self, buf):
+        try:
+            return self.sock.readinto(buf)
+        except OSError:
+            return None  # nothing to read yet
+
+    def write(self, buf):
+        n = self.sock.write(buf)
+        self.sent += n or 0
+        return n
+
+    def ioctl(self, request, arg):
+        if request == 3:  # MP_STREAM_POLL
+            import select
+            p = select.poll()
+            p.register(self.sock, select.POLLIN | select.POLLOUT)
+            ready = 0
+            for _, events in p.poll(0):
+                ready |= events
+            return ready & arg
+        if request == 4:  # MP_STREAM_CLOSE
+            self.closed = True
+        return 0
+"""
+
+ROUND_TRIPS = """
+got = []
+c.subscribe("stream/#", lambda client, payload, topic: got.append((topic, payload)), qos=2)
+for qos in (0, 1, 2):
+    c.publish("stream/%d" % qos, b"qos %d" % qos, qos=qos)
+for _ in range(200):
+    if len(got) == 3:
+        break
+    c.cycle()
+print("got", sorted(got))
+"""
+
+
+def test_a_stream_class_in_python_carries_the_session(broker, micropython):
+    """QoS 0, 1 and 2 both ways over a Python stream class; an independent
+    subscriber sees what went through it; the stream is never closed."""
+    peer = Peer(broker.port)
+    peer.subscribe("stream/#", qos=2)
+    output = micropython.run(
+        RELAY
+        + """
+relay = Relay(PORT)
+c = mqtt.Client("streamed", cycle_timeout=20)
+c.connect(None, 30, stream=relay, start_loop=False)
+print("connected", c.connected())
+"""
+        + ROUND_TRIPS
+        + """
+c.disconnect()
+print("sent", relay.sent > 0, "closed", relay.closed)
+""",
+        PORT=broker.port,
+    )
+    assert "connected True" in output
+    assert "got [('stream/0', b'qos 0'), ('stream/1', b'qos 1'), ('stream/2', b'qos 2')]" in output
+    assert "sent True closed False" in output
+    messages = peer.wait_for(3)
+    assert sorted((m.topic, m.payload, m.qos) for m in messages) == [
+        ("stream/0", b"qos 0", 0),
+        ("stream/1", b"qos 1", 1),
+        ("stream/2", b"qos 2", 2),
+    ]
+    peer.close()
+
+
+def test_a_socket_connected_by_the_application_with_the_background_loop(broker, micropython):
+    """A plain socket given as the stream, with the loop running; the
+    client leaves the socket open after disconnect()."""
+    peer = Peer(broker.port)
+    peer.subscribe("given/out", qos=1)
+    process = micropython.start(
+        """
+import socket
+sock = socket.socket()
+sock.connect(socket.getaddrinfo("127.0.0.1", PORT)[0][-1])
+got = []
+c = mqtt.Client("given-socket")
+c.connect("broker.example", 30, stream=sock)
+c.subscribe("given/in", lambda client, payload, topic: got.append(payload), qos=1)
+c.publish("given/out", b"from the application's socket", qos=1)
+print("ready")
+print("received", wait_until(lambda: got), got)
+c.disconnect()
+print("still open", sock.fileno() >= 0)
+sock.close()
+""",
+        PORT=broker.port,
+    )
+    assert process.stdout.readline().strip() == "ready"
+    peer.publish("given/in", b"to the application's socket", qos=1)
+    output, _ = process.communicate(timeout=30)
+    assert "received True [b\"to the application's socket\"]" in output
+    assert "still open True" in output
+    assert [m.payload for m in peer.wait_for(1)] == [b"from the application's socket"]
+    peer.close()
+
+
+def test_tls_over_a_given_stream(tls_broker, certificates, micropython):  # noqa: F811 (fixtures)
+    """ssl_ctx wraps the given stream: TLS over a transport written in Python."""
+    output = micropython.run(
+        RELAY
+        + textwrap.dedent(CONTEXT)
+        + """
+relay = Relay(PORT)
+c = mqtt.Client("tls-streamed", cycle_timeout=20)
+c.connect("127.0.0.1", 30, ssl_ctx=context(CA), stream=relay, start_loop=False)
+"""
+        + ROUND_TRIPS
+        + """
+c.disconnect()
+""",
+        PORT=tls_broker.tls_ports["tls"],
+        CA=certificates.path("ca.crt.der"),
+    )
+    assert "got [('stream/0', b'qos 0'), ('stream/1', b'qos 1'), ('stream/2', b'qos 2')]" in output
+
+
+def test_a_stream_argument_that_is_not_a_stream_is_refused(broker, micropython):
+    output = micropython.run(
+        """
+c = mqtt.Client("not-a-stream")
+for bad in (42, "text", object()):
+    try:
+        c.connect("127.0.0.1", 30, stream=bad)
+    except TypeError:
+        print("TypeError")
+try:
+    c.connect(None, 30, port=PORT)
+except TypeError:
+    print("host needed without a stream")
+c.connect("127.0.0.1", 30, port=PORT)
+print("usable", c.connected())
+c.disconnect()
+""",
+        PORT=broker.port,
+    )
+    assert output.count("TypeError") == 3
+    assert "host needed without a stream" in output
+    assert "usable True" in output
