@@ -9,7 +9,7 @@
 //! Nothing here panics: every read goes through [`Reader`], whose accessors
 //! check bounds, and every length is computed with checked arithmetic.
 
-use embedded_io::Write;
+use embedded_io::{Read, ReadExactError, Write};
 
 /// Largest value the remaining-length varint can carry (4 bytes, 7 bits each).
 pub const MAX_REMAINING_LENGTH: u32 = 268_435_455;
@@ -130,6 +130,38 @@ pub enum EncodeError<E> {
     PacketTooLong,
     /// The transport failed while the packet was being written.
     Io(E),
+    /// The transport took none of a write: it is closed.
+    Closed,
+}
+
+/// Writes all of `bytes` (embedded-io's `write_all` panics when a write
+/// takes nothing; a transport that does is treated as closed here).
+fn write_all<W: Write>(io: &mut W, mut bytes: &[u8]) -> Result<(), EncodeError<W::Error>> {
+    while !bytes.is_empty() {
+        let written = io.write(bytes).map_err(EncodeError::Io)?;
+        bytes = bytes
+            .get(written..)
+            .filter(|_| written > 0)
+            .ok_or(EncodeError::Closed)?;
+    }
+    Ok(())
+}
+
+/// Reads exactly `buffer.len()` bytes (as embedded-io's `read_exact`,
+/// without its panic path for a transport that claims more than it read).
+pub fn read_exact<T: Read>(io: &mut T, buffer: &mut [u8]) -> Result<(), ReadExactError<T::Error>> {
+    let mut filled = 0;
+    loop {
+        let rest = buffer.get_mut(filled..).ok_or(ReadExactError::UnexpectedEof)?;
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let read = io.read(rest).map_err(ReadExactError::Other)?;
+        if read == 0 {
+            return Err(ReadExactError::UnexpectedEof);
+        }
+        filled = filled.saturating_add(read);
+    }
 }
 
 /// Decodes a remaining-length varint from the start of `bytes`.
@@ -286,11 +318,51 @@ impl<'a> Reader<'a> {
 
 /// Checks an MQTT UTF-8 string: well-formed and without U+0000.
 pub fn utf8_string(bytes: &[u8]) -> Result<&str, DecodeError> {
-    let text = core::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
-    if text.contains('\0') {
+    // Not `contains`: for bytes that is core's memchr, larger than this.
+    #[allow(clippy::manual_contains)]
+    if bytes.iter().any(|&byte| byte == 0) {
         return Err(DecodeError::InvalidUtf8);
     }
-    Ok(text)
+    utf8(bytes).ok_or(DecodeError::InvalidUtf8)
+}
+
+/// `bytes` as text when they are well-formed UTF-8.
+///
+/// A small validator of our own instead of `core::str::from_utf8`: that one
+/// is built for speed on long texts and brings core's panic and formatting
+/// code with it, several kilobytes of flash on a microcontroller, while
+/// MQTT strings are short. The unit tests check it against core's on
+/// random and edge-case input.
+#[allow(unsafe_code)]
+pub fn utf8(bytes: &[u8]) -> Option<&str> {
+    let mut rest = bytes;
+    while let Some((&first, tail)) = rest.split_first() {
+        // How many continuation bytes follow, and the range the second
+        // byte must lie in (which rules out overlong forms, surrogates and
+        // code points above U+10FFFF).
+        let (continuations, second) = match first {
+            0x00..=0x7f => (0, 0x80..=0xbf),
+            0xc2..=0xdf => (1, 0x80..=0xbf),
+            0xe0 => (2, 0xa0..=0xbf),
+            0xe1..=0xec | 0xee..=0xef => (2, 0x80..=0xbf),
+            0xed => (2, 0x80..=0x9f),
+            0xf0 => (3, 0x90..=0xbf),
+            0xf1..=0xf3 => (3, 0x80..=0xbf),
+            0xf4 => (3, 0x80..=0x8f),
+            _ => return None,
+        };
+        let (sequence, after) = tail.split_at_checked(continuations)?;
+        if let Some((&byte, others)) = sequence.split_first()
+            && (!second.contains(&byte) || others.iter().any(|&other| !(0x80..=0xbf).contains(&other)))
+        {
+            return None;
+        }
+        rest = after;
+    }
+    // SAFETY: the loop above accepted only well-formed UTF-8 (the ranges
+    // are those of the Unicode standard's table of well-formed byte
+    // sequences, as in RFC 3629), which is what `str` requires.
+    Some(unsafe { core::str::from_utf8_unchecked(bytes) })
 }
 
 /// A will message carried by CONNECT.
@@ -593,13 +665,13 @@ impl<'w, W: Write> PacketWriter<'w, W> {
             self.used = bytes.len();
             return Ok(());
         }
-        self.io.write_all(bytes).map_err(EncodeError::Io)
+        write_all(&mut self.io, bytes)
     }
 
     fn flush_gathered(&mut self) -> Result<(), EncodeError<W::Error>> {
         if self.used > 0 {
             let gathered = self.buffer.get(..self.used).unwrap_or(&[]);
-            self.io.write_all(gathered).map_err(EncodeError::Io)?;
+            write_all(&mut self.io, gathered)?;
             self.used = 0;
         }
         Ok(())
@@ -1095,11 +1167,46 @@ mod tests {
         );
     }
 
+    #[test]
+    fn utf8_agrees_with_core_on_the_edges() {
+        let cases: &[&[u8]] = &[
+            b"",
+            b"plain",
+            "é€😀".as_bytes(),
+            &[0xc2, 0x80],             // smallest two-byte form
+            &[0xc1, 0xbf],             // overlong
+            &[0xe0, 0x9f, 0xbf],       // overlong three-byte
+            &[0xed, 0xa0, 0x80],       // surrogate
+            &[0xed, 0x9f, 0xbf],       // just below the surrogates
+            &[0xf4, 0x8f, 0xbf, 0xbf], // U+10FFFF
+            &[0xf4, 0x90, 0x80, 0x80], // above U+10FFFF
+            &[0xf0, 0x8f, 0xbf, 0xbf], // overlong four-byte
+            &[0xf5, 0x80, 0x80, 0x80],
+            &[0xe2, 0x82],       // truncated
+            &[0x80],             // lone continuation
+            &[0xe2, 0x28, 0xa1], // bad continuation
+            &[0xff],
+        ];
+        for bytes in cases {
+            assert_eq!(utf8(bytes), core::str::from_utf8(bytes).ok(), "{bytes:x?}");
+        }
+    }
+
     fn topic_strategy() -> impl Strategy<Value = String> {
         "[a-z0-9/ é]{1,40}"
     }
 
     proptest! {
+        #[test]
+        fn utf8_agrees_with_core(bytes in proptest::collection::vec(any::<u8>(), 0..12)) {
+            prop_assert_eq!(utf8(&bytes), core::str::from_utf8(&bytes).ok());
+        }
+
+        #[test]
+        fn utf8_accepts_every_text(text in any::<String>()) {
+            prop_assert_eq!(utf8(text.as_bytes()), Some(text.as_str()));
+        }
+
         #[test]
         fn remaining_length_round_trips(value in 0u32..=MAX_REMAINING_LENGTH) {
             let (out, len) = encode_remaining_length(value).unwrap();

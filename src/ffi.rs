@@ -293,9 +293,7 @@ unsafe fn text<'a>(bytes: mqtt_bytes_t) -> Result<Option<&'a str>, c_int> {
     // SAFETY: forwarded from the caller.
     match unsafe { slice(bytes) } {
         None => Ok(None),
-        Some(raw) => core::str::from_utf8(raw)
-            .map(Some)
-            .map_err(|_| MQTT_ERR_INVALID_ARGUMENT),
+        Some(raw) => crate::codec::utf8(raw).map(Some).ok_or(MQTT_ERR_INVALID_ARGUMENT),
     }
 }
 

@@ -5,7 +5,8 @@
 //! - [`topic`]: topic name and filter rules, and matching.
 //! - [`session`]: packet ids, in-flight messages, keepalive and timeouts,
 //!   driven by the caller over `embedded_io` traits and a millisecond clock.
-//! - `ffi`: the C interface used by `modmqtt.c` (the only `unsafe` code).
+//! - `ffi`: the C interface used by `modmqtt.c` (the only `unsafe` code,
+//!   but for one audited line in [`codec::utf8`]).
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![deny(unsafe_code)]
 

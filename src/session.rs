@@ -101,6 +101,7 @@ impl<E> From<EncodeError<E>> for Error {
         match error {
             EncodeError::FieldTooLong | EncodeError::PacketTooLong => Error::TooLong,
             EncodeError::Io(_) => Error::Transport,
+            EncodeError::Closed => Error::Closed,
         }
     }
 }
@@ -111,6 +112,65 @@ impl<E> From<ReadExactError<E>> for Error {
             ReadExactError::UnexpectedEof => Error::Closed,
             ReadExactError::Other(_) => Error::Transport,
         }
+    }
+}
+
+/// The packet ids of the QoS 2 messages received and not yet released
+/// (PUBREL), oldest first, at most [`INBOUND_QOS2_MAX`]: when full,
+/// remembering one more forgets the oldest.
+#[derive(Debug)]
+struct RecentIds {
+    ids: [u16; INBOUND_QOS2_MAX],
+    len: u8,
+}
+
+impl RecentIds {
+    const fn new() -> Self {
+        RecentIds {
+            ids: [0; INBOUND_QOS2_MAX],
+            len: 0,
+        }
+    }
+
+    fn known(&self) -> &[u16] {
+        self.ids.get(..usize::from(self.len)).unwrap_or(&[])
+    }
+
+    fn contains(&self, id: u16) -> bool {
+        self.known().contains(&id)
+    }
+
+    fn remember(&mut self, id: u16) {
+        if usize::from(self.len) == INBOUND_QOS2_MAX {
+            self.remove_at(0);
+        }
+        if let Some(place) = self.ids.get_mut(usize::from(self.len)) {
+            *place = id;
+            self.len = self.len.saturating_add(1);
+        }
+    }
+
+    fn forget(&mut self, id: u16) {
+        if let Some(index) = self.known().iter().position(|&known| known == id) {
+            self.remove_at(index);
+        }
+    }
+
+    /// Removes the id at `index`, moving the younger ones down one place.
+    /// (By hand: `Vec::remove` and `rotate_left` bring panic code along.)
+    fn remove_at(&mut self, index: usize) {
+        let mut place = index;
+        while let Some(&younger) = self.known().get(place.saturating_add(1)) {
+            if let Some(slot) = self.ids.get_mut(place) {
+                *slot = younger;
+            }
+            place = place.saturating_add(1);
+        }
+        self.len = self.len.saturating_sub(1);
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
     }
 }
 
@@ -242,7 +302,7 @@ pub struct Session {
     keepalive_ms: u32,
     next_packet_id: u16,
     inflight: [Option<Inflight>; INFLIGHT_MAX],
-    inbound_qos2: heapless::Vec<u16, INBOUND_QOS2_MAX, u8>,
+    inbound_qos2: RecentIds,
     last_sent: u32,
     last_received: u32,
     ping_sent: Option<u32>,
@@ -327,7 +387,7 @@ impl Session {
             keepalive_ms: 0,
             next_packet_id: 1,
             inflight: [None; INFLIGHT_MAX],
-            inbound_qos2: heapless::Vec::new(),
+            inbound_qos2: RecentIds::new(),
             last_sent: 0,
             last_received: 0,
             ping_sent: None,
@@ -705,7 +765,7 @@ impl Session {
             return Ok(Event::Nothing);
         }
         let mut first = [0u8; 1];
-        io.read_exact(&mut first)?;
+        codec::read_exact(io, &mut first)?;
         self.last_received = now;
         let (kind, flags) = FixedHeader::check_first_byte(first[0])?;
         let remaining_length = read_remaining_length(io)?;
@@ -717,7 +777,7 @@ impl Session {
             .ok()
             .and_then(|len| body.get_mut(..len))
             .ok_or(Error::Malformed(DecodeError::BadLength))?;
-        io.read_exact(body)?;
+        codec::read_exact(io, body)?;
         let packet = codec::decode_body(kind, flags, body)?;
         self.handle(io, now, packet)
     }
@@ -735,7 +795,7 @@ impl Session {
             return Err(DecodeError::InvalidFlags.into());
         }
         let mut length = [0u8; 2];
-        io.read_exact(&mut length)?;
+        codec::read_exact(io, &mut length)?;
         let topic_len = u16::from_be_bytes(length);
         if topic_len == 0 {
             return Err(DecodeError::InvalidTopic.into());
@@ -776,28 +836,24 @@ impl Session {
         if topic.len() != usize::from(topic_len) {
             return Err(Error::WrongState);
         }
-        io.read_exact(topic)?;
+        codec::read_exact(io, topic)?;
         topic::check_name(topic).map_err(|_| DecodeError::InvalidTopic)?;
         let packet_id = if qos == QoS::AtMostOnce {
             0
         } else {
             let mut id = [0u8; 2];
-            io.read_exact(&mut id)?;
+            codec::read_exact(io, &mut id)?;
             match u16::from_be_bytes(id) {
                 0 => return Err(DecodeError::ZeroPacketId.into()),
                 id => id,
             }
         };
-        let deliver = !(qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&packet_id));
+        let deliver = !(qos == QoS::ExactlyOnce && self.inbound_qos2.contains(packet_id));
         if qos == QoS::ExactlyOnce && deliver {
             // Remembered before the application gets the message: if the
             // link dies before PUBREC leaves, the broker's resend is then
             // recognised and not delivered a second time.
-            if self.inbound_qos2.is_full() {
-                self.inbound_qos2.remove(0);
-            }
-            // Cannot fail: there is room now.
-            let _ = self.inbound_qos2.push(packet_id);
+            self.inbound_qos2.remember(packet_id);
         }
         let info = MessageInfo { packet_id, deliver };
         self.incoming = Incoming::Payload { payload_len, qos, info };
@@ -819,19 +875,19 @@ impl Session {
                 if u32::try_from(buffer.len()) != Ok(payload_len) {
                     return Err(Error::WrongState);
                 }
-                io.read_exact(buffer)?;
+                codec::read_exact(io, buffer)?;
             }
             None => {
                 if qos == QoS::ExactlyOnce && info.deliver {
                     // Skipped, so not delivered: the broker's resend must be.
-                    self.inbound_qos2.retain(|&pending| pending != info.packet_id);
+                    self.inbound_qos2.forget(info.packet_id);
                 }
                 let mut scratch = [0u8; 64];
                 let mut left = payload_len;
                 while left > 0 {
                     let chunk = scratch.len().min(usize::try_from(left).unwrap_or(scratch.len()));
                     let part = scratch.get_mut(..chunk).ok_or(Error::WrongState)?;
-                    io.read_exact(part)?;
+                    codec::read_exact(io, part)?;
                     left = left.saturating_sub(u32::try_from(chunk).unwrap_or(left));
                 }
             }
@@ -907,7 +963,7 @@ impl Session {
                 }
             }
             Packet::PubRel(id) => {
-                self.inbound_qos2.retain(|&pending| pending != id);
+                self.inbound_qos2.forget(id);
                 codec::write_ack(io, PacketType::PubComp, id)?;
                 self.last_sent = now;
             }
@@ -945,7 +1001,7 @@ fn read_remaining_length<T: Read>(io: &mut T) -> Result<u32, Error> {
     for used in 1..=bytes.len() {
         let read_so_far = bytes.get_mut(..used).ok_or(Error::WrongState)?;
         if let Some(last) = read_so_far.last_mut() {
-            io.read_exact(core::slice::from_mut(last))?;
+            codec::read_exact(io, core::slice::from_mut(last))?;
         }
         if let Some((value, _)) = codec::decode_remaining_length(read_so_far)? {
             return Ok(value);
