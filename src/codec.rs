@@ -134,6 +134,14 @@ pub enum EncodeError<E> {
     Closed,
 }
 
+/// Copies `source` to the start of `destination`, as many bytes as both
+/// hold (`copy_from_slice` without its panic path).
+pub fn copy(destination: &mut [u8], source: &[u8]) {
+    for (to, from) in destination.iter_mut().zip(source) {
+        *to = *from;
+    }
+}
+
 /// Writes all of `bytes` (embedded-io's `write_all` panics when a write
 /// takes nothing; a transport that does is treated as closed here).
 fn write_all<W: Write>(io: &mut W, mut bytes: &[u8]) -> Result<(), EncodeError<W::Error>> {
@@ -269,10 +277,7 @@ impl<'a> Reader<'a> {
     }
 
     pub fn take(&mut self, count: usize) -> Result<&'a [u8], DecodeError> {
-        if count > self.bytes.len() {
-            return Err(DecodeError::BadLength);
-        }
-        let (head, tail) = self.bytes.split_at(count);
+        let (head, tail) = self.bytes.split_at_checked(count).ok_or(DecodeError::BadLength)?;
         self.bytes = tail;
         Ok(head)
     }
@@ -489,6 +494,33 @@ pub fn decode_body(kind: PacketType, flags: u8, body: &[u8]) -> Result<Packet<'_
     let mut reader = Reader::new(body);
     let packet = match kind {
         PacketType::Connect => Packet::Connect(decode_connect(&mut reader)?),
+        PacketType::Subscribe => {
+            let packet_id = reader.packet_id()?;
+            let filters = FilterList::parse(reader.remaining(), true)?;
+            reader = Reader::new(&[]);
+            Packet::Subscribe { packet_id, filters }
+        }
+        PacketType::Unsubscribe => {
+            let packet_id = reader.packet_id()?;
+            let filters = FilterList::parse(reader.remaining(), false)?;
+            reader = Reader::new(&[]);
+            Packet::Unsubscribe { packet_id, filters }
+        }
+        _ => return decode_from_broker(kind, flags, body),
+    };
+    reader.finish()?;
+    Ok(packet)
+}
+
+/// Decodes the body of a packet that a broker may send: what the client
+/// needs, without the code for CONNECT, SUBSCRIBE and UNSUBSCRIBE (which
+/// only a broker reads). Those three give [`DecodeError::UnknownPacketType`].
+pub fn decode_from_broker(kind: PacketType, flags: u8, body: &[u8]) -> Result<Packet<'_>, DecodeError> {
+    let mut reader = Reader::new(body);
+    let packet = match kind {
+        PacketType::Connect | PacketType::Subscribe | PacketType::Unsubscribe => {
+            return Err(DecodeError::UnknownPacketType);
+        }
         PacketType::ConnAck => {
             let ack_flags = reader.u8()?;
             if ack_flags & 0xfe != 0 {
@@ -530,12 +562,6 @@ pub fn decode_body(kind: PacketType, flags: u8, body: &[u8]) -> Result<Packet<'_
         PacketType::PubRec => Packet::PubRec(reader.packet_id()?),
         PacketType::PubRel => Packet::PubRel(reader.packet_id()?),
         PacketType::PubComp => Packet::PubComp(reader.packet_id()?),
-        PacketType::Subscribe => {
-            let packet_id = reader.packet_id()?;
-            let filters = FilterList::parse(reader.remaining(), true)?;
-            reader = Reader::new(&[]);
-            Packet::Subscribe { packet_id, filters }
-        }
         PacketType::SubAck => {
             let packet_id = reader.packet_id()?;
             let codes = reader.remaining();
@@ -547,12 +573,6 @@ pub fn decode_body(kind: PacketType, flags: u8, body: &[u8]) -> Result<Packet<'_
             }
             reader = Reader::new(&[]);
             Packet::SubAck { packet_id, codes }
-        }
-        PacketType::Unsubscribe => {
-            let packet_id = reader.packet_id()?;
-            let filters = FilterList::parse(reader.remaining(), false)?;
-            reader = Reader::new(&[]);
-            Packet::Unsubscribe { packet_id, filters }
         }
         PacketType::UnsubAck => Packet::UnsubAck(reader.packet_id()?),
         PacketType::PingReq => Packet::PingReq,
@@ -655,13 +675,13 @@ impl<'w, W: Write> PacketWriter<'w, W> {
     pub fn put_bytes(&mut self, bytes: &[u8]) -> Result<(), EncodeError<W::Error>> {
         let end = self.used.checked_add(bytes.len());
         if let Some(slot) = end.and_then(|end| self.buffer.get_mut(self.used..end)) {
-            slot.copy_from_slice(bytes);
+            copy(slot, bytes);
             self.used = end.unwrap_or(self.used);
             return Ok(());
         }
         self.flush_gathered()?;
         if let Some(slot) = self.buffer.get_mut(..bytes.len()) {
-            slot.copy_from_slice(bytes);
+            copy(slot, bytes);
             self.used = bytes.len();
             return Ok(());
         }

@@ -349,9 +349,7 @@ impl<T: Read> Read for Reading<'_, T> {
         }
         let available = self.ahead.buffered();
         let count = available.len().min(buf.len());
-        if let (Some(destination), Some(source)) = (buf.get_mut(..count), available.get(..count)) {
-            destination.copy_from_slice(source);
-        }
+        codec::copy(buf, available);
         // count <= READ_AHEAD_LEN, which fits a u8.
         self.ahead.start = self.ahead.start.saturating_add(u8::try_from(count).unwrap_or(0));
         Ok(count)
@@ -778,7 +776,7 @@ impl Session {
             .and_then(|len| body.get_mut(..len))
             .ok_or(Error::Malformed(DecodeError::BadLength))?;
         codec::read_exact(io, body)?;
-        let packet = codec::decode_body(kind, flags, body)?;
+        let packet = codec::decode_from_broker(kind, flags, body)?;
         self.handle(io, now, packet)
     }
 
