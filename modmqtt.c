@@ -39,6 +39,35 @@
 #define MQTT_POSIX_POLL (0)
 #endif
 
+// How connect(start_loop=True) runs the loop on this port, the way that
+// costs the least heap:
+// - scheduled: cycles run on the interpreter's thread, through the
+//   scheduler, when the socket signals input and when a timer expires; no
+//   thread, no stack. Ports with lwIP sockets (rp2 Pico W, esp8266) signal
+//   input through socket option 20 and time with machine.Timer; so does
+//   every rp2 board, where a thread's stack would take 4 KiB of the heap (a
+//   stream without an arrival signal, a UART, is polled by the timer). The
+//   unix port without threads (the stand-in for those boards in the tests)
+//   uses SIGIO and SIGALRM.
+// - thread: a thread of its own (unix; esp32, whose thread stacks are
+//   outside the heap).
+// - neither (the qemu boards): the application calls cycle().
+#if MICROPY_PY_LWIP || PICO_ON_DEVICE
+#define MQTT_LOOP_SCHEDULED (1)
+#define MQTT_WAKE_BY_SIGNAL (0)
+#elif MQTT_POSIX_POLL && !MICROPY_PY_THREAD
+#define MQTT_LOOP_SCHEDULED (1)
+#define MQTT_WAKE_BY_SIGNAL (1)
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/time.h>
+#include <unistd.h>
+#else
+#define MQTT_LOOP_SCHEDULED (0)
+#define MQTT_WAKE_BY_SIGNAL (0)
+#endif
+#define MQTT_LOOP_THREAD (MICROPY_PY_THREAD && !MQTT_LOOP_SCHEDULED)
+
 // Largest incoming packet accepted unless the Client is told otherwise.
 #define MQTT_DEFAULT_MAX_PACKET (1024 * 1024)
 
@@ -94,6 +123,23 @@ typedef struct _mp_obj_mqtt_client_t {
     struct _mp_state_thread_t *volatile callback_thread;
     #else
     volatile bool in_callback;
+    #endif
+    #if MQTT_LOOP_SCHEDULED
+    // What the socket's arrival signal and the timer call: this client's
+    // wake(), bound. Made on the first connect.
+    mp_obj_t wake;
+    #if MQTT_WAKE_BY_SIGNAL
+    // When the client wants its next scheduled cycle (ticks_ms).
+    uint32_t wake_at;
+    #else
+    // The machine.Timer of the scheduled loop, made when first needed.
+    mp_obj_t timer;
+    #endif
+    // The link's socket signals arriving input; without that (a given
+    // stream) the timer polls every cycle_timeout.
+    bool input_signalled;
+    // A turn of the scheduled loop is running (callbacks included).
+    bool turning;
     #endif
     // The small fields last, packed: the object lives on the heap.
     int sock_fd;
@@ -213,8 +259,20 @@ static void *current_thread(mp_obj_mqtt_client_t *self) {
 // Whether the background loop runs on a thread other than the caller's:
 // then that thread reads the link and the caller only waits.
 static bool loop_on_other_thread(mp_obj_mqtt_client_t *self) {
-    #if MICROPY_PY_THREAD
+    #if MQTT_LOOP_THREAD
     return self->loop_state == LOOP_RUNNING && self->loop_thread != mp_thread_get_state();
+    #else
+    (void)self;
+    return false;
+    #endif
+}
+
+// Whether the scheduled loop runs (see MQTT_LOOP_SCHEDULED) and the
+// caller is not one of its turns: the counterpart of a loop thread that
+// is not the caller's.
+static bool scheduled_loop_elsewhere(mp_obj_mqtt_client_t *self) {
+    #if MQTT_LOOP_SCHEDULED
+    return self->loop_state == LOOP_RUNNING && !self->turning;
     #else
     (void)self;
     return false;
@@ -451,7 +509,26 @@ static mp_obj_t exception_for_status(mp_obj_mqtt_client_t *self, int status) {
     }
 }
 
+#if MQTT_LOOP_SCHEDULED
+static void wake_up_in(mp_obj_mqtt_client_t *self, uint32_t delay_ms);
+#endif
+
+// After a call of the application lost the link: with the scheduled loop
+// running, its next turn, at once, tells loop_failure, as it would have
+// if it had found the loss itself. (A loop thread finds it by itself.)
+static void notice_lost_link(mp_obj_mqtt_client_t *self) {
+    #if MQTT_LOOP_SCHEDULED
+    if (self->loop_state == LOOP_RUNNING && self->stream == MP_OBJ_NULL) {
+        wake_up_in(self, 0);
+    }
+    #else
+    (void)self;
+    #endif
+}
+
+// Raises what an engine status means for a call of the application.
 static NORETURN void raise_status(mp_obj_mqtt_client_t *self, int status) {
+    notice_lost_link(self);
     nlr_raise(exception_for_status(self, status));
 }
 
@@ -966,18 +1043,27 @@ static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket, bool p
             }
             raise_still_in_flight("timeout: no acknowledgement within command_timeout");
         }
-        if (state == MQTT_COMMAND_INTERRUPTED && !(publish && loop_on_other_thread(self))) {
+        // A loop that runs may reconnect (in loop_failure): a publish waits
+        // for that, letting a scheduled loop's turns run meanwhile.
+        bool loop_may_reconnect = publish && (loop_on_other_thread(self) || scheduled_loop_elsewhere(self));
+        if (state == MQTT_COMMAND_INTERRUPTED && !loop_may_reconnect) {
             if (publish) {
                 raise_still_in_flight("link lost before the acknowledgement: the message stays in flight");
             }
             mp_raise_OSError(MP_ENOTCONN);
         }
-        if (loop_on_other_thread(self)) {
+        if (loop_on_other_thread(self) || state == MQTT_COMMAND_INTERRUPTED) {
             pause_briefly(now_ms() - waited_since);
             continue;
         }
         int status = run_cycle(self, self->cycle_timeout_ms);
         if (status != MQTT_OK && status != MQTT_LINK_REPLACED) {
+            notice_lost_link(self);
+            if (loop_may_reconnect) {
+                // The scheduled loop's next turn tells loop_failure.
+                clear_pending(self);
+                continue;
+            }
             if (publish) {
                 clear_pending(self);
                 raise_still_in_flight("link lost before the acknowledgement: the message stays in flight");
@@ -994,6 +1080,12 @@ static mqtt_bytes_t optional_bytes(mp_obj_t object) {
     return object == mp_const_none ? no_bytes() : bytes_of_buffer(object);
 }
 
+#if MQTT_LOOP_SCHEDULED
+// The scheduled loop (below) watches each new link.
+static const mp_obj_fun_builtin_fixed_t client_wake_obj;
+static void watch_input(mp_obj_mqtt_client_t *self, mp_obj_t sock);
+#endif
+
 // Connects with the stored parameters. Returns the CONNACK return code;
 // raises OSError when the broker cannot be reached.
 static int do_connect(mp_obj_mqtt_client_t *self) {
@@ -1005,6 +1097,11 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
     mp_obj_t sock = MP_OBJ_NULL;
     mp_obj_t stream = MP_OBJ_NULL;
     open_link(self, &sock, &stream);
+    #if MQTT_LOOP_SCHEDULED
+    if (self->wake == MP_OBJ_NULL) {
+        self->wake = mp_obj_new_bound_meth(MP_OBJ_FROM_PTR(&client_wake_obj), MP_OBJ_FROM_PTR(self));
+    }
+    #endif
 
     mqtt_connect_t options = {
         .client_id = bytes_of_str(self->client_id, "client_id"),
@@ -1023,6 +1120,9 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
     self->owns_stream = option(self, OPTION_STREAM) == mp_const_none;
     self->sock_fd = socket_fd(sock);
     self->return_code = -1;
+    #if MQTT_LOOP_SCHEDULED
+    watch_input(self, sock);
+    #endif
     clear_pending(self);
     if (self->clean_session && self->held != NULL) {
         memset(self->held, 0, sizeof(mp_obj_t) * 2 * MQTT_INFLIGHT_MAX);
@@ -1124,7 +1224,7 @@ static bool loop_failure_recovers(mp_obj_mqtt_client_t *self) {
     return verdict != MP_OBJ_NULL && mp_obj_is_small_int(verdict) && MP_OBJ_SMALL_INT_VALUE(verdict) == MQTT_RECOVERED;
 }
 
-#if MICROPY_PY_THREAD
+#if MQTT_LOOP_THREAD
 // Runs the loop until it is stopped or a failure is not recovered.
 static void run_loop(mp_obj_mqtt_client_t *self) {
     while (self->loop_state == LOOP_RUNNING) {
@@ -1170,11 +1270,279 @@ static void *loop_thread(void *arg) {
 }
 #endif
 
+#if MQTT_LOOP_SCHEDULED
+// The scheduled loop: no thread; each turn runs on the interpreter's
+// thread, between two bytecodes of the application, and never waits.
+
+// Most cycles one turn runs before it lets the application go on.
+#define MQTT_CYCLES_PER_TURN (8)
+
+#if MQTT_WAKE_BY_SIGNAL
+// On the unix port without threads the scheduler has no atomic sections,
+// so a signal that races its bookkeeping can be lost: wake up at least
+// this often whatever the timers say.
+#define MQTT_LONGEST_SLEEP_MS (1000)
+#else
+#define MQTT_LONGEST_SLEEP_MS (60000)
+#endif
+
+// Whether the link has input waiting (read ahead by the engine, or in the
+// stream). Called on the interpreter's thread.
+static bool input_waiting(mp_obj_mqtt_client_t *self) {
+    client_lock(self);
+    bool waiting = self->stream != MP_OBJ_NULL && mqtt_session_has_input(self->session);
+    mp_obj_t stream = self->stream;
+    client_unlock(self);
+    if (waiting || stream == MP_OBJ_NULL) {
+        return waiting;
+    }
+    int errcode = 0;
+    mp_uint_t ready = stream_poll(stream, MP_STREAM_POLL_RD, &errcode);
+    return ready != MP_STREAM_ERROR && (ready & (MP_STREAM_POLL_RD | MP_STREAM_POLL_HUP | MP_STREAM_POLL_ERR));
+}
+
+static void stop_scheduled(mp_obj_mqtt_client_t *self);
+
+// The body of a turn: the cycles for what has arrived, then the timer for
+// what is due next (a keepalive ping, an acknowledgement's deadline).
+static void run_turn(mp_obj_mqtt_client_t *self) {
+    if (self->reader != NULL) {
+        // This turn runs inside a call of the client that reads the link
+        // (it waits for an acknowledgement): that call takes the input.
+        wake_up_in(self, self->cycle_timeout_ms);
+        return;
+    }
+    for (int cycle = 0; cycle < MQTT_CYCLES_PER_TURN; cycle++) {
+        int status = run_cycle(self, 0);
+        if (status != MQTT_OK && status != MQTT_LINK_REPLACED) {
+            clear_pending(self);
+            if (self->loop_state != LOOP_RUNNING || !loop_failure_recovers(self)) {
+                stop_scheduled(self);
+                return;
+            }
+        }
+        if (self->loop_state != LOOP_RUNNING) {
+            return;
+        }
+        if (!input_waiting(self)) {
+            break;
+        }
+    }
+    uint32_t delay_ms = 0;
+    if (!input_waiting(self)) {
+        uint32_t longest = self->input_signalled ? MQTT_LONGEST_SLEEP_MS : self->cycle_timeout_ms;
+        client_lock(self);
+        delay_ms = self->stream == MP_OBJ_NULL
+            ? self->cycle_timeout_ms
+            : mqtt_session_next_timer(self->session, now_ms(), longest);
+        client_unlock(self);
+    }
+    wake_up_in(self, delay_ms);
+}
+
+// One turn of the scheduled loop, unless one runs already (a callback of
+// this turn may wait in a way that lets the scheduler run).
+static void scheduled_turn(mp_obj_mqtt_client_t *self) {
+    if (self->loop_state != LOOP_RUNNING || self->turning) {
+        return;
+    }
+    self->turning = true;
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        run_turn(self);
+        nlr_pop();
+        self->turning = false;
+    } else {
+        self->turning = false;
+        nlr_jump(nlr.ret_val);
+    }
+}
+
+// Client._wake(arg): what the arrival signal and the timer call (`arg` is
+// the socket or the timer).
+static mp_obj_t client_wake(mp_obj_t self_in, mp_obj_t arg) {
+    (void)arg;
+    scheduled_turn(client_of(self_in));
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_2(client_wake_obj, client_wake);
+
+#if MQTT_WAKE_BY_SIGNAL
+// SIGIO reports input on any socket the clients watch; SIGALRM is the one
+// timer, set for the client that is due first. Either schedules one turn
+// of every client whose loop runs (those in mqtt_signal_clients).
+MP_REGISTER_ROOT_POINTER(mp_obj_t mqtt_signal_clients);
+
+static volatile sig_atomic_t turns_scheduled;
+
+static mp_obj_t list_of_signal_clients(void) {
+    if (MP_STATE_VM(mqtt_signal_clients) == MP_OBJ_NULL) {
+        MP_STATE_VM(mqtt_signal_clients) = mp_obj_new_list(0, NULL);
+    }
+    return MP_STATE_VM(mqtt_signal_clients);
+}
+
+// Sets SIGALRM for the client that wants to wake up first.
+static void set_alarm(void) {
+    size_t n;
+    mp_obj_t *clients;
+    mp_obj_list_get(list_of_signal_clients(), &n, &clients);
+    uint32_t now = now_ms();
+    int32_t soonest = n > 0 ? MQTT_LONGEST_SLEEP_MS : 0;
+    for (size_t i = 0; i < n; i++) {
+        int32_t left = (int32_t)(client_of(clients[i])->wake_at - now);
+        soonest = left < soonest ? left : soonest;
+    }
+    // A zero timer would disarm: one millisecond is the soonest.
+    soonest = (n > 0 && soonest < 1) ? 1 : soonest;
+    struct itimerval timer = {
+        .it_value = { .tv_sec = soonest / 1000, .tv_usec = (soonest % 1000) * 1000 },
+    };
+    setitimer(ITIMER_REAL, &timer, NULL);
+}
+
+// Runs a turn of every client whose loop runs.
+static mp_obj_t run_signal_turns(mp_obj_t unused) {
+    (void)unused;
+    turns_scheduled = 0;
+    mp_obj_t list = list_of_signal_clients();
+    size_t n;
+    mp_obj_t *clients;
+    mp_obj_list_get(list, &n, &clients);
+    // A turn may stop its client, which leaves the list: walk down, and
+    // read the list afresh each time.
+    for (size_t i = n; i-- > 0;) {
+        mp_obj_list_get(list, &n, &clients);
+        if (i < n) {
+            scheduled_turn(client_of(clients[i]));
+        }
+    }
+    set_alarm();
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(run_signal_turns_obj, run_signal_turns);
+
+static void on_signal(int signal_number) {
+    (void)signal_number;
+    if (!turns_scheduled) {
+        turns_scheduled = 1;
+        if (!mp_sched_schedule(MP_OBJ_FROM_PTR(&run_signal_turns_obj), mp_const_none)) {
+            // The scheduler's queue is full: the alarm tries again.
+            turns_scheduled = 0;
+        }
+    }
+}
+
+static void install_signal_handlers(void) {
+    static bool installed;
+    if (installed) {
+        return;
+    }
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = on_signal;
+    // Interrupted system calls of the application go on by themselves.
+    action.sa_flags = SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    sigaddset(&action.sa_mask, SIGIO);
+    sigaddset(&action.sa_mask, SIGALRM);
+    sigaction(SIGIO, &action, NULL);
+    sigaction(SIGALRM, &action, NULL);
+    installed = true;
+}
+
+static void wake_up_in(mp_obj_mqtt_client_t *self, uint32_t delay_ms) {
+    self->wake_at = now_ms() + delay_ms;
+    set_alarm();
+}
+
+// Makes the link's socket signal arriving input (SIGIO).
+static void watch_input(mp_obj_mqtt_client_t *self, mp_obj_t sock) {
+    (void)sock;
+    install_signal_handlers();
+    int flags = self->sock_fd < 0 ? -1 : fcntl(self->sock_fd, F_GETFL);
+    self->input_signalled = flags >= 0
+        && fcntl(self->sock_fd, F_SETOWN, getpid()) == 0
+        && fcntl(self->sock_fd, F_SETFL, flags | O_ASYNC) == 0;
+}
+
+static void start_scheduled(mp_obj_mqtt_client_t *self) {
+    mp_obj_t list = list_of_signal_clients();
+    mp_obj_list_append(list, MP_OBJ_FROM_PTR(self));
+    self->loop_state = LOOP_RUNNING;
+    wake_up_in(self, 0);
+}
+
+static void stop_scheduled(mp_obj_mqtt_client_t *self) {
+    self->loop_state = LOOP_STOPPED;
+    mp_obj_t list = list_of_signal_clients();
+    size_t n;
+    mp_obj_t *clients;
+    mp_obj_list_get(list, &n, &clients);
+    for (size_t i = 0; i < n; i++) {
+        if (clients[i] == MP_OBJ_FROM_PTR(self)) {
+            mp_obj_list_remove(list, clients[i]);
+            break;
+        }
+    }
+    set_alarm();
+}
+
+#else // lwIP sockets and machine.Timer
+
+static void wake_up_in(mp_obj_mqtt_client_t *self, uint32_t delay_ms) {
+    if (self->timer == MP_OBJ_NULL) {
+        mp_obj_t machine = mp_import_name(MP_QSTR_machine, mp_const_none, MP_OBJ_NEW_SMALL_INT(0));
+        mp_obj_t virtual_timer = MP_OBJ_NEW_SMALL_INT(-1);
+        self->timer = mp_call_function_n_kw(mp_load_attr(machine, MP_QSTR_Timer), 1, 0, &virtual_timer);
+    }
+    // timer.init(mode=Timer.ONE_SHOT, period=delay_ms, callback=wake)
+    mp_obj_t call[2 + 6];
+    mp_load_method(self->timer, MP_QSTR_init, call);
+    call[2] = MP_OBJ_NEW_QSTR(MP_QSTR_mode);
+    call[3] = mp_load_attr(self->timer, MP_QSTR_ONE_SHOT);
+    call[4] = MP_OBJ_NEW_QSTR(MP_QSTR_period);
+    call[5] = mp_obj_new_int_from_uint(delay_ms > 0 ? delay_ms : 1);
+    call[6] = MP_OBJ_NEW_QSTR(MP_QSTR_callback);
+    call[7] = self->wake;
+    mp_call_method_n_kw(0, 3, call);
+}
+
+// Makes the link's socket call wake() when input arrives (lwIP's socket
+// option 20). A given stream that cannot is polled by the timer.
+static void watch_input(mp_obj_mqtt_client_t *self, mp_obj_t sock) {
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        mp_obj_t option[3] = { MP_OBJ_NEW_SMALL_INT(1), MP_OBJ_NEW_SMALL_INT(20), self->wake };
+        call_method(sock, MP_QSTR_setsockopt, 3, option);
+        nlr_pop();
+        self->input_signalled = true;
+    } else {
+        self->input_signalled = false;
+    }
+}
+
+static void start_scheduled(mp_obj_mqtt_client_t *self) {
+    self->loop_state = LOOP_RUNNING;
+    wake_up_in(self, 0);
+}
+
+static void stop_scheduled(mp_obj_mqtt_client_t *self) {
+    self->loop_state = LOOP_STOPPED;
+    if (self->timer != MP_OBJ_NULL) {
+        call_method(self->timer, MP_QSTR_deinit, 0, NULL);
+    }
+}
+#endif
+#endif // MQTT_LOOP_SCHEDULED
+
 static void start_loop(mp_obj_mqtt_client_t *self) {
     if (self->loop_state == LOOP_RUNNING) {
         return;
     }
-    #if MICROPY_PY_THREAD
+    #if MQTT_LOOP_SCHEDULED
+    start_scheduled(self);
+    #elif MQTT_LOOP_THREAD
     // A loop that is still stopping ends within one cycle.
     uint32_t start = now_ms();
     while (self->loop_state == LOOP_STOPPING && now_ms() - start < self->cycle_timeout_ms + 1000) {
@@ -1194,7 +1562,8 @@ static void start_loop(mp_obj_mqtt_client_t *self) {
         nlr_jump(nlr.ret_val);
     }
     #else
-    // Without threads the application drives the loop with cycle().
+    // Nothing runs the loop in the background: the application calls
+    // cycle(), from its main loop or an asyncio task.
     (void)self;
     #endif
 }
@@ -1202,7 +1571,7 @@ static void start_loop(mp_obj_mqtt_client_t *self) {
 // ---------------------------------------------------------------------------
 // The Client class
 
-// Client(client_id, clean_session=True, cycle_timeout=500, command_timeout=60000, max_packet_size=1048576)
+// Client(client_id, clean_session=True, cycle_timeout=500, command_timeout=60000, *, max_packet_size=1048576)
 static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t n_kw, const mp_obj_t *all_args) {
     enum { ARG_client_id, ARG_clean_session, ARG_cycle_timeout, ARG_command_timeout, ARG_max_packet_size };
     static const mp_arg_t allowed[] = {
@@ -1262,6 +1631,16 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     #else
     self->in_callback = false;
     #endif
+    #if MQTT_LOOP_SCHEDULED
+    self->wake = MP_OBJ_NULL;
+    #if MQTT_WAKE_BY_SIGNAL
+    self->wake_at = 0;
+    #else
+    self->timer = MP_OBJ_NULL;
+    #endif
+    self->input_signalled = false;
+    self->turning = false;
+    #endif
     mqtt_config_t config = { .command_timeout_ms = command_timeout, .max_packet_size = max_packet_size };
     if (mqtt_session_init(self->session, words * sizeof(uint64_t), &config) != MQTT_OK) {
         mp_raise_msg(&mp_type_RuntimeError, MP_ERROR_TEXT("mqtt engine init failed"));
@@ -1319,7 +1698,7 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
             mp_raise_TypeError(MP_ERROR_TEXT("callbacks must be callable or None"));
         }
     }
-    if (loop_on_other_thread(self)) {
+    if (loop_on_other_thread(self) || (scheduled_loop_elsewhere(self))) {
         mp_raise_OSError(MP_EBUSY);
     }
     self->host = args[ARG_host].u_obj;
@@ -1391,7 +1770,7 @@ static MP_DEFINE_CONST_FUN_OBJ_1(client_loop_obj, client_loop);
 // Client.cycle(): run one loop cycle on the calling thread
 static mp_obj_t client_cycle(mp_obj_t self_in) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
-    if (loop_on_other_thread(self)) {
+    if (loop_on_other_thread(self) || (scheduled_loop_elsewhere(self))) {
         mp_raise_OSError(MP_EBUSY);
     }
     int status = run_cycle(self, self->cycle_timeout_ms);
@@ -1409,10 +1788,17 @@ static mp_obj_t client_cycle(mp_obj_t self_in) {
 static MP_DEFINE_CONST_FUN_OBJ_1(client_cycle_obj, client_cycle);
 
 // Client.set_username_pw(username, password='')
-static mp_obj_t client_set_username_pw(size_t n_args, const mp_obj_t *args) {
-    mp_obj_mqtt_client_t *self = client_of(args[0]);
-    mqtt_bytes_t username = bytes_of_str(args[1], "username");
-    mp_obj_t password = n_args > 2 ? args[2] : mp_const_none;
+static mp_obj_t client_set_username_pw(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+    enum { ARG_username, ARG_password };
+    static const mp_arg_t allowed[] = {
+        { MP_QSTR_username, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_password, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+    };
+    mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
+    mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
+    mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
+    mqtt_bytes_t username = bytes_of_str(args[ARG_username].u_obj, "username");
+    mp_obj_t password = args[ARG_password].u_obj;
     if (password != mp_const_none) {
         mqtt_bytes_t bytes = bytes_of_buffer(password);
         password = bytes.len == 0 ? mp_const_none : password;
@@ -1423,11 +1809,11 @@ static mp_obj_t client_set_username_pw(size_t n_args, const mp_obj_t *args) {
     if (username.len > 65535) {
         mp_raise_ValueError(MP_ERROR_TEXT("username too long"));
     }
-    set_option(self, OPTION_USERNAME, args[1]);
+    set_option(self, OPTION_USERNAME, args[ARG_username].u_obj);
     set_option(self, OPTION_PASSWORD, password);
     return mp_const_none;
 }
-static MP_DEFINE_CONST_FUN_OBJ_VAR_BETWEEN(client_set_username_pw_obj, 2, 3, client_set_username_pw);
+static MP_DEFINE_CONST_FUN_OBJ_KW(client_set_username_pw_obj, 2, client_set_username_pw);
 
 // Client.set_will(topic, payload, qos=0, retain=False)
 static mp_obj_t client_set_will(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
@@ -1640,10 +2026,20 @@ static mp_obj_t client_unsubscribe(mp_obj_t self_in, mp_obj_t filter) {
 static MP_DEFINE_CONST_FUN_OBJ_2(client_unsubscribe_obj, client_unsubscribe);
 
 // Client.disconnect(timeout=None)
-static mp_obj_t client_disconnect(size_t n_args, const mp_obj_t *args) {
-    mp_obj_mqtt_client_t *self = client_of(args[0]);
-    mp_obj_t timeout_obj = n_args > 1 ? args[1] : mp_const_none;
+static mp_obj_t client_disconnect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+    static const mp_arg_t allowed[] = {
+        { MP_QSTR_timeout, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+    };
+    mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
+    mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
+    mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
+    mp_obj_t timeout_obj = args[0].u_obj;
     uint32_t timeout = timeout_obj == mp_const_none ? 0 : non_negative_of(timeout_obj, "timeout");
+    #if MQTT_LOOP_SCHEDULED
+    if (self->loop_state == LOOP_RUNNING) {
+        stop_scheduled(self);
+    }
+    #endif
     client_lock(self);
     if (self->loop_state == LOOP_RUNNING) {
         self->loop_state = LOOP_STOPPING;
@@ -1665,7 +2061,7 @@ static mp_obj_t client_disconnect(size_t n_args, const mp_obj_t *args) {
     }
     return mp_const_none;
 }
-static MP_DEFINE_CONST_FUN_OBJ_VAR_BETWEEN(client_disconnect_obj, 1, 2, client_disconnect);
+static MP_DEFINE_CONST_FUN_OBJ_KW(client_disconnect_obj, 1, client_disconnect);
 
 static const mp_rom_map_elem_t client_locals_table[] = {
     { MP_ROM_QSTR(MP_QSTR_connect), MP_ROM_PTR(&client_connect_obj) },
@@ -1706,6 +2102,14 @@ static const mp_rom_map_elem_t mqtt_module_globals_table[] = {
     { MP_ROM_QSTR(MP_QSTR_SUBSCRIBE_FAILED), MP_ROM_INT(MQTT_EXC_SUBSCRIBE_FAILED) },
     { MP_ROM_QSTR(MP_QSTR_TIMEOUT), MP_ROM_INT(MQTT_EXC_TIMEOUT) },
     { MP_ROM_QSTR(MP_QSTR_PROTOCOL_ERROR), MP_ROM_INT(MQTT_EXC_PROTOCOL) },
+    // What connect(start_loop=True) starts on this port.
+    #if MQTT_LOOP_SCHEDULED
+    { MP_ROM_QSTR(MP_QSTR_LOOP), MP_ROM_QSTR(MP_QSTR_scheduled) },
+    #elif MQTT_LOOP_THREAD
+    { MP_ROM_QSTR(MP_QSTR_LOOP), MP_ROM_QSTR(MP_QSTR_thread) },
+    #else
+    { MP_ROM_QSTR(MP_QSTR_LOOP), MP_ROM_QSTR(MP_QSTR_cycle) },
+    #endif
 };
 static MP_DEFINE_CONST_DICT(mqtt_module_globals, mqtt_module_globals_table);
 

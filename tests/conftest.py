@@ -16,6 +16,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from broker import Broker  # noqa: E402 (found through the path above)
 
 
+def firmware_loop():
+    """What connect(start_loop=True) starts in the firmware under test:
+    'thread', 'scheduled' (a firmware without threads) or 'cycle'."""
+    if not FIRMWARE.exists():
+        return "unknown"
+    result = subprocess.run(
+        [str(FIRMWARE), "-c", "import mqtt; print(mqtt.LOOP)"], capture_output=True, text=True, timeout=30
+    )
+    return result.stdout.strip()
+
+
+LOOP = firmware_loop()
+
+# For tests of what only threads can do (two threads calling the client at
+# once, a callback that blocks the loop's thread while the main one goes on).
+needs_threads = pytest.mark.skipif(LOOP != "thread", reason="the firmware has no threads")
+
+
 @pytest.fixture
 def broker(tmp_path):
     server = Broker(tmp_path)

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import needs_threads
 from peer import Peer
 
 SIZES = [0, 1, 64, 10 * 1024, 200 * 1024]
@@ -307,6 +308,9 @@ def test_publish_from_inside_a_callback(broker, micropython):
 
 def test_publishing_from_main_thread_while_messages_stream_in(broker, micropython):
     count = 2000
+    # The peer listens before the script starts publishing.
+    peer = Peer(broker.port)
+    peer.subscribe("back", qos=2)
     process = micropython.start(
         """
         got = []
@@ -326,8 +330,6 @@ def test_publishing_from_main_thread_while_messages_stream_in(broker, micropytho
         PORT=broker.port,
         COUNT=count,
     )
-    peer = Peer(broker.port)
-    peer.subscribe("back", qos=2)
     assert process.stdout.readline().strip() == "ready"
     for i in range(count):
         peer.client.publish("stream", str(i), qos=1)
@@ -562,6 +564,7 @@ def test_subscribe_and_unsubscribe_from_inside_a_callback(broker, micropython):
     assert output.strip() == "[('control', b'subscribe'), ('late', b'one'), ('control', b'unsubscribe')]"
 
 
+@needs_threads
 def test_disconnect_waits_for_the_loop_only_as_long_as_asked(broker, micropython):
     output = micropython.run(
         """

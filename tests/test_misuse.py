@@ -1,7 +1,10 @@
 """Calls in the wrong state or at the wrong time: each gives a clear
 exception or a documented harmless result, never a crash or a hang."""
 
+from conftest import needs_threads
 
+
+@needs_threads
 def test_two_threads_publish_at_once(broker, micropython):
     output = micropython.run(
         """
@@ -125,6 +128,7 @@ def test_calls_in_the_wrong_state(broker, micropython):
     ], output
 
 
+@needs_threads
 def test_two_threads_running_cycles_without_a_loop(broker, micropython):
     """With no background loop, each QoS 1 publish reads the link itself;
     two threads doing so at once take turns, and messages reach the

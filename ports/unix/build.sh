@@ -14,31 +14,20 @@
 #
 # MQTT_SANITIZE=1 builds .build/unix-sanitize/micropython instead, with
 # AddressSanitizer and UndefinedBehaviorSanitizer.
+#
+# MQTT_THREAD=0 builds .build/unix-nothread/micropython instead, without
+# threads (MICROPY_PY_THREAD=0), like ESP8266-class boards: the client's
+# loop then runs as scheduled cycles on the interpreter's thread.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 work="$repo/.build"
+# shellcheck source=ports/debian.sh
+source "$repo/ports/debian.sh"
 micropython=${1:-${MICROPY_DIR:-}}
 
-fetch_micropython() {
-    local cache="$work/micropython-source"
-    local tree
-    tree=$(find "$cache" -maxdepth 1 -type d -name 'micropython-1.25*' 2>/dev/null | head -n 1)
-    if [[ -z "$tree" ]]; then
-        echo "Fetching Debian's micropython 1.25 source package..." >&2
-        mkdir -p "$cache/lists/partial"
-        echo "deb-src http://deb.debian.org/debian trixie main" > "$cache/sources.list"
-        local apt_options=(-o "Dir::State::Lists=$cache/lists" -o "Dir::Etc::SourceList=$cache/sources.list"
-                           -o "Dir::Etc::SourceParts=/dev/null" -o "APT::Sandbox::User=root")
-        apt-get -qq "${apt_options[@]}" update >&2
-        (cd "$cache" && apt-get -qq "${apt_options[@]}" source micropython >&2)
-        tree=$(find "$cache" -maxdepth 1 -type d -name 'micropython-1.25*' | head -n 1)
-    fi
-    echo "$tree"
-}
-
 if [[ -z "$micropython" ]]; then
-    micropython=$(fetch_micropython)
+    micropython=$(micropython_source)
 fi
 micropython=$(cd "$micropython" && pwd)
 
@@ -65,11 +54,21 @@ if [[ -n "${MQTT_SANITIZE:-}" ]]; then
     sanitize=(CFLAGS_EXTRA="$flags" LDFLAGS_EXTRA="$flags" STRIP=)
 fi
 
+threads=()
+if [[ "${MQTT_THREAD:-1}" == 0 ]]; then
+    build="$work/unix-nothread"
+    threads=(MICROPY_PY_THREAD=0)
+fi
+
+# Frozen modules are compiled against the firmware's qstr table but not
+# rebuilt when a module's C source adds a qstr: regenerate them each time.
+rm -f "$build/frozen_content.c"
+
 jobs=$(nproc 2>/dev/null || echo 2)
 make -s -C "$micropython/mpy-cross" -j"$jobs" >&2
 make -s -C "$micropython/ports/unix" -j"$jobs" \
     BUILD="$build" \
     USER_C_MODULES="$work/usermod" \
     FROZEN_MANIFEST="$manifest" \
-    MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 "${sanitize[@]}" >&2
+    MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 "${sanitize[@]}" "${threads[@]}" >&2
 echo "$build/micropython"
