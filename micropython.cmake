@@ -60,6 +60,7 @@ add_custom_command(
         --remove-section=.llvmbc --remove-section=.llvmcmd
         --remove-section=.ARM.exidx* --remove-section=.ARM.extab*
         ${MQTT_ENGINE_OBJ}.full ${MQTT_ENGINE_OBJ}
+    COMMAND ${CMAKE_COMMAND} -E rm -f ${MQTT_ENGINE_OBJ}.full
     DEPENDS ${MQTT_RUST_SOURCES} ${MQTT_MOD_DIR}/Cargo.toml ${MQTT_MOD_DIR}/Cargo.lock ${MQTT_MOD_DIR}/mqtt_engine.h
     COMMENT "Building the mqtt engine for ${MQTT_RUST_TARGET}"
     VERBATIM
