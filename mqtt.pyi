@@ -1,0 +1,135 @@
+"""Type stub of `mqtt`, the MQTT 3.1.1 client module compiled into the firmware.
+
+It describes what modmqtt.c defines, for editors and type checkers;
+tests/test_stub.py checks it against the firmware.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal, Protocol
+
+# What a payload or a password may be: a str or any object with the buffer
+# protocol (bytes, bytearray, memoryview, array...).
+_Buffer = str | bytes | bytearray | memoryview
+
+class _Stream(Protocol):
+    """An already-connected stream: a socket, a machine.UART, or an io.IOBase
+    subclass, which must also define ioctl(request, arg) to answer polls."""
+
+    def readinto(self, buf: bytearray, /) -> int | None: ...
+    def write(self, buf: bytearray, /) -> int | None: ...
+
+class _SSLContext(Protocol):
+    """An SSLContext of the `tls` (or `ssl`) module."""
+
+    def wrap_socket(self, sock: _Stream, /, *, server_hostname: str | None) -> _Stream: ...
+
+class _MessageCallback(Protocol):
+    def __call__(self, client: Client, payload: bytes, topic: str, /) -> None: ...
+
+class _ClientCallback(Protocol):
+    def __call__(self, client: Client, /) -> None: ...
+
+class _LoopFailure(Protocol):
+    def __call__(self, client: Client, /) -> int: ...
+
+class MQTTException(Exception):
+    """Raised with (code, text): a refused connection (code 1-5),
+    SUBSCRIBE_FAILED, TIMEOUT or PROTOCOL_ERROR."""
+
+    args: tuple[int, str]
+    def __init__(self, code: int, text: str, /) -> None: ...
+
+# What loop_failure returns: end the loop, or keep it going.
+BREAK_LOOP: Final[int] = 0
+RECOVERED: Final[int] = 1
+
+# CONNACK return codes, as reconnect() and get_return_code() give them and
+# as MQTTException carries a refusal.
+CONNECTION_ACCEPTED: Final[int] = 0
+CONNECTION_REFUSED_PROTOCOL_VERSION: Final[int] = 1
+CONNECTION_REFUSED_IDENTIFIER_REJECTED: Final[int] = 2
+CONNECTION_REFUSED_SERVER_UNAVAILABLE: Final[int] = 3
+CONNECTION_REFUSED_BAD_USERNAME_PASSWORD: Final[int] = 4
+CONNECTION_REFUSED_NOT_AUTHORIZED: Final[int] = 5
+
+# The other codes of MQTTException.
+SUBSCRIBE_FAILED: Final[int] = 0x80
+TIMEOUT: Final[int] = 0x100
+PROTOCOL_ERROR: Final[int] = 0x101
+
+# What connect(start_loop=True) starts on this port: a background thread,
+# turns run by the scheduler, or nothing ('cycle': call Client.cycle()).
+LOOP: Final[Literal["thread", "scheduled", "cycle"]]
+
+class Client:
+    def __init__(
+        self,
+        client_id: str,
+        clean_session: bool = True,
+        cycle_timeout: int = 500,
+        command_timeout: int = 60000,
+        *,
+        max_packet_size: int = 1048576,
+    ) -> None:
+        """Makes a client; timeouts are in milliseconds and max_packet_size is
+        the largest incoming packet accepted, in bytes."""
+
+    def connect(
+        self,
+        host: str | None,
+        keepalive: int,
+        port: int = 1883,
+        ssl_ctx: _SSLContext | None = None,
+        breconnect_cb: _ClientCallback | None = None,
+        aconnect_cb: _ClientCallback | None = None,
+        loop_failure: _LoopFailure | None = None,
+        start_loop: bool = True,
+        *,
+        stream: _Stream | None = None,
+    ) -> None:
+        """Opens a TCP connection to host:port (or uses `stream`, which stays the
+        caller's to close; host may then be None), sends CONNECT and waits for
+        CONNACK. Raises OSError if unreachable, MQTTException if refused."""
+
+    def reconnect(self) -> int:
+        """Calls breconnect_cb, connects again with the same parameters, calls
+        aconnect_cb on success; returns the CONNACK return code."""
+
+    def get_return_code(self) -> int:
+        """The CONNACK return code of the last connection attempt, or -1."""
+
+    def connected(self) -> bool:
+        """Whether the link is up and the broker accepted the connection."""
+
+    def loop(self) -> None:
+        """Starts the background loop (see LOOP); a no-op while it runs.
+        Raises OSError(ENOTCONN) without a connection."""
+
+    def cycle(self) -> None:
+        """Runs one loop cycle on the calling thread: waits up to cycle_timeout
+        for input and handles it. Raises OSError(EBUSY) while the loop runs."""
+
+    def set_username_pw(self, username: str, password: _Buffer | None = "") -> None:
+        """Sets the credentials sent by the next connections; an empty password
+        sends none."""
+
+    def set_will(self, topic: str, payload: _Buffer, qos: int = 0, retain: bool = False) -> None:
+        """Sets the will the broker publishes if the link dies without
+        DISCONNECT; used by the next connections."""
+
+    def publish(self, topic: str, payload: _Buffer = "", qos: int = 0, retain: bool = False) -> None:
+        """Publishes a message; with QoS 1 or 2 returns once the broker has
+        acknowledged it (raises MQTTException(TIMEOUT) if it does not in time)."""
+
+    def subscribe(self, topic: str, function: _MessageCallback, qos: int = 0) -> int:
+        """Subscribes `function` to the topic filter; returns the QoS the broker
+        granted (0 from a message callback, which does not wait for it)."""
+
+    def unsubscribe(self, topic: str, /) -> None:
+        """Removes the subscription to the topic filter; its function is not
+        called again."""
+
+    def disconnect(self, timeout: int | None = None) -> None:
+        """Sends DISCONNECT, closes the link and stops the loop; with a timeout
+        (ms), also waits up to that long for the background loop to end."""
