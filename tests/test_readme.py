@@ -129,3 +129,26 @@ def test_cycle(broker, micropython):
     handler = "def on_message(client, payload, topic):\n    print(topic, payload)\n"
     output = micropython.run(indented(handler + loop + "client.disconnect()\n"))
     assert output.strip() == "lights/hall b'off'"
+
+
+def test_asyncio(broker, micropython):
+    # A retained message, delivered as soon as the example subscribes.
+    peer = Peer(broker.port)
+    peer.publish("lights/porch", b"dim", qos=1, retain=True)
+    peer.close()
+    output = micropython.run(indented(for_broker(example("asyncio"), broker.port)))
+    assert output.strip() == "lights/porch b'dim'"
+
+
+def board_examples():
+    readme = (REPO / "README.md").read_text()
+    return re.findall(r"<!-- board example: (\S+) -->\n```python\n(.*?)```", readme, re.S)
+
+
+@pytest.mark.parametrize("name", [name for name, _ in board_examples()])
+def test_board_examples_compile(name, micropython):
+    """Examples for boards (Wi-Fi, UART) cannot run here; MicroPython's own
+    compiler checks them, so they cannot rot into syntax errors."""
+    code = dict(board_examples())[name]
+    output = micropython.run(f"compile({code!r}, {name!r}, 'exec')\nprint('compiled')\n")
+    assert output.strip() == "compiled"
