@@ -16,6 +16,8 @@ archive carries compiler_builtins, whose memcpy, memmove, __aeabi_* and
 soft-float routines must never replace the firmware's own. On rp2, memmove
 and memcmp must also still come from the C library or the pico-sdk, and on
 the RP2040 sit in RAM, where the port's linker script places them. Any
+engine object must not need atomic routines (`__atomic_*`, `__sync_*`), which
+the RP2040's Cortex-M0+ cannot back with instructions. Any
 violation is printed and the script exits with status 1. Beside each
 thumbv6m row it prints the goal: engine and binding under 12 KiB.
 """
@@ -196,6 +198,14 @@ def global_definitions(object_path):
     return names
 
 
+def undefined_symbols(object_path):
+    """The symbols an object needs from elsewhere."""
+    listing = subprocess.run(["readelf", "-sW", str(object_path)], check=True,
+                             capture_output=True, text=True).stdout
+    return {fields[7] for fields in map(str.split, listing.splitlines())
+            if len(fields) == 8 and fields[6] == "UND"}
+
+
 def check(link_map, exports):
     """The violations found in one firmware's map, as sentences."""
     problems = []
@@ -226,6 +236,11 @@ def check(link_map, exports):
         extra = global_definitions(object_path) - exports
         if extra:
             problems.append(f"{path} defines global symbols other than the engine's functions: {', '.join(sorted(extra))}")
+        # Atomic operations the instruction set lacks (thumbv6m has no
+        # compare-and-swap) become calls to such routines.
+        atomics = sorted(name for name in undefined_symbols(object_path) if name.startswith(("__atomic_", "__sync_")))
+        if atomics:
+            problems.append(f"{path} needs atomic routines: {', '.join(atomics)}")
 
     # On rp2 they must be the C library's; on the RP2040 the port's linker
     # script places them in RAM, and a flash copy from the archive would be
@@ -273,7 +288,8 @@ def main(arguments):
         for failure in failures:
             print(f"  {failure}", file=sys.stderr)
         return 1
-    print(f"\nOnly the engine's {len(exports)} exported functions come from the engine object in each firmware.")
+    print(f"\nOnly the engine's {len(exports)} exported functions come from the engine object in each firmware,")
+    print("and no engine object needs an atomic operation its target lacks.")
     return 0
 
 
