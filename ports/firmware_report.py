@@ -15,10 +15,9 @@ engine's exported functions (the `mqtt_*(` names of mqtt_engine.h): the Rust
 archive carries compiler_builtins, whose memcpy, memmove, __aeabi_* and
 soft-float routines must never replace the firmware's own. On rp2, memmove
 and memcmp must also still come from the C library or the pico-sdk, and on
-the RP2040 sit in RAM, where the port's linker script places them. Any
+the RP2040 sit in RAM, where the port's linker script places them. And the
 engine object must not need atomic routines (`__atomic_*`, `__sync_*`), which
-the RP2040's Cortex-M0+ cannot back with instructions. Any
-violation is printed and the script exits with status 1. Beside each
+the RP2040's Cortex-M0+ cannot back with instructions. Any violation is printed and the script exits with status 1. Beside each
 thumbv6m row it prints the goal: engine and binding under 12 KiB.
 """
 
