@@ -58,10 +58,11 @@ add_custom_command(
     COMMAND ${CMAKE_LINKER} -r --gc-sections -o ${MQTT_ENGINE_OBJ}.full ${MQTT_UNDEFINED} ${MQTT_ARCHIVE}
     COMMAND ${CMAKE_OBJCOPY} ${MQTT_KEEP}
         --remove-section=.llvmbc --remove-section=.llvmcmd
-        --remove-section=.ARM.exidx* --remove-section=.ARM.extab*
+        --remove-section=.ARM.exidx* --remove-section=.ARM.extab* --remove-section=.eh_frame
         ${MQTT_ENGINE_OBJ}.full ${MQTT_ENGINE_OBJ}
     COMMAND ${CMAKE_COMMAND} -E rm -f ${MQTT_ENGINE_OBJ}.full
     DEPENDS ${MQTT_RUST_SOURCES} ${MQTT_MOD_DIR}/Cargo.toml ${MQTT_MOD_DIR}/Cargo.lock ${MQTT_MOD_DIR}/mqtt_engine.h
+        ${MQTT_MOD_DIR}/micropython.cmake
     COMMENT "Building the mqtt engine for ${MQTT_RUST_TARGET}"
     VERBATIM
 )

@@ -27,14 +27,16 @@ $(MQTT_ARCHIVE): $(wildcard $(MQTT_MOD_DIR)/src/*.rs) $(MQTT_MOD_DIR)/Cargo.toml
 		--manifest-path $(MQTT_MOD_DIR)/Cargo.toml --target-dir $(MQTT_CARGO_DIR) \
 		$(if $(MQTT_RUST_TARGET),--target $(MQTT_RUST_TARGET))
 
-# The pre-link also drops Rust's Arm unwind tables (.ARM.exidx*, .ARM.extab*):
-# the engine panics by aborting, and bare-metal linker scripts do not place them.
+# The pre-link also drops Rust's unwind tables (.ARM.exidx*, .ARM.extab* and,
+# for a board, .eh_frame): the engine panics by aborting, and bare-metal
+# linker scripts do not place them.
 $(MQTT_ENGINE_OBJ): $(MQTT_ARCHIVE) $(MQTT_MOD_DIR)/mqtt_engine.h $(MQTT_MOD_DIR)/micropython.mk
 	$(ECHO) "PRELINK $@"
 	$(Q)$(LD) -r --gc-sections -o $@.full $(addprefix -u ,$(MQTT_EXPORTS)) $(MQTT_ARCHIVE)
 	$(Q)$(OBJCOPY) $(addprefix --keep-global-symbol=,$(MQTT_EXPORTS)) \
 		--remove-section=.llvmbc --remove-section=.llvmcmd \
-		--remove-section='.ARM.exidx*' --remove-section='.ARM.extab*' $@.full $@
+		--remove-section='.ARM.exidx*' --remove-section='.ARM.extab*' \
+		$(if $(MQTT_RUST_TARGET),--remove-section=.eh_frame) $@.full $@
 	$(Q)$(RM) $@.full
 
 # Objects in PY_O are part of every Make port's link.

@@ -134,17 +134,23 @@ build_firmware() {
         # C++ code, so that file is compiled empty and the C driver links,
         # with the -lm that g++ would add. (CMake adds LDFLAGS and CXXFLAGS to
         # the toolchain's own flags.)
+        mkdir -p "$build"
         LDFLAGS="-Wl,--cref" CXXFLAGS="-DPICO_CXX_DISABLE_ALLOCATION_OVERRIDES=1" cmake -S "$micropython/ports/rp2" -B "$build" \
             -DMICROPY_BOARD="$board" -DMICROPY_BOARD_DIR="$micropython/ports/rp2/boards/$board" \
             -DMICROPY_FROZEN_MANIFEST="$manifest" -DMICROPY_LIB_DIR="$extras/micropython-lib" \
             -DPICO_BUILD_DOCS=0 -DPICO_NO_PICOTOOL=1 \
             -DCMAKE_CXX_LINK_EXECUTABLE="<CMAKE_C_COMPILER> <FLAGS> <CMAKE_CXX_LINK_FLAGS> <LINK_FLAGS> <OBJECTS> -o <TARGET> <LINK_LIBRARIES> -lm" \
-            "$@" >&2
+            "$@" > "$build/cmake.log" 2>&1 || { cat "$build/cmake.log" >&2; exit 1; }
     fi
     # Frozen modules are compiled against the firmware's qstr table but not
     # rebuilt when a module's C source adds a qstr: regenerate them each time.
     rm -f "$build/frozen_content.c"
-    make -s -C "$build" -j"$jobs" >&2
+    # The build's own progress lines go to a log, shown when it fails.
+    if ! make -s -C "$build" -j"$jobs" > "$build/make.log" 2>&1; then
+        tail -n 40 "$build/make.log" >&2
+        echo "The build failed; its whole log: $build/make.log" >&2
+        exit 1
+    fi
     local family
     family=$(uf2_family "$build")
     if [[ ! "$build/firmware.uf2" -nt "$build/firmware.bin" ]]; then
