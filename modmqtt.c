@@ -52,7 +52,10 @@
 // - thread: a thread of its own (unix; esp32, whose thread stacks are
 //   outside the heap).
 // - neither (the qemu boards): the application calls cycle().
-#if MICROPY_PY_LWIP || PICO_ON_DEVICE
+// MQTT_TIMER_LOOP=1 forces the boards' way (socket option 20 and
+// machine.Timer) on any port: the tests build a unix firmware so, with
+// stand-ins for the two.
+#if MICROPY_PY_LWIP || PICO_ON_DEVICE || MQTT_TIMER_LOOP
 #define MQTT_LOOP_SCHEDULED (1)
 #define MQTT_WAKE_BY_SIGNAL (0)
 #elif MQTT_POSIX_POLL && !MICROPY_PY_THREAD

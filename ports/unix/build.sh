@@ -18,6 +18,10 @@
 # MQTT_THREAD=0 builds .build/unix-nothread/micropython instead, without
 # threads (MICROPY_PY_THREAD=0), like ESP8266-class boards: the client's
 # loop then runs as scheduled cycles on the interpreter's thread.
+#
+# MQTT_TIMER_LOOP=1 builds .build/unix-timer/micropython instead, whose loop
+# is scheduled as on the rp2 and lwIP boards: by a socket's option 20 and a
+# machine.Timer (tests/test_timer_loop.py gives it stand-ins for both).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -47,17 +51,21 @@ if [[ -n "${MQTT_FREEZE_PACKAGE:-}" ]]; then
     printf 'include("%s")\npackage("%s", base_path="%s")\n' "$repo/ports/unix/manifest.py" "$package" "$package_dir" > "$manifest"
 fi
 
-sanitize=()
+cflags=()
 if [[ -n "${MQTT_SANITIZE:-}" ]]; then
     build="$work/unix-sanitize"
     flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
-    sanitize=(CFLAGS_EXTRA="$flags" LDFLAGS_EXTRA="$flags" STRIP=)
+    cflags=(CFLAGS_EXTRA="$flags" LDFLAGS_EXTRA="$flags" STRIP=)
 fi
 
 threads=()
 if [[ "${MQTT_THREAD:-1}" == 0 ]]; then
     build="$work/unix-nothread"
     threads=(MICROPY_PY_THREAD=0)
+fi
+if [[ -n "${MQTT_TIMER_LOOP:-}" ]]; then
+    build="$work/unix-timer"
+    cflags=(CFLAGS_EXTRA=-DMQTT_TIMER_LOOP=1)
 fi
 
 # Frozen modules are compiled against the firmware's qstr table but not
@@ -70,5 +78,5 @@ make -s -C "$micropython/ports/unix" -j"$jobs" \
     BUILD="$build" \
     USER_C_MODULES="$work/usermod" \
     FROZEN_MANIFEST="$manifest" \
-    MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 "${sanitize[@]}" "${threads[@]}" >&2
+    MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 "${cflags[@]}" "${threads[@]}" >&2
 echo "$build/micropython"

@@ -1,0 +1,237 @@
+"""The loop as it runs on rp2 and lwIP boards: no thread of its own, turns
+scheduled when the socket signals arriving data (lwIP's socket option 20)
+and when a machine.Timer expires.
+
+These run on a unix firmware built with MQTT_TIMER_LOOP=1
+(`MQTT_TIMER_LOOP=1 ports/unix/build.sh`), given by MQTT_TIMER_FIRMWARE;
+they skip without one. The unix port has neither lwIP sockets nor
+machine.Timer, so the scripts bring stand-ins that behave as the boards'
+do: the timer schedules its callback (micropython.schedule) when it
+expires, and the socket schedules its callback when data arrives. Each
+stand-in uses a thread to notice those events, as the boards use
+interrupts; the client itself runs only on the main thread."""
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import Script
+from peer import Peer
+
+FIRMWARE = os.environ.get("MQTT_TIMER_FIRMWARE")
+
+STANDINS = """
+import _thread, io, micropython, select, socket, sys, time
+
+def schedule_soon(callback, arg):
+    # As an interrupt handler would: retry while the queue is full.
+    while True:
+        try:
+            micropython.schedule(callback, arg)
+            return
+        except RuntimeError:
+            time.sleep_ms(1)
+
+class Timer:
+    # machine.Timer(-1) as rp2's soft timers behave.
+    ONE_SHOT = 0
+    PERIODIC = 1
+
+    def __init__(self, id=-1):
+        assert id == -1, "the client asks for a virtual timer"
+        self.deadline = None
+        self.callback = None
+        self.armed = 0
+        _thread.start_new_thread(self._watch, ())
+
+    def init(self, *, mode=1, period=-1, callback=None):
+        assert mode == Timer.ONE_SHOT and period > 0 and callback is not None
+        self.callback = callback
+        self.deadline = time.ticks_add(time.ticks_ms(), period)
+        self.armed += 1
+
+    def deinit(self):
+        self.deadline = None
+
+    def _watch(self):
+        while True:
+            deadline = self.deadline
+            if deadline is not None and time.ticks_diff(time.ticks_ms(), deadline) >= 0:
+                self.deadline = None
+                schedule_soon(self.callback, self)
+            time.sleep_ms(1)
+
+class machine:
+    Timer = Timer
+
+sys.modules["machine"] = machine
+
+class LwipSocket(io.IOBase):
+    # A TCP connection that, like lwIP's sockets, schedules callback(sock)
+    # when data arrives, once setsockopt(SOL_SOCKET, 20, callback) set it.
+    def __init__(self, port, signals=True):
+        self.sock = socket.socket()
+        self.sock.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+        self.sock.setblocking(False)
+        self.callback = None
+        self.signalled = False
+        self.signals = 0
+        self.open = True
+        if signals:
+            self.setsockopt = self._setsockopt
+            _thread.start_new_thread(self._watch, ())
+
+    def _setsockopt(self, level, option, value):
+        assert option == 20, option
+        self.callback = value
+
+    def _watch(self):
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        while self.open:
+            if poller.poll(5) and self.callback is not None and not self.signalled:
+                self.signalled = True
+                self.signals += 1
+                schedule_soon(self.callback, self)
+            time.sleep_ms(1)
+
+    def readinto(self, buf):
+        self.signalled = False  # the next arrival signals again
+        try:
+            return self.sock.readinto(buf)
+        except OSError:
+            return None
+
+    def write(self, buf):
+        return self.sock.write(buf)
+
+    def ioctl(self, request, arg):
+        if request == 3:  # MP_STREAM_POLL
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN | select.POLLOUT)
+            ready = 0
+            for _, events in poller.poll(0):
+                ready |= events
+            return ready & arg
+        return 0
+
+    def close(self):
+        self.open = False
+        self.sock.close()
+"""
+
+
+@pytest.fixture
+def timer_firmware(tmp_path):
+    if not FIRMWARE:
+        pytest.skip("set MQTT_TIMER_FIRMWARE to a firmware from MQTT_TIMER_LOOP=1 ports/unix/build.sh")
+    firmware = Path(FIRMWARE)
+    assert firmware.exists(), f"no firmware at {firmware}"
+    return Script(firmware, tmp_path)
+
+
+def script(code):
+    return textwrap.dedent(STANDINS) + textwrap.dedent(code)
+
+
+def test_data_and_keepalive_drive_the_loop_without_a_thread(broker, timer_firmware):
+    """Messages arrive while the program sleeps, turns start from the
+    arrival signal, and the timer alone keeps an idle link alive."""
+    peer = Peer(broker.port)
+    peer.subscribe("board/out", qos=1)
+    process = timer_firmware.start(
+        script(
+            """
+            got = []
+            link = LwipSocket(PORT)
+            c = mqtt.Client("timer-loop")
+            c.connect("broker", 2, stream=link)
+            print("loop", mqtt.LOOP)
+            c.subscribe("board/in", lambda client, payload, topic: got.append(payload), qos=2)
+            print("ready")
+            print("received", wait_until(lambda: len(got) == 3, 10000), sorted(got))
+            print("signalled", link.signals > 0)
+            # Idle for three keepalive periods: only the timer's pings keep
+            # the broker from closing the link (it waits 1.5 periods).
+            # (sleep_ms: on the unix port, unlike the boards, time.sleep()
+            # runs no scheduled callback until it returns.)
+            time.sleep_ms(6000)
+            print("still connected", c.connected())
+            c.publish("board/out", b"after the idle time", qos=1)
+            c.disconnect()
+            link.close()
+            """
+        ),
+        PORT=broker.port,
+    )
+    assert process.stdout.readline().strip() == "loop scheduled"
+    assert process.stdout.readline().strip() == "ready"
+    for qos in (0, 1, 2):
+        peer.publish("board/in", b"qos %d" % qos, qos=qos)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "received True [b'qos 0', b'qos 1', b'qos 2']" in output
+    assert "signalled True" in output
+    assert "still connected True" in output
+    assert [m.payload for m in peer.wait_for(1)] == [b"after the idle time"]
+    peer.close()
+
+
+def test_a_stream_without_arrival_signal_is_polled_by_the_timer(broker, timer_firmware):
+    """A UART has no option 20: the timer then wakes the loop every
+    cycle_timeout, and messages still arrive while the program sleeps."""
+    peer = Peer(broker.port)
+    process = timer_firmware.start(
+        script(
+            """
+            got = []
+            link = LwipSocket(PORT, signals=False)
+            c = mqtt.Client("polled", cycle_timeout=50)
+            c.connect("broker", 30, stream=link)
+            c.subscribe("board/in", lambda client, payload, topic: got.append(payload), qos=1)
+            print("ready")
+            print("received", wait_until(lambda: got, 5000), got)
+            c.disconnect()
+            link.close()
+            """
+        ),
+        PORT=broker.port,
+    )
+    assert process.stdout.readline().strip() == "ready"
+    peer.publish("board/in", b"polled", qos=1)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "received True [b'polled']" in output
+    peer.close()
+
+
+def test_a_lost_link_reaches_loop_failure(broker, timer_firmware):
+    """When the broker goes away, a turn finds the closed link and calls
+    loop_failure on the main thread; BREAK_LOOP ends the loop."""
+    process = timer_firmware.start(
+        script(
+            """
+            failures = []
+            def on_failure(client):
+                failures.append(client.connected())
+                return mqtt.BREAK_LOOP
+            link = LwipSocket(PORT)
+            c = mqtt.Client("orphan")
+            c.connect("broker", 30, stream=link, loop_failure=on_failure)
+            print("ready")
+            print("reported", wait_until(lambda: failures, 10000), failures)
+            time.sleep_ms(300)
+            print("reported once", failures == [False])
+            link.close()
+            """
+        ),
+        PORT=broker.port,
+    )
+    assert process.stdout.readline().strip() == "ready"
+    broker.terminate()
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "reported True [False]" in output
+    assert "reported once True" in output
