@@ -362,16 +362,6 @@ impl<T: ReadReady> ReadReady for Reading<'_, T> {
     }
 }
 
-impl<T: Write> Write for Reading<'_, T> {
-    fn write(&mut self, buf: &[u8]) -> Result<usize, T::Error> {
-        self.io.write(buf)
-    }
-
-    fn flush(&mut self) -> Result<(), T::Error> {
-        self.io.flush()
-    }
-}
-
 fn elapsed(now: u32, since: u32) -> u32 {
     now.wrapping_sub(since)
 }
@@ -755,7 +745,11 @@ impl Session {
         self.reading(io, |session, reading| session.receive_packet(reading, now))
     }
 
-    fn receive_packet<T: Read + Write + ReadReady>(&mut self, io: &mut T, now: u32) -> Result<Event, Error> {
+    fn receive_packet<T: Read + Write + ReadReady>(
+        &mut self,
+        io: &mut Reading<'_, T>,
+        now: u32,
+    ) -> Result<Event, Error> {
         if self.incoming != Incoming::Idle {
             return Err(Error::WrongState);
         }
@@ -777,7 +771,8 @@ impl Session {
             .ok_or(Error::Malformed(DecodeError::BadLength))?;
         codec::read_exact(io, body)?;
         let packet = codec::decode_from_broker(kind, flags, body)?;
-        self.handle(io, now, packet)
+        // Answers go straight to the transport (one copy of the writers).
+        self.handle(io.io, now, packet)
     }
 
     fn start_message<T: Read>(&mut self, io: &mut T, flags: u8, remaining_length: u32) -> Result<Event, Error> {
