@@ -2,10 +2,14 @@
 #
 #   make BOARD=... USER_C_MODULES=/path/to/this/repository/micropython.cmake
 #
-# The Rust engine is built with cargo for the board's target and pre-linked
-# into one object that exports only the engine's C functions, so that no
-# memcpy, memmove or soft-float routine of the Rust archive replaces the
-# firmware's own (on RP2040 those live in RAM; the archive's are in flash).
+# The Rust engine is built with cargo for the board's target as one object
+# (the crate with what it uses of core, after link-time optimisation), then
+# pre-linked so that it exports only the engine's C functions. It leaves out
+# Rust's compiler_builtins: the few routines the engine needs (memcpy,
+# memset, memcmp) come from the port's own C library, which both CMake ports
+# have (newlib in ESP-IDF; newlib and the pico-sdk's ROM-backed versions on
+# rp2), so that nothing of Rust's replaces the firmware's (on RP2040 those
+# live in RAM; Rust's would be in flash) and nothing is there twice.
 cmake_minimum_required(VERSION 3.19)
 
 set(MQTT_MOD_DIR ${CMAKE_CURRENT_LIST_DIR})
@@ -38,8 +42,8 @@ endif()
 
 find_program(MQTT_CARGO cargo REQUIRED)
 set(MQTT_CARGO_DIR ${CMAKE_BINARY_DIR}/mqtt-engine)
-set(MQTT_ARCHIVE ${MQTT_CARGO_DIR}/${MQTT_RUST_TARGET}/release/libmqtt_engine.a)
 set(MQTT_ENGINE_OBJ ${CMAKE_BINARY_DIR}/mqtt_engine.o)
+set(MQTT_RUST_OBJ ${CMAKE_BINARY_DIR}/mqtt_engine_rust.o)
 
 # The engine's exported functions, as the committed header declares them.
 file(READ ${MQTT_MOD_DIR}/mqtt_engine.h MQTT_HEADER)
@@ -52,10 +56,10 @@ list(TRANSFORM MQTT_EXPORTS PREPEND "--keep-global-symbol=" OUTPUT_VARIABLE MQTT
 file(GLOB MQTT_RUST_SOURCES ${MQTT_MOD_DIR}/src/*.rs)
 add_custom_command(
     OUTPUT ${MQTT_ENGINE_OBJ}
-    COMMAND ${MQTT_CARGO} build --release --locked --lib
+    COMMAND ${MQTT_CARGO} rustc --release --locked --lib
         --manifest-path ${MQTT_MOD_DIR}/Cargo.toml --target-dir ${MQTT_CARGO_DIR}
-        --target ${MQTT_RUST_TARGET}
-    COMMAND ${CMAKE_LINKER} -r --gc-sections -o ${MQTT_ENGINE_OBJ}.full ${MQTT_UNDEFINED} ${MQTT_ARCHIVE}
+        --target ${MQTT_RUST_TARGET} -- --emit=obj=${MQTT_RUST_OBJ}
+    COMMAND ${CMAKE_LINKER} -r --gc-sections -o ${MQTT_ENGINE_OBJ}.full ${MQTT_UNDEFINED} ${MQTT_RUST_OBJ}
     COMMAND ${CMAKE_OBJCOPY} ${MQTT_KEEP}
         --remove-section=.llvmbc --remove-section=.llvmcmd
         --remove-section=.ARM.exidx* --remove-section=.ARM.extab* --remove-section=.eh_frame
