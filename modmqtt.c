@@ -310,10 +310,20 @@ static uint32_t command_timeout_ms(mp_obj_mqtt_client_t *self) {
 // ---------------------------------------------------------------------------
 // The transport: the engine's view of the MicroPython stream
 
-// Asks the stream whether it is ready for `events` without waiting.
+// Asks the stream whether it is ready for `events` without waiting. Never
+// raises (the engine calls this, and a stream written in Python may raise):
+// an exception counts as MP_STREAM_ERROR, and the read or write that
+// follows meets the stream's trouble itself and reports it.
 static mp_uint_t stream_poll(mp_obj_t stream, mp_uint_t events, int *errcode) {
     const mp_stream_p_t *protocol = mp_get_stream(stream);
-    return protocol->ioctl(stream, MP_STREAM_POLL, events, errcode);
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        mp_uint_t ready = protocol->ioctl(stream, MP_STREAM_POLL, events, errcode);
+        nlr_pop();
+        return ready;
+    }
+    *errcode = MP_EIO;
+    return MP_STREAM_ERROR;
 }
 
 // Waits up to `timeout_ms` for the stream (whose socket has descriptor
@@ -1007,7 +1017,15 @@ static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
         pause_briefly(0);
         return MQTT_OK;
     }
+    // An exception (a KeyboardInterrupt while a board's wait runs pending
+    // events) must not leave the reader's role taken.
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) != 0) {
+        self->reader = outer;
+        nlr_jump(nlr.ret_val);
+    }
     int status = read_and_deliver(self, wait_ms);
+    nlr_pop();
     self->reader = outer;
     return status;
 }
@@ -1357,6 +1375,13 @@ static void scheduled_turn(mp_obj_mqtt_client_t *self) {
         self->turning = false;
     } else {
         self->turning = false;
+        // The scheduler prints what escaped the turn (a KeyboardInterrupt,
+        // say); the loop itself must not end with it: wake up again later.
+        nlr_buf_t again;
+        if (nlr_push(&again) == 0) {
+            wake_up_in(self, self->cycle_timeout_ms);
+            nlr_pop();
+        }
         nlr_jump(nlr.ret_val);
     }
 }

@@ -164,3 +164,74 @@ c.disconnect()
     assert output.count("TypeError") == 3
     assert "host needed without a stream" in output
     assert "usable True" in output
+
+
+def test_a_stream_that_raises_leaves_the_client_usable(broker, micropython):
+    """A stream written in Python may raise from any method, also while
+    the engine is working: the client reports it as a failure of the link
+    (never as a crash), and a new connection works."""
+    output = micropython.run(
+        RELAY
+        + """
+class Flaky(Relay):
+    # Raises from the nth call of `method` (counting from when armed).
+    def arm(self, method, nth):
+        self.method, self.left = method, nth
+
+    def fails(self, method):
+        if getattr(self, "method", None) == method:
+            self.left -= 1
+            if self.left == 0:
+                raise OSError(5)
+
+    def ioctl(self, request, arg):
+        if request == 3:
+            self.fails("ioctl")
+        return super().ioctl(request, arg)
+
+    def readinto(self, buf):
+        self.fails("readinto")
+        return super().readinto(buf)
+
+    def write(self, buf):
+        self.fails("write")
+        return super().write(buf)
+
+got = []
+for loop in (False, True):
+    for method in ("ioctl", "readinto", "write"):
+        for nth in (1, 2, 3):
+            link = Flaky(PORT)
+            c = mqtt.Client("flaky", cycle_timeout=20, command_timeout=2000)
+            c.connect(None, 30, stream=link, start_loop=loop)
+            c.subscribe("flaky/t", lambda client, payload, topic: got.append(payload), qos=1)
+            link.arm(method, nth)
+            outcome = "ok"
+            try:
+                for i in range(5):
+                    c.publish("flaky/t", b"m", qos=1)
+                    if not loop:
+                        c.cycle()
+            except (OSError, mqtt.MQTTException) as e:
+                outcome = type(e).__name__
+            # Whatever happened, the client is usable on a new stream.
+            c.disconnect(1000)
+            c.connect(None, 30, stream=Relay(PORT), start_loop=loop)
+            c.publish("flaky/t", b"again", qos=1)
+            print(loop, method, nth, outcome, c.connected())
+            c.disconnect(1000)
+print("done")
+""",
+        PORT=broker.port,
+    )
+    lines = output.strip().splitlines()
+    assert lines[-1] == "done", output
+    assert len(lines) == 19, output
+    for line in lines[:-1]:
+        loop, method, nth, outcome, connected = line.split()
+        assert connected == "True", line
+        # Without the loop, a raising read or write fails the call that met
+        # it; a raising poll is followed by a read that shows whether the
+        # stream really is in trouble. With the loop, the loop meets them.
+        if method != "ioctl" and loop == "False":
+            assert outcome in ("OSError", "MQTTException"), line
