@@ -270,15 +270,14 @@ static bool loop_on_other_thread(mp_obj_mqtt_client_t *self) {
     #endif
 }
 
-// Whether the scheduled loop runs (see MQTT_LOOP_SCHEDULED) and the
-// caller is not one of its turns: the counterpart of a loop thread that
-// is not the caller's.
-static bool scheduled_loop_elsewhere(mp_obj_mqtt_client_t *self) {
+// Whether the background loop runs outside the caller: on a thread other
+// than the caller's, or as scheduled turns (see MQTT_LOOP_SCHEDULED) when
+// the caller is not one of them.
+static bool loop_runs_elsewhere(mp_obj_mqtt_client_t *self) {
     #if MQTT_LOOP_SCHEDULED
     return self->loop_state == LOOP_RUNNING && !self->turning;
     #else
-    (void)self;
-    return false;
+    return loop_on_other_thread(self);
     #endif
 }
 
@@ -1066,7 +1065,7 @@ static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket, bool p
         }
         // A loop that runs may reconnect (in loop_failure): a publish waits
         // for that, letting a scheduled loop's turns run meanwhile.
-        bool loop_may_reconnect = publish && (loop_on_other_thread(self) || scheduled_loop_elsewhere(self));
+        bool loop_may_reconnect = publish && loop_runs_elsewhere(self);
         if (state == MQTT_COMMAND_INTERRUPTED && !loop_may_reconnect) {
             if (publish) {
                 raise_still_in_flight("link lost before the acknowledgement: the message stays in flight");
@@ -1317,6 +1316,8 @@ static bool input_waiting(mp_obj_mqtt_client_t *self) {
     if (waiting || stream == MP_OBJ_NULL) {
         return waiting;
     }
+    // Unlike transport_readable, a failed poll counts as no input: turns
+    // would otherwise follow one another at once for as long as it fails.
     int errcode = 0;
     mp_uint_t ready = stream_poll(stream, MP_STREAM_POLL_RD, &errcode);
     return ready != MP_STREAM_ERROR && (ready & (MP_STREAM_POLL_RD | MP_STREAM_POLL_HUP | MP_STREAM_POLL_ERR));
@@ -1726,7 +1727,7 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
             mp_raise_TypeError(MP_ERROR_TEXT("callbacks must be callable or None"));
         }
     }
-    if (loop_on_other_thread(self) || (scheduled_loop_elsewhere(self))) {
+    if (loop_runs_elsewhere(self)) {
         mp_raise_OSError(MP_EBUSY);
     }
     self->host = args[ARG_host].u_obj;
@@ -1798,7 +1799,7 @@ static MP_DEFINE_CONST_FUN_OBJ_1(client_loop_obj, client_loop);
 // Client.cycle(): run one loop cycle on the calling thread
 static mp_obj_t client_cycle(mp_obj_t self_in) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
-    if (loop_on_other_thread(self) || (scheduled_loop_elsewhere(self))) {
+    if (loop_runs_elsewhere(self)) {
         mp_raise_OSError(MP_EBUSY);
     }
     int status = run_cycle(self, self->cycle_timeout_ms);
