@@ -19,11 +19,12 @@ import pytest
 
 from conftest import Script
 from peer import Peer
+from test_stream import RELAY
 
 FIRMWARE = os.environ.get("MQTT_TIMER_FIRMWARE")
 
-STANDINS = """
-import _thread, io, micropython, select, socket, sys, time
+STANDINS = RELAY + """
+import _thread, micropython, select, sys, time
 
 def schedule_soon(callback, arg):
     # As an interrupt handler would: retry while the queue is full.
@@ -68,13 +69,11 @@ class machine:
 
 sys.modules["machine"] = machine
 
-class LwipSocket(io.IOBase):
+class LwipSocket(Relay):
     # A TCP connection that, like lwIP's sockets, schedules callback(sock)
     # when data arrives, once setsockopt(SOL_SOCKET, 20, callback) set it.
     def __init__(self, port, signals=True):
-        self.sock = socket.socket()
-        self.sock.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
-        self.sock.setblocking(False)
+        super().__init__(port)
         self.callback = None
         self.signalled = False
         self.signals = 0
@@ -99,23 +98,7 @@ class LwipSocket(io.IOBase):
 
     def readinto(self, buf):
         self.signalled = False  # the next arrival signals again
-        try:
-            return self.sock.readinto(buf)
-        except OSError:
-            return None
-
-    def write(self, buf):
-        return self.sock.write(buf)
-
-    def ioctl(self, request, arg):
-        if request == 3:  # MP_STREAM_POLL
-            poller = select.poll()
-            poller.register(self.sock, select.POLLIN | select.POLLOUT)
-            ready = 0
-            for _, events in poller.poll(0):
-                ready |= events
-            return ready & arg
-        return 0
+        return super().readinto(buf)
 
     def close(self):
         self.open = False
