@@ -143,6 +143,11 @@ typedef struct _mp_obj_mqtt_client_t {
     bool input_signalled;
     // A turn of the scheduled loop is running (callbacks included).
     bool turning;
+    // The thread holding the client's lock (any non-NULL value without
+    // threads): a turn that the scheduler runs inside such a call, while a
+    // stream's Python method or a wait runs pending callbacks, must not
+    // enter the engine again.
+    void *volatile lock_holder;
     #endif
     // The small fields last, packed: the object lives on the heap.
     int sock_fd;
@@ -209,23 +214,37 @@ static void set_option(mp_obj_mqtt_client_t *self, size_t which, mp_obj_t value)
 // ---------------------------------------------------------------------------
 // Locking and thread identity
 
+// Identifies the calling thread (without threads, any non-NULL value).
+static void *current_thread(mp_obj_mqtt_client_t *self) {
+    #if MICROPY_PY_THREAD
+    (void)self;
+    return mp_thread_get_state();
+    #else
+    return self;
+    #endif
+}
+
 static void client_lock(mp_obj_mqtt_client_t *self) {
     #if MICROPY_PY_THREAD
     // Never wait for our lock while holding the GIL: its holder may need it.
     MP_THREAD_GIL_EXIT();
     mp_thread_mutex_lock(&self->lock, 1);
     MP_THREAD_GIL_ENTER();
-    #else
-    (void)self;
     #endif
+    #if MQTT_LOOP_SCHEDULED
+    self->lock_holder = current_thread(self);
+    #endif
+    (void)self;
 }
 
 static void client_unlock(mp_obj_mqtt_client_t *self) {
+    #if MQTT_LOOP_SCHEDULED
+    self->lock_holder = NULL;
+    #endif
     #if MICROPY_PY_THREAD
     mp_thread_mutex_unlock(&self->lock);
-    #else
-    (void)self;
     #endif
+    (void)self;
 }
 
 // Whether the calling thread is inside a message callback of this client.
@@ -247,16 +266,6 @@ static bool set_in_callback(mp_obj_mqtt_client_t *self, bool active) {
     self->in_callback = active;
     #endif
     return previous;
-}
-
-// Identifies the calling thread (without threads, any non-NULL value).
-static void *current_thread(mp_obj_mqtt_client_t *self) {
-    #if MICROPY_PY_THREAD
-    (void)self;
-    return mp_thread_get_state();
-    #else
-    return self;
-    #endif
 }
 
 // Whether the background loop runs on a thread other than the caller's:
@@ -1328,13 +1337,16 @@ static void stop_scheduled(mp_obj_mqtt_client_t *self);
 // The body of a turn: the cycles for what has arrived, then the timer for
 // what is due next (a keepalive ping, an acknowledgement's deadline).
 static void run_turn(mp_obj_mqtt_client_t *self) {
-    if (self->reader != NULL) {
+    if (self->reader != NULL || self->lock_holder == current_thread(self)) {
         // This turn runs inside a call of the client that reads the link
-        // (it waits for an acknowledgement): that call takes the input.
+        // (it waits for an acknowledgement) or that is in the engine (a
+        // stream written in Python ran the scheduler): that call takes
+        // the input, and the engine is not entered twice.
         wake_up_in(self, self->cycle_timeout_ms);
         return;
     }
-    for (int cycle = 0; cycle < MQTT_CYCLES_PER_TURN; cycle++) {
+    bool more = true;
+    for (int cycle = 0; cycle < MQTT_CYCLES_PER_TURN && more; cycle++) {
         int status = run_cycle(self, 0);
         if (status != MQTT_OK && status != MQTT_LINK_REPLACED) {
             clear_pending(self);
@@ -1346,12 +1358,11 @@ static void run_turn(mp_obj_mqtt_client_t *self) {
         if (self->loop_state != LOOP_RUNNING) {
             return;
         }
-        if (!input_waiting(self)) {
-            break;
-        }
+        more = input_waiting(self);
     }
+    // Input still waiting after the turn's cycles: another turn at once.
     uint32_t delay_ms = 0;
-    if (!input_waiting(self)) {
+    if (!more) {
         uint32_t longest = self->input_signalled ? MQTT_LONGEST_SLEEP_MS : self->cycle_timeout_ms;
         client_lock(self);
         delay_ms = self->stream == MP_OBJ_NULL
@@ -1669,6 +1680,7 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     #endif
     self->input_signalled = false;
     self->turning = false;
+    self->lock_holder = NULL;
     #endif
     mqtt_config_t config = { .command_timeout_ms = command_timeout, .max_packet_size = max_packet_size };
     if (mqtt_session_init(self->session, words * sizeof(uint64_t), &config) != MQTT_OK) {
