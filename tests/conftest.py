@@ -69,6 +69,7 @@ class Script:
         self.firmware = firmware
         self.directory = Path(directory)
         self.count = 0
+        self.processes = []
 
     def source(self, code, **params):
         header = "".join(f"{name} = {value!r}\n" for name, value in params.items())
@@ -78,13 +79,23 @@ class Script:
         self.count += 1
         path = self.directory / f"script{self.count}.py"
         path.write_text(self.source(code, **params))
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [str(self.firmware), str(path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
+        self.processes.append(process)
+        return process
+
+    def stop_all(self):
+        """Ends the scripts still running (a test that failed or timed out
+        before it collected its script)."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
 
     def run(self, code, timeout=60, expect_ok=True, **params):
         process = self.start(code, **params)
@@ -101,4 +112,6 @@ class Script:
 
 @pytest.fixture
 def micropython(firmware, tmp_path):
-    return Script(firmware, tmp_path)
+    scripts = Script(firmware, tmp_path)
+    yield scripts
+    scripts.stop_all()

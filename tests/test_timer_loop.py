@@ -112,7 +112,9 @@ def timer_firmware(tmp_path):
         pytest.skip("set MQTT_TIMER_FIRMWARE to a firmware from MQTT_TIMER_LOOP=1 ports/unix/build.sh")
     firmware = Path(FIRMWARE)
     assert firmware.exists(), f"no firmware at {firmware}"
-    return Script(firmware, tmp_path)
+    scripts = Script(firmware, tmp_path)
+    yield scripts
+    scripts.stop_all()
 
 
 def script(code):
