@@ -44,24 +44,30 @@ class Timer:
         assert id == -1, "the client asks for a virtual timer"
         self.deadline = None
         self.callback = None
-        self.armed = 0
+        # A board's timer is armed and fires atomically: without the lock,
+        # init() could re-arm it between the watcher's check and its reset.
+        self.lock = _thread.allocate_lock()
         _thread.start_new_thread(self._watch, ())
 
     def init(self, *, mode=1, period=-1, callback=None):
         assert mode == Timer.ONE_SHOT and period > 0 and callback is not None
-        self.callback = callback
-        self.deadline = time.ticks_add(time.ticks_ms(), period)
-        self.armed += 1
+        with self.lock:
+            self.callback = callback
+            self.deadline = time.ticks_add(time.ticks_ms(), period)
 
     def deinit(self):
-        self.deadline = None
+        with self.lock:
+            self.deadline = None
 
     def _watch(self):
         while True:
-            deadline = self.deadline
-            if deadline is not None and time.ticks_diff(time.ticks_ms(), deadline) >= 0:
-                self.deadline = None
-                schedule_soon(self.callback, self)
+            with self.lock:
+                expired = self.deadline is not None and time.ticks_diff(time.ticks_ms(), self.deadline) >= 0
+                if expired:
+                    self.deadline = None
+                    callback = self.callback
+            if expired:
+                schedule_soon(callback, self)
             time.sleep_ms(1)
 
 class machine:
@@ -71,11 +77,11 @@ sys.modules["machine"] = machine
 
 class LwipSocket(Relay):
     # A TCP connection that, like lwIP's sockets, schedules callback(sock)
-    # when data arrives, once setsockopt(SOL_SOCKET, 20, callback) set it.
+    # when data or the end of the stream arrives, once
+    # setsockopt(SOL_SOCKET, 20, callback) set it.
     def __init__(self, port, signals=True):
         super().__init__(port)
         self.callback = None
-        self.signalled = False
         self.signals = 0
         self.open = True
         if signals:
@@ -87,18 +93,18 @@ class LwipSocket(Relay):
         self.callback = value
 
     def _watch(self):
+        # lwIP calls back for each arrival; seen from outside, an arrival is
+        # the socket turning readable (the end of the stream included).
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
+        was_readable = False
         while self.open:
-            if poller.poll(5) and self.callback is not None and not self.signalled:
-                self.signalled = True
+            readable = bool(poller.poll(5))
+            if readable and not was_readable and self.callback is not None:
                 self.signals += 1
                 schedule_soon(self.callback, self)
+            was_readable = readable
             time.sleep_ms(1)
-
-    def readinto(self, buf):
-        self.signalled = False  # the next arrival signals again
-        return super().readinto(buf)
 
     def close(self):
         self.open = False
