@@ -3,21 +3,53 @@
 # machine's own apt sources or package state changes. Expects $work, the
 # repository's .build folder.
 
-# apt-get for Debian 13 ("trixie") sources and packages. Package lists are
-# fetched on first use.
-trixie_apt() {
-    local cache="$work/debian-apt"
+# The Debian archive the machine's own apt uses for its release (a local
+# mirror or proxy included), as apt reads it from the machine's sources:
+# deb822 files with URIs: lines, or a classic sources.list.
+debian_mirror() {
+    local release mirror
+    release=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    # shellcheck disable=SC2016 # apt's own placeholders
+    mirror=$(apt-get indextargets --no-release-info --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
+        awk -v release="$release" '$2 == release { print $1; exit }')
+    if [[ -z "$mirror" ]]; then
+        echo "No Debian archive for release '$release' in this machine's apt sources" \
+             "(/etc/apt/sources.list, /etc/apt/sources.list.d/): the build fetches Debian's sources from it." >&2
+        return 1
+    fi
+    echo "${mirror%/}"
+}
+
+# apt-get over the machine's Debian mirror for another suite of Debian
+# (trixie, sid...), with package lists of its own under .build/debian-apt/.
+# The lists are fetched on first use and again when the mirror changes.
+# A download that fails is retried once with fresh lists: a package's
+# version moves on in the archive and old lists then name a file that is
+# gone.
+suite_apt() {
+    local suite=$1
+    shift
+    local cache="$work/debian-apt/$suite"
     local options=(-o "Dir::State::Lists=$cache/lists" -o "Dir::Etc::SourceList=$cache/sources.list"
                    -o "Dir::Etc::SourceParts=/dev/null" -o "Dir::State::status=/dev/null"
                    -o "Dir::Cache=$cache" -o "APT::Sandbox::User=root")
-    if [[ ! -f "$cache/updated" ]]; then
+    local mirror sources
+    mirror=$(debian_mirror) || return 1
+    sources=$(printf '%s\n' "deb $mirror $suite main" "deb-src $mirror $suite main")
+    if [[ ! -f "$cache/updated" || $(cat "$cache/sources.list" 2>/dev/null) != "$sources" ]]; then
         mkdir -p "$cache/lists/partial" "$cache/archives/partial"
-        printf '%s\n' "deb http://deb.debian.org/debian trixie main" \
-                      "deb-src http://deb.debian.org/debian trixie main" > "$cache/sources.list"
-        apt-get -qq "${options[@]}" update >&2
+        echo "$sources" > "$cache/sources.list"
+        apt-get -qq "${options[@]}" update >&2 || return 1
         touch "$cache/updated"
+    elif ! apt-get -qq "${options[@]}" "$@" >&2; then
+        echo "Fetching '$*' from Debian $suite failed: its package lists in $cache" \
+             "may be stale; fetching them again and retrying once." >&2
+        apt-get -qq "${options[@]}" update >&2 || return 1
+        touch "$cache/updated"
+    else
+        return 0
     fi
-    apt-get -qq "${options[@]}" "$@"
+    apt-get -qq "${options[@]}" "$@" >&2
 }
 
 # Prints the folder of Debian's micropython 1.25 source package (Debian 12
@@ -30,8 +62,13 @@ micropython_source() {
     if [[ -z "$tree" ]]; then
         echo "Fetching Debian's micropython 1.25 source package..." >&2
         mkdir -p "$cache"
-        (cd "$cache" && trixie_apt source micropython >&2)
+        (cd "$cache" && suite_apt trixie source micropython) || return 1
         tree=$(find "$cache" -maxdepth 1 -type d -name 'micropython-1.25*' | head -n 1)
+    fi
+    if [[ -z "$tree" || ! -f "$tree/py/mpconfig.h" ]]; then
+        echo "Debian's micropython 1.25 source tree is not under $cache" \
+             "(delete that folder to fetch it again)." >&2
+        return 1
     fi
     echo "$tree"
 }

@@ -66,3 +66,12 @@ class Broker:
         self.terminate()
         if not self.log.closed:
             self.log.close()
+
+
+if __name__ == "__main__":
+    # `python3 tests/broker.py free-port` prints a free port, for shell scripts.
+    import sys
+
+    if sys.argv[1:] != ["free-port"]:
+        sys.exit("usage: broker.py free-port")
+    print(free_port())

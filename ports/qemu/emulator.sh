@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Prints the folder that holds qemu-system-arm, the emulator of the qemu
-# port's MICROBIT board: the machine's own when it has one, otherwise
-# Debian 12's package unpacked once into .build/qemu-emulator/ without
-# installing it (installing it would remove a newer qemu-utils that some
-# machines carry). Its libraries must be installed; .ci/run lists them.
+# port's MICROBIT board: the machine's own when it has one, otherwise the
+# package of the machine's Debian release unpacked once into
+# .build/qemu-emulator/ without installing it (installing it would remove a
+# newer qemu-utils that some machines carry). Its libraries must be
+# installed; ports/setup.sh lists them.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-unpacked="$repo/.build/qemu-emulator"
+work="$repo/.build"
+# shellcheck source=ports/debian.sh
+source "$repo/ports/debian.sh"
+unpacked="$work/qemu-emulator"
 
 if command -v qemu-system-arm >/dev/null; then
     dirname "$(command -v qemu-system-arm)"
@@ -15,8 +19,11 @@ if command -v qemu-system-arm >/dev/null; then
 fi
 if [[ ! -x "$unpacked/usr/bin/qemu-system-arm" ]]; then
     echo "Unpacking Debian's qemu-system-arm into $unpacked..." >&2
+    rm -rf "$unpacked"
     mkdir -p "$unpacked/debs"
-    (cd "$unpacked/debs" && apt-get download -qq qemu-system-arm 2>/dev/null)
+    release=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    (cd "$unpacked/debs" && suite_apt "$release" download qemu-system-arm)
     dpkg -x "$unpacked"/debs/qemu-system-arm_*.deb "$unpacked"
 fi
+"$unpacked/usr/bin/qemu-system-arm" --version >/dev/null
 echo "$unpacked/usr/bin"

@@ -49,10 +49,10 @@ debian_tree() {
         echo "Fetching Debian 13's $name source..." >&2
         mkdir -p "$deps"
         if [[ $name == mbedtls ]]; then
-            (cd "$deps" && trixie_apt source mbedtls >&2)
+            (cd "$deps" && suite_apt trixie source mbedtls)
             tree=$(find "$deps" -maxdepth 1 -type d -name 'mbedtls-3*' | head -n 1)
         else
-            (cd "$deps" && trixie_apt download "$name-source" >&2)
+            (cd "$deps" && suite_apt trixie download "$name-source")
             dpkg -x "$deps/$name-source"_*.deb "$deps/$name-source"
         fi
     fi

@@ -8,6 +8,9 @@
 # package is fetched once into .build/ (needs apt-get and dpkg-dev).
 # The firmware lands in .build/unix/micropython; its path is printed.
 #
+# The variants below combine: each adds its suffix to the build folder (for
+# example MQTT_SANITIZE=1 MQTT_TIMER_LOOP=1 builds .build/unix-sanitize-timer).
+#
 # MQTT_FREEZE_PACKAGE=DIR:NAME also freezes the Python package DIR/NAME into
 # a second firmware, .build/unix-NAME/micropython (the benchmark uses it to
 # measure umqtt.simple frozen).
@@ -42,30 +45,32 @@ ln -sfn "$repo" "$work/usermod/mqtt"
 
 build="$work/unix"
 manifest="$repo/ports/unix/manifest.py"
+cflags=""
+options=()
 if [[ -n "${MQTT_FREEZE_PACKAGE:-}" ]]; then
     package_dir=$(cd "${MQTT_FREEZE_PACKAGE%:*}" && pwd)
     package=${MQTT_FREEZE_PACKAGE##*:}
-    build="$work/unix-$package"
+    build="$build-$package"
     mkdir -p "$build"
     manifest="$build/manifest.py"
     printf 'include("%s")\npackage("%s", base_path="%s")\n' "$repo/ports/unix/manifest.py" "$package" "$package_dir" > "$manifest"
 fi
-
-cflags=()
 if [[ -n "${MQTT_SANITIZE:-}" ]]; then
-    build="$work/unix-sanitize"
-    flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
-    cflags=(CFLAGS_EXTRA="$flags" LDFLAGS_EXTRA="$flags" STRIP=)
+    build="$build-sanitize"
+    sanitizers="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+    cflags="$cflags $sanitizers"
+    options+=(LDFLAGS_EXTRA="$sanitizers" STRIP=)
 fi
-
-threads=()
 if [[ "${MQTT_THREAD:-1}" == 0 ]]; then
-    build="$work/unix-nothread"
-    threads=(MICROPY_PY_THREAD=0)
+    build="$build-nothread"
+    options+=(MICROPY_PY_THREAD=0)
 fi
 if [[ -n "${MQTT_TIMER_LOOP:-}" ]]; then
-    build="$work/unix-timer"
-    cflags=(CFLAGS_EXTRA=-DMQTT_TIMER_LOOP=1)
+    build="$build-timer"
+    cflags="$cflags -DMQTT_TIMER_LOOP=1"
+fi
+if [[ -n "$cflags" ]]; then
+    options+=(CFLAGS_EXTRA="${cflags# }")
 fi
 
 # Frozen modules are compiled against the firmware's qstr table but not
@@ -78,5 +83,5 @@ make -s -C "$micropython/ports/unix" -j"$jobs" \
     BUILD="$build" \
     USER_C_MODULES="$work/usermod" \
     FROZEN_MANIFEST="$manifest" \
-    MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 "${cflags[@]}" "${threads[@]}" >&2
+    MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 "${options[@]}" >&2
 echo "$build/micropython"

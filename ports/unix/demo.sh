@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Builds the unix firmware, starts mosquitto on a free loopback port, and
-# runs ports/unix/demo.py in the firmware against it.
+# Installs what the demo needs (ports/setup.sh demo), builds the unix
+# firmware, starts mosquitto on a free loopback port, and runs
+# ports/unix/demo.py in the firmware against it.
 #
 #   ports/unix/demo.sh [MICROPYTHON_DIR]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+"$here/../setup.sh" demo
 firmware=$("$here/build.sh" "$@")
 
 scratch=$(mktemp -d)
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# A port outside the kernel's ephemeral range, so that no outgoing
+# connection can hold it (see tests/broker.py).
+port=$(python3 "$here/../../tests/broker.py" free-port)
 printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$port" > "$scratch/mosquitto.conf"
 mosquitto -c "$scratch/mosquitto.conf" > "$scratch/mosquitto.log" 2>&1 &
 broker=$!
