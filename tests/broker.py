@@ -2,16 +2,43 @@
 loopback port, stopped by its PID."""
 
 import os
+import random
+import re
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 
+def ephemeral_ports():
+    """The kernel's range for the local ports of outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except OSError:
+        return 32768, 60999
+
+
 def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port that is free now and outside the ephemeral range.
+
+    A port the kernel hands out for bind(("127.0.0.1", 0)) comes from the
+    ephemeral range, where every outgoing connection (a peer's, a script's,
+    another broker's probe) also takes its local port: between the moment a
+    test picks a port and the moment mosquitto binds it, a connection could
+    take it, and mosquitto would exit with "Address already in use". Ports
+    below that range are never given to outgoing connections."""
+    low, _ = ephemeral_ports()
+    first = 10000 if low > 12000 else 1024
+    for _ in range(200):
+        port = random.randrange(first, low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port between {first} and {low}")
 
 
 def wait_for_port(port, process, timeout=10.0):
@@ -28,7 +55,8 @@ def wait_for_port(port, process, timeout=10.0):
 
 
 class Broker:
-    """A mosquitto process on 127.0.0.1, stopped by its PID at the end."""
+    """A mosquitto process on 127.0.0.1, stopped by its PID at the end.
+    `settings` may add listeners of its own (`listener PORT 127.0.0.1`)."""
 
     def __init__(self, directory, settings="allow_anonymous true\n"):
         self.directory = Path(directory)
@@ -38,14 +66,20 @@ class Broker:
         # cannot read the tests' temporary files; "user root" keeps it as is.
         identity = "user root\n" if os.geteuid() == 0 else ""
         self.config.write_text(f"{identity}listener {self.port} 127.0.0.1\n{settings}")
+        self.listeners = [int(port) for port in re.findall(r"^listener (\d+)", self.config.read_text(), re.M)]
         self.log = open(self.directory / "mosquitto.log", "ab")
         self.start()
 
     def start(self):
+        """Starts mosquitto and returns once every listener accepts
+        connections: mosquitto opens them one after the other, the TLS
+        ones after loading their certificates, so the first one open says
+        nothing of the others."""
         self.process = subprocess.Popen(
             ["mosquitto", "-c", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
         )
-        wait_for_port(self.port, self.process)
+        for port in self.listeners:
+            wait_for_port(port, self.process)
 
     def terminate(self):
         """Stops mosquitto as a service manager would (SIGTERM: it saves
