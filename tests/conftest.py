@@ -29,6 +29,14 @@ def firmware_loop():
 
 LOOP = firmware_loop()
 
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "long: a scenario of several seconds, run once per kind of loop: tests/run skips it"
+        " on the sanitizer firmware, whose loop is the plain firmware's",
+    )
+
 # For tests of what only threads can do (two threads calling the client at
 # once, a callback that blocks the loop's thread while the main one goes on).
 needs_threads = pytest.mark.skipif(LOOP != "thread", reason="the firmware has no threads")

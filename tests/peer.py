@@ -8,6 +8,8 @@ import paho.mqtt.client as paho
 
 
 class Peer:
+    """Connected (CONNACK received) when the constructor returns."""
+
     def __init__(self, port, client_id="peer", clean_session=True):
         self.messages = []
         self.arrived = threading.Condition()
@@ -15,8 +17,22 @@ class Peer:
             paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session
         )
         self.client.on_message = self._on_message
+        connack = []
+        connected = threading.Event()
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            connack.append(reason_code)
+            connected.set()
+
+        self.client.on_connect = on_connect
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
+        # paho's connect() returns once CONNECT is sent: a test that relies
+        # on the peer's session (a message queued for it, its will) must not
+        # go on before the broker has answered.
+        if not connected.wait(10) or connack[0].is_failure:
+            self.client.loop_stop()
+            raise AssertionError(f"peer {client_id} not connected: {connack}")
 
     def _on_message(self, client, userdata, message):
         with self.arrived:

@@ -16,6 +16,7 @@ def proxy(broker):
     relay.close()
 
 
+@pytest.mark.long
 def test_dead_link_is_found_within_one_and_a_half_keepalive(proxy, micropython):
     process = micropython.start(
         """
@@ -33,7 +34,9 @@ def test_dead_link_is_found_within_one_and_a_half_keepalive(proxy, micropython):
         wait_until(lambda: failures, 10000)
         elapsed = time.ticks_diff(failures[0][0], swallowed)
         print("found after", elapsed, "ms; connected then:", failures[0][1], "now:", c.connected())
-        print(elapsed <= 1500 * KEEPALIVE + 100)
+        # 1.5 periods, with room for a loaded machine; a client that waited a
+        # whole period for PINGRESP would take 2.
+        print(elapsed <= 1500 * KEEPALIVE + 400)
         """,
         PORT=proxy.port,
         KEEPALIVE=KEEPALIVE_S,
@@ -68,7 +71,7 @@ def test_no_call_hangs_on_a_dead_link(proxy, micropython):
                 outcome = "timeout" if e.args[0] == mqtt.TIMEOUT else repr(e)
             except OSError as e:
                 outcome = "OSError %d" % e.errno
-            print(name, outcome, time.ticks_diff(time.ticks_ms(), start) < 1300, c.connected())
+            print(name, outcome, time.ticks_diff(time.ticks_ms(), start) < 1600, c.connected())
         attempt("publish0", lambda: c.publish("t", "x"))
         attempt("publish1", lambda: c.publish("t", "x", qos=1))
         attempt("publish2", lambda: c.publish("t", "x", qos=2))

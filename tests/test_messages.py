@@ -2,6 +2,8 @@
 independent paho-mqtt peer."""
 
 import hashlib
+import os
+import select
 import subprocess
 import time
 
@@ -475,14 +477,33 @@ def test_qos2_messages_arrive_exactly_once(broker, micropython):
     peer.close()
 
 
+def output_until(process, text, timeout=10):
+    """Reads a process's output (a binary pipe) until `text` appears;
+    returns what was read."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    source = process.stdout.fileno()
+    while text not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([source], [], [], left)[0]:
+            raise AssertionError(f"no {text!r} within {timeout} s; output: {seen!r}")
+        chunk = os.read(source, 4096)
+        if not chunk:
+            raise AssertionError(f"the process ended before {text!r}; output: {seen!r}")
+        seen += chunk
+    return seen
+
+
 def test_mosquitto_sub_sees_what_the_firmware_publishes(broker, micropython):
+    # With -d, mosquitto_sub reports its SUBACK (line-buffered by stdbuf):
+    # the firmware publishes only once the subscription is in place.
     listener = subprocess.Popen(
-        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "cli/#", "-C", "3", "-v", "-q", "1"],
+        ["stdbuf", "-oL", "mosquitto_sub", "-d", "-h", "127.0.0.1", "-p", str(broker.port),
+         "-t", "cli/#", "-C", "3", "-v", "-q", "1"],
         stdout=subprocess.PIPE,
-        text=True,
     )
-    time.sleep(0.3)
     try:
+        early = output_until(listener, b"received SUBACK")
         micropython.run(
             """
             c = mqtt.Client("to-cli")
@@ -493,12 +514,15 @@ def test_mosquitto_sub_sees_what_the_firmware_publishes(broker, micropython):
             """,
             PORT=broker.port,
         )
-        output, _ = listener.communicate(timeout=10)
+        rest, _ = listener.communicate(timeout=10)
     finally:
         if listener.poll() is None:
             listener.kill()
             listener.wait()
-    assert output.strip().splitlines() == ["cli/0 value 0", "cli/1 value 1", "cli/2 value 2"]
+    output = (early + rest).decode()
+    # Debug lines start with "Client "; the messages with their topic.
+    messages = [line for line in output.splitlines() if line.startswith("cli/")]
+    assert messages == ["cli/0 value 0", "cli/1 value 1", "cli/2 value 2"], output
 
 
 def test_objects_survive_garbage_collection_while_messages_flow(broker, micropython):
@@ -564,6 +588,7 @@ def test_subscribe_and_unsubscribe_from_inside_a_callback(broker, micropython):
     assert output.strip() == "[('control', b'subscribe'), ('late', b'one'), ('control', b'unsubscribe')]"
 
 
+@pytest.mark.long
 @needs_threads
 def test_disconnect_waits_for_the_loop_only_as_long_as_asked(broker, micropython):
     output = micropython.run(
@@ -577,24 +602,27 @@ def test_disconnect_waits_for_the_loop_only_as_long_as_asked(broker, micropython
         c.subscribe("slow", slow)
         c.publish("slow", "x")
         wait_until(lambda: entered)
-        # The loop is inside the callback for another 1.5 s.
+        # The loop is inside the callback for another 1.5 s: disconnect
+        # gives up on it after about 300 ms, long before the callback ends.
         start = time.ticks_ms()
         c.disconnect(300)
         waited = time.ticks_diff(time.ticks_ms(), start)
-        print(250 <= waited < 600, c.connected())
+        print(250 <= waited < 1000, c.connected())
+        # Without a loop there is nothing to wait for (cycle_timeout is 500 ms).
         c.connect("127.0.0.1", 30, port=PORT, start_loop=False)
         start = time.ticks_ms()
         c.disconnect()
-        print(time.ticks_diff(time.ticks_ms(), start) < 100, c.connected())
+        print(time.ticks_diff(time.ticks_ms(), start) < 400, c.connected())
         # Once the callback returns, the old loop ends; loop() starts a new one.
         time.sleep_ms(1500)
         c.connect("127.0.0.1", 30, port=PORT)
         c.subscribe("slow", slow)
         c.publish("slow", "y")
         wait_until(lambda: len(entered) == 2)
+        # disconnect returns when the callback does (1.5 s), not at its timeout.
         start = time.ticks_ms()
         c.disconnect(3000)
-        print(1000 <= time.ticks_diff(time.ticks_ms(), start) < 2000, len(entered))
+        print(1000 <= time.ticks_diff(time.ticks_ms(), start) < 2700, len(entered))
         """,
         PORT=broker.port,
     )

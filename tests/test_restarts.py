@@ -12,6 +12,9 @@ from peer import Peer
 
 RESTARTS = 10
 
+# About 30 s in all: once per kind of loop (conftest.py's "long").
+pytestmark = pytest.mark.long
+
 # The firmware's side: reconnect until the broker answers, then go on.
 RECONNECTING = """
         failures = []

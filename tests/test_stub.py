@@ -73,13 +73,11 @@ def firmware_api(micropython):
     return json.loads(output.strip().splitlines()[-1])
 
 
-def test_stub_parses():
-    stub_tree()
-
-
 def test_stub_passes_mypy_strict(tmp_path):
-    api = pytest.importorskip("mypy.api")
-    report, errors, status = api.run(["--strict", "--cache-dir", str(tmp_path), str(STUB)])
+    # mypy is one of the tests' packages (ports/setup.sh): never skipped.
+    import mypy.api
+
+    report, errors, status = mypy.api.run(["--strict", "--cache-dir", str(tmp_path), str(STUB)])
     assert status == 0, report + errors
 
 
