@@ -78,10 +78,18 @@ fi
 rm -f "$build/frozen_content.c"
 
 jobs=$(nproc 2>/dev/null || echo 2)
-make -s -C "$micropython/mpy-cross" -j"$jobs" >&2
-make -s -C "$micropython/ports/unix" -j"$jobs" \
-    BUILD="$build" \
-    USER_C_MODULES="$work/usermod" \
-    FROZEN_MANIFEST="$manifest" \
-    MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 "${options[@]}" >&2
+# The build's own progress lines go to a log, shown when it fails.
+mkdir -p "$build"
+log="$build/make.log"
+if ! { make -s -C "$micropython/mpy-cross" -j"$jobs" &&
+       make -s -C "$micropython/ports/unix" -j"$jobs" \
+           BUILD="$build" \
+           USER_C_MODULES="$work/usermod" \
+           FROZEN_MANIFEST="$manifest" \
+           MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 "${options[@]}"; } > "$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "The build failed; its whole log: $log" >&2
+    exit 1
+fi
+echo "Built $build/micropython" >&2
 echo "$build/micropython"
