@@ -2,7 +2,7 @@
 """Heap and speed of `mqtt` beside umqtt.simple, paho-mqtt and a raw socket,
 all measured in one run against one mosquitto on loopback.
 
-    python3 tests/benchmark.py [--umqtt DIR] [--quick]
+    .build/venv/bin/python tests/benchmark.py [--umqtt DIR] [--quick]
 
 DIR is micropython-lib's `micropython/umqtt.simple` folder (the one holding
 `umqtt/simple.py`); it is frozen into a second firmware so its import is
