@@ -43,7 +43,9 @@ suite_apt() {
         touch "$cache/updated"
     elif ! apt-get -qq "${options[@]}" "$@" >&2; then
         echo "Fetching '$*' from Debian $suite failed: its package lists in $cache" \
-             "may be stale; fetching them again and retrying once." >&2
+             "may be stale; fetching them anew and retrying once." >&2
+        rm -rf "$cache/lists"
+        mkdir -p "$cache/lists/partial"
         apt-get -qq "${options[@]}" update >&2 || return 1
         touch "$cache/updated"
     else
