@@ -92,7 +92,7 @@ for group in "${debian_groups[@]}"; do
 done
 # The tests' virtual environment needs a python3 with venv and ensurepip;
 # Debian's python3 has them only with python3-venv.
-if [[ $profile == tests && ! -x "$venv/bin/python" ]] && ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+if [[ $profile == tests && ! -x "$venv/bin/pip" ]] && ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     missing+=(python3 python3-venv)
     reasons+="${reasons:+; }python3 python3-venv (a virtual environment for the tests' Python packages)"
 fi
@@ -116,51 +116,39 @@ fi
 
 # --- Python packages, in .build/venv ----------------------------------------
 
+# The lines of $1 that $2 lacks (one word a line).
+lacking() {
+    comm -23 <(sort <<< "$1") <(sort <<< "$2")
+}
+
 if [[ $profile == tests ]]; then
-    if [[ ! -x "$venv/bin/python" ]]; then
+    # A venv made by a python3 without ensurepip has no pip: make it again.
+    if [[ ! -x "$venv/bin/pip" ]]; then
         say "creating $venv for the tests' Python packages (${python_packages[*]})"
-        quietly python3 -m venv "$venv"
+        quietly python3 -m venv --clear "$venv"
     fi
-    # The packages whose pinned version the environment lacks.
-    # shellcheck disable=SC2016
-    absent=$("$venv/bin/python" - "${python_packages[@]}" <<'EOF'
-import sys
-from importlib import metadata
-for requirement in sys.argv[1:]:
-    name, version = requirement.split("==")
-    try:
-        if metadata.version(name) == version:
-            continue
-    except metadata.PackageNotFoundError:
-        pass
-    print(requirement)
-EOF
-)
-    if [[ -n $absent ]]; then
-        # shellcheck disable=SC2086 # one requirement per word
-        say "installing Python packages in .build/venv: $(echo $absent) (test runner, independent MQTT peer, type stub check)"
-        # shellcheck disable=SC2086
-        quietly "$venv/bin/python" -m pip install -q --disable-pip-version-check $absent
+    installed=$("$venv/bin/python" -m pip list --format=freeze --disable-pip-version-check 2>/dev/null | tr 'A-Z_' 'a-z-')
+    mapfile -t absent < <(lacking "$(printf '%s\n' "${python_packages[@]}")" "$installed")
+    if ((${#absent[@]})); then
+        say "installing Python packages in .build/venv: ${absent[*]} (test runner, independent MQTT peer, type stub check)"
+        quietly "$venv/bin/python" -m pip install -q --disable-pip-version-check "${absent[@]}"
     fi
 fi
 
 # --- Rust components, targets and cargo-fuzz --------------------------------
 
 if [[ $profile == tests ]]; then
-    absent=$(comm -23 <(printf '%s\n' "${rust_components[@]}" | sort) \
-        <(rustup component list --installed | sed 's/-[a-z0-9_]*-unknown-linux-gnu$//' | sort))
-    if [[ -n $absent ]]; then
-        # shellcheck disable=SC2086
-        say "adding Rust components $(echo $absent) (format and lint checks)"
-        # shellcheck disable=SC2086
-        quietly rustup component add $absent
+    # `rustup component list` names components with the host's triple.
+    installed=$(rustup component list --installed | sed 's/-[a-z0-9_]*-unknown-linux-gnu$//')
+    mapfile -t absent < <(lacking "$(printf '%s\n' "${rust_components[@]}")" "$installed")
+    if ((${#absent[@]})); then
+        say "adding Rust components ${absent[*]} (format and lint checks)"
+        quietly rustup component add "${absent[@]}"
     fi
-    absent=$(comm -23 <(printf '%s\n' "${rust_targets[@]}" | sort) <(rustup target list --installed | sort))
-    if [[ -n $absent ]]; then
-        # shellcheck disable=SC2086
-        say "adding Rust targets $(echo $absent) (the engine for RP2040, RP2350, ESP32-C3/C6 boards)"
-        # shellcheck disable=SC2086
-        quietly rustup target add $absent
+    mapfile -t absent < <(lacking "$(printf '%s\n' "${rust_targets[@]}")" "$(rustup target list --installed)")
+    if ((${#absent[@]})); then
+        say "adding Rust targets ${absent[*]} (the engine for RP2040, RP2350, ESP32-C3/C6 boards)"
+        quietly rustup target add "${absent[@]}"
     fi
     if ! cargo fuzz --version >/dev/null 2>&1; then
         say "installing cargo-fuzz $cargo_fuzz_version (the engine's fuzz targets); this takes a minute"
