@@ -21,7 +21,7 @@ MQTT_ENGINE_OBJ := $(BUILD)/mqtt_engine.o
 # The engine's exported functions, as the committed header declares them.
 MQTT_EXPORTS := $(shell grep -oP '\bmqtt_\w+(?=\x28)' $(MQTT_MOD_DIR)/mqtt_engine.h | sort -u)
 
-$(MQTT_ARCHIVE): $(wildcard $(MQTT_MOD_DIR)/src/*.rs) $(MQTT_MOD_DIR)/Cargo.toml $(MQTT_MOD_DIR)/Cargo.lock
+$(MQTT_ARCHIVE): $(wildcard $(MQTT_MOD_DIR)/src/*.rs $(MQTT_MOD_DIR)/src/*/*.rs) $(MQTT_MOD_DIR)/Cargo.toml $(MQTT_MOD_DIR)/Cargo.lock
 	$(ECHO) "CARGO mqtt engine"
 	$(Q)$(MQTT_CARGO) build --release --locked --lib \
 		--manifest-path $(MQTT_MOD_DIR)/Cargo.toml --target-dir $(MQTT_CARGO_DIR) \

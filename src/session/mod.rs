@@ -1,0 +1,393 @@
+//! The client session: what is in flight, what was received, and the timers.
+//!
+//! The session owns no thread, no socket and no clock. Each call is handed
+//! the transport (`embedded_io` traits) and the current time in
+//! milliseconds (a wrapping counter), does its work and returns. Incoming
+//! PUBLISH packets are read in steps so that the caller can put the topic
+//! and the payload straight into memory of its own:
+//! [`Session::receive`] returns [`Event::Message`] with the lengths, then
+//! [`Session::read_topic`], [`Session::read_payload`] and
+//! [`Session::finish_message`] complete it.
+//!
+//! This file holds the session's state and the connection; the rest is
+//! split by concern: `outbound` (the in-flight table: publishes,
+//! subscriptions, acknowledgements, resends), `receive` (what the broker
+//! sends), `inbound_qos2` (received QoS 2 ids until their release),
+//! `read_ahead` (bytes read ahead of need) and `timers` (keepalive and the
+//! CONNECT deadline). Each file's unit tests sit at its end; `testing`
+//! holds their in-memory broker link.
+
+use embedded_io::{ReadExactError, Write};
+
+use crate::codec::{self, Connect, DecodeError, EncodeError, PacketType, QoS};
+use crate::topic::{self, TopicError};
+
+mod inbound_qos2;
+mod outbound;
+mod read_ahead;
+mod receive;
+#[cfg(test)]
+mod testing;
+mod timers;
+
+pub use inbound_qos2::INBOUND_QOS2_MAX;
+use inbound_qos2::RecentIds;
+pub use outbound::INFLIGHT_MAX;
+use outbound::Inflight;
+use read_ahead::ReadAhead;
+use receive::Incoming;
+
+/// Settings fixed when the session is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// How long an acknowledgement, or the rest of a started packet, may take.
+    pub command_timeout_ms: u32,
+    /// Largest incoming packet accepted (fixed header excluded).
+    pub max_packet_size: u32,
+}
+
+/// What went wrong, grouped by who is at fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    // The caller's arguments or timing.
+    /// A topic name or filter breaks the topic rules.
+    InvalidTopic(TopicError),
+    /// A string or payload is longer than MQTT can carry.
+    TooLong,
+    /// An empty client id needs a clean session.
+    InvalidClientId,
+    /// The operation needs an accepted connection.
+    NotConnected,
+    /// Every in-flight slot is taken.
+    InflightFull,
+    /// The call does not fit the session's state (e.g. reading a payload
+    /// when no message is being received, or a buffer of the wrong size).
+    WrongState,
+    // The peer.
+    /// The peer sent bytes that are not a valid packet.
+    Malformed(DecodeError),
+    /// The peer sent a packet a broker may not send at this point.
+    UnexpectedPacket,
+    /// An incoming packet is larger than the configured maximum.
+    PacketTooLarge,
+    /// The broker did not answer a PINGREQ in time.
+    PingTimeout,
+    /// The broker did not answer CONNECT in time.
+    ConnectTimeout,
+    // The transport.
+    /// The transport reported an error (the caller knows which).
+    Transport,
+    /// The peer closed the connection.
+    Closed,
+}
+
+impl From<TopicError> for Error {
+    fn from(error: TopicError) -> Self {
+        Error::InvalidTopic(error)
+    }
+}
+
+impl From<DecodeError> for Error {
+    fn from(error: DecodeError) -> Self {
+        Error::Malformed(error)
+    }
+}
+
+impl<E> From<EncodeError<E>> for Error {
+    fn from(error: EncodeError<E>) -> Self {
+        match error {
+            EncodeError::FieldTooLong | EncodeError::PacketTooLong => Error::TooLong,
+            EncodeError::Io(_) => Error::Transport,
+            EncodeError::Closed => Error::Closed,
+        }
+    }
+}
+
+impl<E> From<ReadExactError<E>> for Error {
+    fn from(error: ReadExactError<E>) -> Self {
+        match error {
+            ReadExactError::UnexpectedEof => Error::Closed,
+            ReadExactError::Other(_) => Error::Transport,
+        }
+    }
+}
+
+/// Identifies a command waiting for its acknowledgement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    /// Index in the in-flight table, or [`Ticket::CONNECT_SLOT`].
+    pub slot: u8,
+    pub packet_id: u16,
+}
+
+impl Ticket {
+    /// The slot of the ticket for a CONNECT, answered by CONNACK.
+    pub const CONNECT_SLOT: u8 = 0xff;
+    const CONNECT: Ticket = Ticket {
+        slot: Self::CONNECT_SLOT,
+        packet_id: 0,
+    };
+}
+
+/// Where a command stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandState {
+    /// Sent; no answer yet.
+    Pending,
+    /// Answered: the CONNACK or SUBACK return code, or 0.
+    Done(u8),
+    /// No answer within the command timeout. A publish stays in flight and
+    /// is sent again after a reconnect.
+    TimedOut,
+    /// The link went down first. A publish stays in flight, as above.
+    Interrupted,
+}
+
+/// What [`Session::receive`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// No complete packet was waiting, or one was handled internally
+    /// (PINGRESP, PUBREC, PUBREL, an unknown acknowledgement).
+    Nothing,
+    /// The CONNACK arrived.
+    ConnAck { code: u8, session_present: bool },
+    /// A PUBLISH header was read; its topic and payload come next.
+    Message {
+        topic_len: u16,
+        payload_len: u32,
+        qos: QoS,
+        retain: bool,
+        dup: bool,
+    },
+    /// An outbound QoS 1/2 publish is acknowledged end to end; the caller
+    /// may drop what it kept for a resend.
+    Completed(Ticket),
+    /// A SUBACK or UNSUBACK arrived for this ticket.
+    Answered(Ticket),
+}
+
+/// What [`Session::read_topic`] learned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageInfo {
+    /// 0 for QoS 0.
+    pub packet_id: u16,
+    /// False for a QoS 2 message whose packet id was already delivered and
+    /// is not yet released: it must not reach the application twice.
+    pub deliver: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    Down,
+    AwaitingConnAck { since: u32 },
+    Up,
+}
+
+/// One client's MQTT session state.
+#[derive(Debug)]
+pub struct Session {
+    config: Config,
+    link: Link,
+    last_connack: Option<u8>,
+    keepalive_ms: u32,
+    next_packet_id: u16,
+    inflight: [Option<Inflight>; INFLIGHT_MAX],
+    inbound_qos2: RecentIds,
+    last_sent: u32,
+    last_received: u32,
+    ping_sent: Option<u32>,
+    incoming: Incoming,
+    read_ahead: ReadAhead,
+}
+
+fn elapsed(now: u32, since: u32) -> u32 {
+    now.wrapping_sub(since)
+}
+
+impl Session {
+    pub fn new(config: Config) -> Self {
+        Session {
+            config,
+            link: Link::Down,
+            last_connack: None,
+            keepalive_ms: 0,
+            next_packet_id: 1,
+            inflight: [None; INFLIGHT_MAX],
+            inbound_qos2: RecentIds::new(),
+            last_sent: 0,
+            last_received: 0,
+            ping_sent: None,
+            incoming: Incoming::Idle,
+            read_ahead: ReadAhead::default(),
+        }
+    }
+
+    /// How long an acknowledgement, or the rest of a started packet, may take.
+    pub fn command_timeout_ms(&self) -> u32 {
+        self.config.command_timeout_ms
+    }
+
+    /// Whether the broker accepted the connection and the link is up.
+    pub fn is_connected(&self) -> bool {
+        self.link == Link::Up
+    }
+
+    /// Sends CONNECT. The answer arrives as [`Event::ConnAck`]; the
+    /// returned ticket follows it with [`Session::command_state`].
+    pub fn connect<W: Write>(&mut self, io: &mut W, now: u32, connect: &Connect<'_>) -> Result<Ticket, Error> {
+        if connect.client_id.is_empty() && !connect.clean_session {
+            return Err(Error::InvalidClientId);
+        }
+        if let Some(will) = &connect.will {
+            topic::check_name(will.topic.as_bytes())?;
+        }
+        if connect.clean_session {
+            self.inflight = [None; INFLIGHT_MAX];
+            self.inbound_qos2.clear();
+        }
+        self.link = Link::AwaitingConnAck { since: now };
+        self.last_connack = None;
+        self.keepalive_ms = u32::from(connect.keepalive_s).saturating_mul(1000);
+        self.ping_sent = None;
+        self.incoming = Incoming::Idle;
+        self.read_ahead = ReadAhead::default();
+        self.last_sent = now;
+        self.last_received = now;
+        codec::write_connect(io, connect).inspect_err(|_| self.link = Link::Down)?;
+        Ok(Ticket::CONNECT)
+    }
+
+    /// Sends DISCONNECT (when the link is up) and marks the link down.
+    pub fn disconnect<W: Write>(&mut self, io: &mut W) -> Result<(), Error> {
+        let was_up = self.link == Link::Up;
+        self.link_lost();
+        if was_up {
+            codec::write_empty(io, PacketType::Disconnect)?;
+        }
+        Ok(())
+    }
+
+    /// Records that the transport is gone. In-flight publishes are kept
+    /// and sent again after the next connect (unless it is clean).
+    pub fn link_lost(&mut self) {
+        self.link = Link::Down;
+        self.ping_sent = None;
+        self.incoming = Incoming::Idle;
+        self.read_ahead = ReadAhead::default();
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+mod tests {
+    use super::*;
+    use crate::codec::{Connect, Packet, QoS, Will, write_connack};
+    use crate::session::testing::*;
+    use crate::session::{CommandState, Error, Event, Session};
+    use crate::topic::TopicError;
+
+    #[test]
+    fn session_is_small() {
+        // It lives in the client's heap object: every byte counts.
+        assert_eq!(core::mem::size_of::<Inflight>(), 8);
+        assert!(
+            core::mem::size_of::<Session>() <= 216,
+            "{}",
+            core::mem::size_of::<Session>()
+        );
+    }
+
+    #[test]
+    fn refused_connection_reports_its_code() {
+        let mut session = Session::new(CONFIG);
+        let mut pipe = Pipe::default();
+        let ticket = session.connect(&mut pipe, 0, &connect_options(0, true)).unwrap();
+        pipe.broker_sends(|b| write_connack(&mut VecWriter(b), false, 5).unwrap());
+        assert_eq!(
+            session.receive(&mut pipe, 1).unwrap(),
+            Event::ConnAck {
+                code: 5,
+                session_present: false
+            }
+        );
+        assert_eq!(session.command_state(ticket, 2), CommandState::Done(5));
+        assert!(!session.is_connected());
+        assert_eq!(
+            session.publish(&mut pipe, 3, "t", b"", QoS::AtMostOnce, false),
+            Err(Error::NotConnected)
+        );
+    }
+
+    #[test]
+    fn connect_times_out_without_connack() {
+        let mut session = Session::new(CONFIG);
+        let mut pipe = Pipe::default();
+        let ticket = session.connect(&mut pipe, 0, &connect_options(0, true)).unwrap();
+        assert_eq!(session.tick(&mut pipe, 999), Ok(()));
+        assert_eq!(session.tick(&mut pipe, 1000), Err(Error::ConnectTimeout));
+        assert_eq!(session.command_state(ticket, 1000), CommandState::TimedOut);
+    }
+
+    #[test]
+    fn empty_client_id_needs_clean_session() {
+        let mut session = Session::new(CONFIG);
+        let options = Connect {
+            client_id: "",
+            ..connect_options(0, false)
+        };
+        assert_eq!(
+            session.connect(&mut Pipe::default(), 0, &options),
+            Err(Error::InvalidClientId)
+        );
+        let options = Connect {
+            client_id: "",
+            ..connect_options(0, true)
+        };
+        assert!(session.connect(&mut Pipe::default(), 0, &options).is_ok());
+    }
+
+    #[test]
+    fn connect_carries_the_will() {
+        let mut session = Session::new(CONFIG);
+        let mut pipe = Pipe::default();
+        let will = Will {
+            topic: "last/words",
+            payload: b"gone",
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        };
+        let options = Connect {
+            will: Some(will),
+            ..connect_options(30, true)
+        };
+        session.connect(&mut pipe, 0, &options).unwrap();
+        let (packet, _) = codec::decode(&pipe.outbound).unwrap().unwrap();
+        assert_eq!(packet, Packet::Connect(options));
+        let bad_will = Will { topic: "a/#", ..will };
+        let options = Connect {
+            will: Some(bad_will),
+            ..connect_options(30, true)
+        };
+        assert_eq!(
+            session.connect(&mut pipe, 0, &options),
+            Err(Error::InvalidTopic(TopicError::WildcardInName))
+        );
+    }
+
+    #[test]
+    fn clean_connect_forgets_in_flight_messages() {
+        let (mut session, mut pipe) = connected(0);
+        session
+            .publish(&mut pipe, 0, "a", b"", QoS::AtLeastOnce, false)
+            .unwrap();
+        session.link_lost();
+        session.connect(&mut pipe, 1, &connect_options(0, true)).unwrap();
+        assert_eq!(session.publishes_to_resend().count(), 0);
+    }
+}

@@ -1,0 +1,529 @@
+//! What the client sends and waits for: the in-flight table of QoS 1/2
+//! publishes, subscriptions and unsubscriptions, their packet ids, their
+//! acknowledgements and their resend after a reconnect.
+
+use embedded_io::Write;
+
+use super::{CommandState, Error, Link, Session, Ticket, elapsed};
+use crate::codec::{self, PacketType, Publish, QoS};
+use crate::topic;
+
+/// How many QoS 1/2 publishes, subscriptions and unsubscriptions can wait
+/// for their acknowledgement at once. A publish from the application's
+/// thread waits for its own, so this bounds what callbacks send in a burst
+/// and what a dead link leaves behind; each slot costs 8 bytes here and two
+/// object references in the binding.
+pub const INFLIGHT_MAX: usize = 8;
+
+/// Where an in-flight command stands. A publish waiting for its first
+/// answer carries its RETAIN flag, needed to send it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stage {
+    AwaitPubAck { retain: bool },
+    AwaitPubRec { retain: bool },
+    AwaitPubComp,
+    AwaitSubAck,
+    AwaitUnsubAck,
+    Answered(u8),
+}
+
+/// One in-flight command: 8 bytes, INFLIGHT_MAX of them per client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Inflight {
+    packet_id: u16,
+    stage: Stage,
+    sent_at: u32,
+}
+
+impl Inflight {
+    fn is_publish(&self) -> bool {
+        matches!(
+            self.stage,
+            Stage::AwaitPubAck { .. } | Stage::AwaitPubRec { .. } | Stage::AwaitPubComp
+        )
+    }
+}
+
+impl Session {
+    fn free_slot(&self) -> Result<u8, Error> {
+        let index = self
+            .inflight
+            .iter()
+            .position(Option::is_none)
+            .ok_or(Error::InflightFull)?;
+        u8::try_from(index).map_err(|_| Error::InflightFull)
+    }
+
+    fn allocate_packet_id(&mut self) -> u16 {
+        loop {
+            let candidate = self.next_packet_id;
+            self.next_packet_id = match candidate.wrapping_add(1) {
+                0 => 1,
+                next => next,
+            };
+            let in_use = self.inflight.iter().flatten().any(|entry| entry.packet_id == candidate);
+            // At most INFLIGHT_MAX ids are in use, so a free one comes soon.
+            if !in_use {
+                return candidate;
+            }
+        }
+    }
+
+    fn start_command(&mut self, now: u32, stage: Stage) -> Result<Ticket, Error> {
+        let slot = self.free_slot()?;
+        let packet_id = self.allocate_packet_id();
+        if let Some(entry) = self.inflight.get_mut(usize::from(slot)) {
+            *entry = Some(Inflight {
+                packet_id,
+                stage,
+                sent_at: now,
+            });
+        }
+        Ok(Ticket { slot, packet_id })
+    }
+
+    fn entry(&self, ticket: Ticket) -> Option<&Inflight> {
+        self.inflight
+            .get(usize::from(ticket.slot))
+            .and_then(Option::as_ref)
+            .filter(|entry| entry.packet_id == ticket.packet_id)
+    }
+
+    pub(super) fn release(&mut self, ticket: Ticket) {
+        if let Some(entry) = self.inflight.get_mut(usize::from(ticket.slot))
+            && entry.is_some_and(|inflight| inflight.packet_id == ticket.packet_id)
+        {
+            *entry = None;
+        }
+    }
+
+    /// Sends a PUBLISH. For QoS 1 and 2 the message takes an in-flight slot
+    /// until it is acknowledged, and the returned ticket follows it; the
+    /// caller keeps topic and payload until [`Event::Completed`] so that
+    /// [`Session::resend`] can send them again after a reconnect.
+    pub fn publish<W: Write>(
+        &mut self,
+        io: &mut W,
+        now: u32,
+        topic: &str,
+        payload: &[u8],
+        qos: QoS,
+        retain: bool,
+    ) -> Result<Option<Ticket>, Error> {
+        topic::check_name(topic.as_bytes())?;
+        if self.link != Link::Up {
+            return Err(Error::NotConnected);
+        }
+        let ticket = match qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(self.start_command(now, Stage::AwaitPubAck { retain })?),
+            QoS::ExactlyOnce => Some(self.start_command(now, Stage::AwaitPubRec { retain })?),
+        };
+        let publish = Publish {
+            topic,
+            packet_id: ticket.map(|ticket| ticket.packet_id),
+            qos,
+            retain,
+            dup: false,
+            payload,
+        };
+        let written = codec::write_publish(io, &publish);
+        if let (Err(_), Some(ticket)) = (&written, ticket) {
+            // At most part of the packet left, which the broker discards:
+            // the message was not sent, and the caller may send it again.
+            self.release(ticket);
+        }
+        written?;
+        self.last_sent = now;
+        Ok(ticket)
+    }
+
+    /// Slots of in-flight publishes that must be sent again on this
+    /// (re)connected link, in no particular order.
+    pub fn publishes_to_resend(&self) -> impl Iterator<Item = Ticket> + '_ {
+        self.inflight.iter().enumerate().filter_map(|(slot, entry)| {
+            let entry = entry.as_ref()?;
+            let wants_payload = matches!(entry.stage, Stage::AwaitPubAck { .. } | Stage::AwaitPubRec { .. });
+            let slot = u8::try_from(slot).ok()?;
+            wants_payload.then_some(Ticket {
+                slot,
+                packet_id: entry.packet_id,
+            })
+        })
+    }
+
+    /// Sends an in-flight publish again with DUP set and its packet id.
+    pub fn resend<W: Write>(
+        &mut self,
+        io: &mut W,
+        now: u32,
+        ticket: Ticket,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(), Error> {
+        if self.link != Link::Up {
+            return Err(Error::NotConnected);
+        }
+        let entry = *self.entry(ticket).ok_or(Error::WrongState)?;
+        let (qos, retain) = match entry.stage {
+            Stage::AwaitPubAck { retain } => (QoS::AtLeastOnce, retain),
+            Stage::AwaitPubRec { retain } => (QoS::ExactlyOnce, retain),
+            _ => return Err(Error::WrongState),
+        };
+        let publish = Publish {
+            topic,
+            packet_id: Some(entry.packet_id),
+            qos,
+            retain,
+            dup: true,
+            payload,
+        };
+        codec::write_publish(io, &publish)?;
+        self.restart_timer(ticket, now);
+        self.last_sent = now;
+        Ok(())
+    }
+
+    /// Sends PUBREL again for every QoS 2 publish whose PUBREC arrived on an
+    /// earlier link.
+    pub fn resend_releases<W: Write>(&mut self, io: &mut W, now: u32) -> Result<(), Error> {
+        if self.link != Link::Up {
+            return Err(Error::NotConnected);
+        }
+        for entry in self.inflight.iter_mut().flatten() {
+            if entry.stage == Stage::AwaitPubComp {
+                codec::write_ack(io, PacketType::PubRel, entry.packet_id)?;
+                entry.sent_at = now;
+                self.last_sent = now;
+            }
+        }
+        Ok(())
+    }
+
+    fn restart_timer(&mut self, ticket: Ticket, now: u32) {
+        if let Some(Some(entry)) = self.inflight.get_mut(usize::from(ticket.slot)) {
+            entry.sent_at = now;
+        }
+    }
+
+    /// Sends a SUBSCRIBE for one filter.
+    pub fn subscribe<W: Write>(&mut self, io: &mut W, now: u32, filter: &str, qos: QoS) -> Result<Ticket, Error> {
+        topic::check_filter(filter.as_bytes())?;
+        if self.link != Link::Up {
+            return Err(Error::NotConnected);
+        }
+        let ticket = self.start_command(now, Stage::AwaitSubAck)?;
+        codec::write_subscribe(io, ticket.packet_id, &[(filter, qos)])?;
+        self.last_sent = now;
+        Ok(ticket)
+    }
+
+    /// Sends an UNSUBSCRIBE for one filter.
+    pub fn unsubscribe<W: Write>(&mut self, io: &mut W, now: u32, filter: &str) -> Result<Ticket, Error> {
+        topic::check_filter(filter.as_bytes())?;
+        if self.link != Link::Up {
+            return Err(Error::NotConnected);
+        }
+        let ticket = self.start_command(now, Stage::AwaitUnsubAck)?;
+        codec::write_unsubscribe(io, ticket.packet_id, &[filter])?;
+        self.last_sent = now;
+        Ok(ticket)
+    }
+
+    /// Where the command behind `ticket` stands. An answered subscription's
+    /// slot is freed by this call, so ask once it is `Done`.
+    pub fn command_state(&mut self, ticket: Ticket, now: u32) -> CommandState {
+        let timed_out = |since: u32| elapsed(now, since) >= self.config.command_timeout_ms;
+        if ticket.slot == Ticket::CONNECT_SLOT {
+            return match (self.link, self.last_connack) {
+                (Link::Up, _) => CommandState::Done(0),
+                (Link::AwaitingConnAck { since }, _) if timed_out(since) => CommandState::TimedOut,
+                (Link::AwaitingConnAck { .. }, _) => CommandState::Pending,
+                (Link::Down, Some(code)) => CommandState::Done(code),
+                (Link::Down, None) => CommandState::Interrupted,
+            };
+        }
+        let Some(entry) = self.entry(ticket).copied() else {
+            // A publish leaves the table when its flow completes.
+            return CommandState::Done(0);
+        };
+        match entry.stage {
+            Stage::Answered(code) => {
+                self.release(ticket);
+                CommandState::Done(code)
+            }
+            _ if self.link != Link::Up => {
+                self.forget(ticket);
+                CommandState::Interrupted
+            }
+            _ if timed_out(entry.sent_at) => CommandState::TimedOut,
+            _ => CommandState::Pending,
+        }
+    }
+
+    /// Gives up waiting for a subscription's answer. A publish is kept: it
+    /// is sent again after a reconnect.
+    pub fn forget(&mut self, ticket: Ticket) {
+        if self.entry(ticket).is_some_and(|entry| !entry.is_publish()) {
+            self.release(ticket);
+        }
+    }
+
+    pub(super) fn find(&self, packet_id: u16, at_stage: impl Fn(Stage) -> bool) -> Option<Ticket> {
+        self.inflight.iter().enumerate().find_map(|(slot, entry)| {
+            let entry = entry.as_ref()?;
+            let found = entry.packet_id == packet_id && at_stage(entry.stage);
+            found.then_some(Ticket {
+                slot: u8::try_from(slot).ok()?,
+                packet_id,
+            })
+        })
+    }
+
+    pub(super) fn set_stage(&mut self, ticket: Ticket, stage: Stage, now: u32) {
+        if let Some(Some(entry)) = self.inflight.get_mut(usize::from(ticket.slot)) {
+            entry.stage = stage;
+            entry.sent_at = now;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+mod tests {
+    use crate::codec::{DecodeError, Packet, PacketType, Publish, QoS, write_ack, write_connack, write_suback};
+    use crate::session::testing::*;
+    use crate::session::{CommandState, Error, Event, INFLIGHT_MAX};
+    use crate::topic::TopicError;
+
+    #[test]
+    fn qos1_publish_flow() {
+        let (mut session, mut pipe) = connected(0);
+        let ticket = session
+            .publish(&mut pipe, 10, "a/b", b"x", QoS::AtLeastOnce, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            pipe.take_sent(),
+            [format!(
+                "{:?}",
+                Packet::Publish(Publish {
+                    topic: "a/b",
+                    packet_id: Some(ticket.packet_id),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    dup: false,
+                    payload: b"x"
+                })
+            )]
+        );
+        assert_eq!(session.command_state(ticket, 20), CommandState::Pending);
+        pipe.broker_sends(|b| write_ack(&mut VecWriter(b), PacketType::PubAck, ticket.packet_id).unwrap());
+        assert_eq!(session.receive(&mut pipe, 30).unwrap(), Event::Completed(ticket));
+        assert_eq!(session.command_state(ticket, 30), CommandState::Done(0));
+    }
+
+    #[test]
+    fn qos2_publish_flow() {
+        let (mut session, mut pipe) = connected(0);
+        let ticket = session
+            .publish(&mut pipe, 10, "a", b"x", QoS::ExactlyOnce, true)
+            .unwrap()
+            .unwrap();
+        pipe.take_sent();
+        pipe.broker_sends(|b| write_ack(&mut VecWriter(b), PacketType::PubRec, ticket.packet_id).unwrap());
+        assert_eq!(session.receive(&mut pipe, 11).unwrap(), Event::Nothing);
+        assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubRel(ticket.packet_id))]);
+        assert_eq!(session.command_state(ticket, 12), CommandState::Pending);
+        pipe.broker_sends(|b| write_ack(&mut VecWriter(b), PacketType::PubComp, ticket.packet_id).unwrap());
+        assert_eq!(session.receive(&mut pipe, 13).unwrap(), Event::Completed(ticket));
+        assert_eq!(session.command_state(ticket, 14), CommandState::Done(0));
+    }
+
+    #[test]
+    fn publish_times_out_but_stays_in_flight_for_resend() {
+        let (mut session, mut pipe) = connected(0);
+        let ticket = session
+            .publish(&mut pipe, 0, "a", b"payload", QoS::AtLeastOnce, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(session.command_state(ticket, 1000), CommandState::TimedOut);
+        session.link_lost();
+        assert_eq!(session.command_state(ticket, 1001), CommandState::Interrupted);
+        // Reconnect without a clean session: the message goes again, DUP set.
+        session.connect(&mut pipe, 2000, &connect_options(0, false)).unwrap();
+        pipe.broker_sends(|b| write_connack(&mut VecWriter(b), true, 0).unwrap());
+        session.receive(&mut pipe, 2001).unwrap();
+        pipe.take_sent();
+        let resend: Vec<_> = session.publishes_to_resend().collect();
+        assert_eq!(resend, [ticket]);
+        session.resend(&mut pipe, 2002, ticket, "a", b"payload").unwrap();
+        let expected = Packet::Publish(Publish {
+            topic: "a",
+            packet_id: Some(ticket.packet_id),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            dup: true,
+            payload: b"payload",
+        });
+        assert_eq!(pipe.take_sent(), [format!("{expected:?}")]);
+        assert_eq!(session.command_state(ticket, 2003), CommandState::Pending);
+    }
+
+    #[test]
+    fn publish_that_could_not_be_written_is_not_in_flight() {
+        let (mut session, mut pipe) = connected(0);
+        pipe.broken = true;
+        assert_eq!(
+            session.publish(&mut pipe, 0, "a", b"x", QoS::AtLeastOnce, false),
+            Err(Error::Transport)
+        );
+        assert_eq!(session.inflight.iter().flatten().count(), 0);
+        session.link_lost();
+        assert_eq!(session.publishes_to_resend().count(), 0);
+    }
+
+    #[test]
+    fn pubrel_is_resent_after_reconnect() {
+        let (mut session, mut pipe) = connected(0);
+        let ticket = session
+            .publish(&mut pipe, 0, "a", b"", QoS::ExactlyOnce, false)
+            .unwrap()
+            .unwrap();
+        pipe.broker_sends(|b| write_ack(&mut VecWriter(b), PacketType::PubRec, ticket.packet_id).unwrap());
+        session.receive(&mut pipe, 1).unwrap();
+        session.link_lost();
+        session.connect(&mut pipe, 2, &connect_options(0, false)).unwrap();
+        pipe.broker_sends(|b| write_connack(&mut VecWriter(b), true, 0).unwrap());
+        session.receive(&mut pipe, 3).unwrap();
+        pipe.take_sent();
+        assert_eq!(session.publishes_to_resend().count(), 0);
+        session.resend_releases(&mut pipe, 4).unwrap();
+        assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubRel(ticket.packet_id))]);
+    }
+
+    #[test]
+    fn in_flight_table_is_bounded_and_ids_unique() {
+        let (mut session, mut pipe) = connected(0);
+        let mut ids = Vec::new();
+        for _ in 0..INFLIGHT_MAX {
+            ids.push(
+                session
+                    .publish(&mut pipe, 0, "a", b"", QoS::AtLeastOnce, false)
+                    .unwrap()
+                    .unwrap()
+                    .packet_id,
+            );
+        }
+        assert_eq!(
+            session.publish(&mut pipe, 0, "a", b"", QoS::AtLeastOnce, false),
+            Err(Error::InflightFull)
+        );
+        // QoS 0 needs no slot.
+        assert_eq!(
+            session.publish(&mut pipe, 0, "a", b"", QoS::AtMostOnce, false),
+            Ok(None)
+        );
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), INFLIGHT_MAX);
+        assert!(!ids.contains(&0));
+    }
+
+    #[test]
+    fn packet_ids_wrap_and_skip_zero_and_ids_in_use() {
+        let (mut session, mut pipe) = connected(0);
+        session.next_packet_id = 65_535;
+        let first = session
+            .publish(&mut pipe, 0, "a", b"", QoS::AtLeastOnce, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.packet_id, 65_535);
+        let second = session
+            .publish(&mut pipe, 0, "a", b"", QoS::AtLeastOnce, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.packet_id, 1);
+        session.next_packet_id = 65_535;
+        let third = session
+            .publish(&mut pipe, 0, "a", b"", QoS::AtLeastOnce, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(third.packet_id, 2, "65535 and 1 are still in flight");
+    }
+
+    #[test]
+    fn subscribe_reports_granted_qos_and_failure() {
+        let (mut session, mut pipe) = connected(0);
+        let ticket = session.subscribe(&mut pipe, 0, "a/+", QoS::ExactlyOnce).unwrap();
+        pipe.broker_sends(|b| write_suback(&mut VecWriter(b), ticket.packet_id, &[1]).unwrap());
+        assert_eq!(session.receive(&mut pipe, 1).unwrap(), Event::Answered(ticket));
+        assert_eq!(session.command_state(ticket, 2), CommandState::Done(1));
+        let ticket = session.subscribe(&mut pipe, 0, "b", QoS::AtMostOnce).unwrap();
+        pipe.broker_sends(|b| write_suback(&mut VecWriter(b), ticket.packet_id, &[0x80]).unwrap());
+        session.receive(&mut pipe, 1).unwrap();
+        assert_eq!(session.command_state(ticket, 2), CommandState::Done(0x80));
+        assert_eq!(
+            session.subscribe(&mut pipe, 0, "a/#/b", QoS::AtMostOnce),
+            Err(Error::InvalidTopic(TopicError::MisplacedWildcard))
+        );
+    }
+
+    #[test]
+    fn suback_with_wrong_number_of_codes_is_a_protocol_error() {
+        let (mut session, mut pipe) = connected(0);
+        let ticket = session.subscribe(&mut pipe, 0, "a", QoS::AtMostOnce).unwrap();
+        pipe.broker_sends(|b| write_suback(&mut VecWriter(b), ticket.packet_id, &[0, 0]).unwrap());
+        assert_eq!(
+            session.receive(&mut pipe, 1),
+            Err(Error::Malformed(DecodeError::BadLength))
+        );
+    }
+
+    #[test]
+    fn unsubscribe_flow_and_forget() {
+        let (mut session, mut pipe) = connected(0);
+        let ticket = session.unsubscribe(&mut pipe, 0, "a/#").unwrap();
+        pipe.broker_sends(|b| write_ack(&mut VecWriter(b), PacketType::UnsubAck, ticket.packet_id).unwrap());
+        assert_eq!(session.receive(&mut pipe, 1).unwrap(), Event::Answered(ticket));
+        assert_eq!(session.command_state(ticket, 1), CommandState::Done(0));
+        let ticket = session.unsubscribe(&mut pipe, 0, "a/#").unwrap();
+        assert_eq!(session.command_state(ticket, 1000), CommandState::TimedOut);
+        session.forget(ticket);
+        assert_eq!(session.inflight.iter().flatten().count(), 0);
+    }
+
+    #[test]
+    fn unknown_acknowledgements_are_ignored() {
+        let (mut session, mut pipe) = connected(0);
+        pipe.broker_sends(|b| {
+            write_ack(&mut VecWriter(b), PacketType::PubAck, 99).unwrap();
+            write_ack(&mut VecWriter(b), PacketType::PubComp, 99).unwrap();
+            write_ack(&mut VecWriter(b), PacketType::UnsubAck, 99).unwrap();
+            write_suback(&mut VecWriter(b), 99, &[0]).unwrap();
+        });
+        for _ in 0..4 {
+            assert_eq!(session.receive(&mut pipe, 0).unwrap(), Event::Nothing);
+        }
+        assert!(session.is_connected());
+    }
+
+    #[test]
+    fn interrupted_subscription_is_forgotten_and_publish_kept() {
+        let (mut session, mut pipe) = connected(0);
+        let sub = session.subscribe(&mut pipe, 0, "a", QoS::AtMostOnce).unwrap();
+        let publish = session
+            .publish(&mut pipe, 0, "a", b"", QoS::AtLeastOnce, false)
+            .unwrap()
+            .unwrap();
+        session.link_lost();
+        assert_eq!(session.command_state(sub, 1), CommandState::Interrupted);
+        assert_eq!(session.command_state(publish, 1), CommandState::Interrupted);
+        assert_eq!(session.inflight.iter().flatten().count(), 1);
+    }
+}

@@ -1,0 +1,532 @@
+//! What the broker sends: packets read one at a time, PUBLISH in steps
+//! (header, topic, payload, acknowledgement), acknowledgements handled.
+
+use embedded_io::{Read, ReadReady, Write};
+
+use super::outbound::Stage;
+use super::read_ahead::Reading;
+use super::{Error, Event, Link, MessageInfo, Session};
+use crate::codec::{self, DecodeError, FixedHeader, Packet, PacketType, QoS};
+use crate::topic;
+
+/// Longest body of any packet other than PUBLISH that a client accepts
+/// (a SUBACK for one filter is the longest: 3 bytes).
+const SMALL_BODY_MAX: usize = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Incoming {
+    Idle,
+    Topic {
+        topic_len: u16,
+        payload_len: u32,
+        qos: QoS,
+    },
+    Payload {
+        payload_len: u32,
+        qos: QoS,
+        info: MessageInfo,
+    },
+    Received {
+        qos: QoS,
+        info: MessageInfo,
+    },
+}
+
+fn read_remaining_length<T: Read>(io: &mut T) -> Result<u32, Error> {
+    let mut bytes = [0u8; 4];
+    for used in 1..=bytes.len() {
+        let read_so_far = bytes.get_mut(..used).ok_or(Error::WrongState)?;
+        if let Some(last) = read_so_far.last_mut() {
+            codec::read_exact(io, core::slice::from_mut(last))?;
+        }
+        if let Some((value, _)) = codec::decode_remaining_length(read_so_far)? {
+            return Ok(value);
+        }
+    }
+    Err(DecodeError::MalformedLength.into())
+}
+
+impl Session {
+    /// Reads one packet if one has started to arrive and handles it. A
+    /// packet whose first byte is here must complete within the transport's
+    /// deadline. PUBLISH is read only up to its topic: see [`Event::Message`].
+    pub fn receive<T: Read + Write + ReadReady>(&mut self, io: &mut T, now: u32) -> Result<Event, Error> {
+        self.reading(io, |session, reading| session.receive_packet(reading, now))
+    }
+
+    fn receive_packet<T: Read + Write + ReadReady>(
+        &mut self,
+        io: &mut Reading<'_, T>,
+        now: u32,
+    ) -> Result<Event, Error> {
+        if self.incoming != Incoming::Idle {
+            return Err(Error::WrongState);
+        }
+        if !io.read_ready().map_err(|_| Error::Transport)? {
+            return Ok(Event::Nothing);
+        }
+        let mut first = [0u8; 1];
+        codec::read_exact(io, &mut first)?;
+        self.last_received = now;
+        let (kind, flags) = FixedHeader::check_first_byte(first[0])?;
+        let remaining_length = read_remaining_length(io)?;
+        if kind == PacketType::Publish {
+            return self.start_message(io, flags, remaining_length);
+        }
+        let mut body = [0u8; SMALL_BODY_MAX];
+        let body = usize::try_from(remaining_length)
+            .ok()
+            .and_then(|len| body.get_mut(..len))
+            .ok_or(Error::Malformed(DecodeError::BadLength))?;
+        codec::read_exact(io, body)?;
+        let packet = codec::decode_from_broker(kind, flags, body)?;
+        // Answers go straight to the transport (one copy of the writers).
+        self.handle(io.io, now, packet)
+    }
+
+    fn start_message<T: Read>(&mut self, io: &mut T, flags: u8, remaining_length: u32) -> Result<Event, Error> {
+        if self.link != Link::Up {
+            return Err(Error::UnexpectedPacket);
+        }
+        if remaining_length > self.config.max_packet_size {
+            return Err(Error::PacketTooLarge);
+        }
+        let qos = QoS::from_bits((flags >> 1) & 0b11).ok_or(DecodeError::InvalidQoS)?;
+        let dup = flags & 0b1000 != 0;
+        if qos == QoS::AtMostOnce && dup {
+            return Err(DecodeError::InvalidFlags.into());
+        }
+        let mut length = [0u8; 2];
+        codec::read_exact(io, &mut length)?;
+        let topic_len = u16::from_be_bytes(length);
+        if topic_len == 0 {
+            return Err(DecodeError::InvalidTopic.into());
+        }
+        let id_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
+        // Topic length prefix, topic, packet id: at most 65,539 bytes.
+        let header_len = u32::from(topic_len).saturating_add(2).saturating_add(id_len);
+        let payload_len = remaining_length.checked_sub(header_len).ok_or(DecodeError::BadLength)?;
+        self.incoming = Incoming::Topic {
+            topic_len,
+            payload_len,
+            qos,
+        };
+        Ok(Event::Message {
+            topic_len,
+            payload_len,
+            qos,
+            retain: flags & 1 != 0,
+            dup,
+        })
+    }
+
+    /// Reads the topic of the message announced by [`Event::Message`] into
+    /// `topic` (exactly `topic_len` bytes) and checks it.
+    pub fn read_topic<T: Read>(&mut self, io: &mut T, topic: &mut [u8]) -> Result<MessageInfo, Error> {
+        self.reading(io, |session, reading| session.read_topic_from(reading, topic))
+    }
+
+    fn read_topic_from<T: Read>(&mut self, io: &mut T, topic: &mut [u8]) -> Result<MessageInfo, Error> {
+        let Incoming::Topic {
+            topic_len,
+            payload_len,
+            qos,
+        } = self.incoming
+        else {
+            return Err(Error::WrongState);
+        };
+        if topic.len() != usize::from(topic_len) {
+            return Err(Error::WrongState);
+        }
+        codec::read_exact(io, topic)?;
+        topic::check_name(topic).map_err(|_| DecodeError::InvalidTopic)?;
+        let packet_id = if qos == QoS::AtMostOnce {
+            0
+        } else {
+            let mut id = [0u8; 2];
+            codec::read_exact(io, &mut id)?;
+            match u16::from_be_bytes(id) {
+                0 => return Err(DecodeError::ZeroPacketId.into()),
+                id => id,
+            }
+        };
+        let deliver = !(qos == QoS::ExactlyOnce && self.inbound_qos2.contains(packet_id));
+        if qos == QoS::ExactlyOnce && deliver {
+            // Remembered before the application gets the message: if the
+            // link dies before PUBREC leaves, the broker's resend is then
+            // recognised and not delivered a second time.
+            self.inbound_qos2.remember(packet_id);
+        }
+        let info = MessageInfo { packet_id, deliver };
+        self.incoming = Incoming::Payload { payload_len, qos, info };
+        Ok(info)
+    }
+
+    /// Reads the payload of the current message into `payload` (exactly
+    /// `payload_len` bytes), or skips it when `payload` is `None`.
+    pub fn read_payload<T: Read>(&mut self, io: &mut T, payload: Option<&mut [u8]>) -> Result<(), Error> {
+        self.reading(io, |session, reading| session.read_payload_from(reading, payload))
+    }
+
+    fn read_payload_from<T: Read>(&mut self, io: &mut T, payload: Option<&mut [u8]>) -> Result<(), Error> {
+        let Incoming::Payload { payload_len, qos, info } = self.incoming else {
+            return Err(Error::WrongState);
+        };
+        match payload {
+            Some(buffer) => {
+                if u32::try_from(buffer.len()) != Ok(payload_len) {
+                    return Err(Error::WrongState);
+                }
+                codec::read_exact(io, buffer)?;
+            }
+            None => {
+                if qos == QoS::ExactlyOnce && info.deliver {
+                    // Skipped, so not delivered: the broker's resend must be.
+                    self.inbound_qos2.forget(info.packet_id);
+                }
+                let mut scratch = [0u8; 64];
+                let mut left = payload_len;
+                while left > 0 {
+                    let chunk = scratch.len().min(usize::try_from(left).unwrap_or(scratch.len()));
+                    let part = scratch.get_mut(..chunk).ok_or(Error::WrongState)?;
+                    codec::read_exact(io, part)?;
+                    left = left.saturating_sub(u32::try_from(chunk).unwrap_or(left));
+                }
+            }
+        }
+        self.incoming = Incoming::Received { qos, info };
+        Ok(())
+    }
+
+    /// Acknowledges the current message once the application has it:
+    /// PUBACK for QoS 1, PUBREC for QoS 2. A QoS 2 packet id is remembered
+    /// from [`Session::read_topic`] until PUBREL, so that a redelivery is
+    /// not delivered again.
+    pub fn finish_message<W: Write>(&mut self, io: &mut W, now: u32) -> Result<(), Error> {
+        let Incoming::Received { qos, info } = self.incoming else {
+            return Err(Error::WrongState);
+        };
+        self.incoming = Incoming::Idle;
+        match qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => codec::write_ack(io, PacketType::PubAck, info.packet_id)?,
+            QoS::ExactlyOnce => codec::write_ack(io, PacketType::PubRec, info.packet_id)?,
+        }
+        self.last_sent = now;
+        Ok(())
+    }
+
+    fn handle<W: Write>(&mut self, io: &mut W, now: u32, packet: Packet<'_>) -> Result<Event, Error> {
+        let awaiting_connack = matches!(self.link, Link::AwaitingConnAck { .. });
+        match packet {
+            Packet::ConnAck { code, session_present } if awaiting_connack => {
+                self.last_connack = Some(code);
+                self.link = if code == 0 { Link::Up } else { Link::Down };
+                self.last_sent = now;
+                return Ok(Event::ConnAck { code, session_present });
+            }
+            _ if self.link != Link::Up => return Err(Error::UnexpectedPacket),
+            Packet::PubAck(id) => {
+                if let Some(ticket) = self.find(id, |stage| matches!(stage, Stage::AwaitPubAck { .. })) {
+                    self.release(ticket);
+                    return Ok(Event::Completed(ticket));
+                }
+            }
+            Packet::PubRec(id) => {
+                if let Some(ticket) = self.find(id, |stage| matches!(stage, Stage::AwaitPubRec { .. })) {
+                    self.set_stage(ticket, Stage::AwaitPubComp, now);
+                }
+                // Answered even for an unknown id, so the broker can finish.
+                codec::write_ack(io, PacketType::PubRel, id)?;
+                self.last_sent = now;
+            }
+            Packet::PubComp(id) => {
+                if let Some(ticket) = self.find(id, |stage| stage == Stage::AwaitPubComp) {
+                    self.release(ticket);
+                    return Ok(Event::Completed(ticket));
+                }
+            }
+            Packet::PubRel(id) => {
+                self.inbound_qos2.forget(id);
+                codec::write_ack(io, PacketType::PubComp, id)?;
+                self.last_sent = now;
+            }
+            Packet::SubAck { packet_id, codes } => {
+                if let Some(ticket) = self.find(packet_id, |stage| stage == Stage::AwaitSubAck) {
+                    // One filter per SUBSCRIBE, so exactly one return code.
+                    let [code] = codes else {
+                        return Err(DecodeError::BadLength.into());
+                    };
+                    self.set_stage(ticket, Stage::Answered(*code), now);
+                    return Ok(Event::Answered(ticket));
+                }
+            }
+            Packet::UnsubAck(id) => {
+                if let Some(ticket) = self.find(id, |stage| stage == Stage::AwaitUnsubAck) {
+                    self.set_stage(ticket, Stage::Answered(0), now);
+                    return Ok(Event::Answered(ticket));
+                }
+            }
+            Packet::PingResp => self.ping_sent = None,
+            Packet::ConnAck { .. }
+            | Packet::Connect(_)
+            | Packet::Publish(_)
+            | Packet::Subscribe { .. }
+            | Packet::Unsubscribe { .. }
+            | Packet::PingReq
+            | Packet::Disconnect => return Err(Error::UnexpectedPacket),
+        }
+        Ok(Event::Nothing)
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+mod tests {
+    use crate::codec::{DecodeError, Packet, PacketType, QoS, write_ack, write_connack};
+    use crate::session::testing::*;
+    use crate::session::{Config, Error, Event, INBOUND_QOS2_MAX, MessageInfo, Session};
+
+    #[test]
+    fn incoming_qos0_and_qos1() {
+        let (mut session, mut pipe) = connected(0);
+        broker_publish(&mut pipe, "x/y", b"hello", QoS::AtMostOnce, 0, false);
+        let (topic, payload, info) = read_message(&mut session, &mut pipe, 5).unwrap();
+        assert_eq!(
+            (topic.as_str(), payload.as_slice(), info),
+            (
+                "x/y",
+                &b"hello"[..],
+                MessageInfo {
+                    packet_id: 0,
+                    deliver: true
+                }
+            )
+        );
+        assert!(pipe.take_sent().is_empty());
+        broker_publish(&mut pipe, "x", b"", QoS::AtLeastOnce, 42, false);
+        let (_, payload, info) = read_message(&mut session, &mut pipe, 6).unwrap();
+        assert!(payload.is_empty());
+        assert_eq!(info.packet_id, 42);
+        assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubAck(42))]);
+    }
+
+    #[test]
+    fn incoming_qos2_is_delivered_exactly_once() {
+        let (mut session, mut pipe) = connected(0);
+        broker_publish(&mut pipe, "x", b"1", QoS::ExactlyOnce, 7, false);
+        let (_, _, info) = read_message(&mut session, &mut pipe, 1).unwrap();
+        assert!(info.deliver);
+        assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubRec(7))]);
+        // The broker did not see our PUBREC and sends the message again.
+        broker_publish(&mut pipe, "x", b"1", QoS::ExactlyOnce, 7, true);
+        let (_, _, info) = read_message(&mut session, &mut pipe, 2).unwrap();
+        assert!(!info.deliver, "a redelivered packet id is not delivered twice");
+        assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubRec(7))]);
+        pipe.broker_sends(|b| write_ack(&mut VecWriter(b), PacketType::PubRel, 7).unwrap());
+        assert_eq!(session.receive(&mut pipe, 3).unwrap(), Event::Nothing);
+        assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubComp(7))]);
+        // Released: the same id now carries a new message.
+        broker_publish(&mut pipe, "x", b"2", QoS::ExactlyOnce, 7, false);
+        assert!(read_message(&mut session, &mut pipe, 4).unwrap().2.deliver);
+    }
+
+    #[test]
+    fn qos2_delivered_before_a_lost_pubrec_is_not_delivered_again() {
+        let (mut session, mut pipe) = connected(0);
+        broker_publish(&mut pipe, "x", b"1", QoS::ExactlyOnce, 9, false);
+        let Event::Message {
+            topic_len, payload_len, ..
+        } = session.receive(&mut pipe, 0).unwrap()
+        else {
+            panic!()
+        };
+        let mut topic = vec![0; topic_len.into()];
+        assert!(session.read_topic(&mut pipe, &mut topic).unwrap().deliver);
+        let mut payload = vec![0; payload_len as usize];
+        session.read_payload(&mut pipe, Some(&mut payload)).unwrap();
+        // Delivered; the link dies before PUBREC leaves.
+        session.link_lost();
+        session.connect(&mut pipe, 1, &connect_options(0, false)).unwrap();
+        pipe.broker_sends(|b| write_connack(&mut VecWriter(b), true, 0).unwrap());
+        session.receive(&mut pipe, 2).unwrap();
+        broker_publish(&mut pipe, "x", b"1", QoS::ExactlyOnce, 9, true);
+        assert!(!read_message(&mut session, &mut pipe, 3).unwrap().2.deliver);
+    }
+
+    #[test]
+    fn skipped_qos2_message_is_delivered_when_sent_again() {
+        let (mut session, mut pipe) = connected(0);
+        broker_publish(&mut pipe, "x", b"big", QoS::ExactlyOnce, 4, false);
+        let Event::Message { topic_len, .. } = session.receive(&mut pipe, 0).unwrap() else {
+            panic!()
+        };
+        session.read_topic(&mut pipe, &mut vec![0; topic_len.into()]).unwrap();
+        session.read_payload(&mut pipe, None).unwrap();
+        session.link_lost();
+        session.connect(&mut pipe, 1, &connect_options(0, false)).unwrap();
+        pipe.broker_sends(|b| write_connack(&mut VecWriter(b), true, 0).unwrap());
+        session.receive(&mut pipe, 2).unwrap();
+        broker_publish(&mut pipe, "x", b"big", QoS::ExactlyOnce, 4, true);
+        assert!(read_message(&mut session, &mut pipe, 3).unwrap().2.deliver);
+    }
+
+    #[test]
+    fn many_pending_qos2_releases_forget_the_oldest() {
+        let (mut session, mut pipe) = connected(0);
+        for id in 1..=(INBOUND_QOS2_MAX as u16 + 5) {
+            broker_publish(&mut pipe, "x", b"", QoS::ExactlyOnce, id, false);
+            assert!(read_message(&mut session, &mut pipe, 1).unwrap().2.deliver);
+        }
+        assert!(session.is_connected());
+        // The newest ids are still recognised as duplicates.
+        broker_publish(&mut pipe, "x", b"", QoS::ExactlyOnce, INBOUND_QOS2_MAX as u16 + 5, true);
+        assert!(!read_message(&mut session, &mut pipe, 2).unwrap().2.deliver);
+        broker_publish(&mut pipe, "x", b"", QoS::ExactlyOnce, 1, true);
+        assert!(
+            read_message(&mut session, &mut pipe, 2).unwrap().2.deliver,
+            "the oldest was forgotten"
+        );
+    }
+
+    #[test]
+    fn skipped_payload_keeps_the_stream_in_step() {
+        let (mut session, mut pipe) = connected(0);
+        broker_publish(&mut pipe, "big", &[1; 300], QoS::AtLeastOnce, 3, false);
+        broker_publish(&mut pipe, "small", b"ok", QoS::AtMostOnce, 0, false);
+        let Event::Message { topic_len, .. } = session.receive(&mut pipe, 0).unwrap() else {
+            panic!()
+        };
+        let mut topic = vec![0; topic_len.into()];
+        session.read_topic(&mut pipe, &mut topic).unwrap();
+        session.read_payload(&mut pipe, None).unwrap();
+        session.finish_message(&mut pipe, 0).unwrap();
+        let (topic, payload, _) = read_message(&mut session, &mut pipe, 0).unwrap();
+        assert_eq!((topic.as_str(), payload.as_slice()), ("small", &b"ok"[..]));
+    }
+
+    #[test]
+    fn message_steps_out_of_order_are_refused() {
+        let (mut session, mut pipe) = connected(0);
+        assert_eq!(session.read_topic(&mut pipe, &mut [0; 1]), Err(Error::WrongState));
+        assert_eq!(session.read_payload(&mut pipe, None), Err(Error::WrongState));
+        assert_eq!(session.finish_message(&mut pipe, 0), Err(Error::WrongState));
+        broker_publish(&mut pipe, "abc", b"", QoS::AtMostOnce, 0, false);
+        session.receive(&mut pipe, 0).unwrap();
+        assert_eq!(
+            session.read_topic(&mut pipe, &mut [0; 2]),
+            Err(Error::WrongState),
+            "wrong topic buffer size"
+        );
+        assert_eq!(session.receive(&mut pipe, 0), Err(Error::WrongState));
+    }
+
+    #[test]
+    fn oversized_and_malformed_publish_are_refused() {
+        let config = Config {
+            max_packet_size: 100,
+            ..CONFIG
+        };
+        let (mut session, mut pipe) = connected(0);
+        session.config = config;
+        broker_publish(&mut pipe, "t", &[0; 200], QoS::AtMostOnce, 0, false);
+        assert_eq!(session.receive(&mut pipe, 0), Err(Error::PacketTooLarge));
+
+        let (mut session, mut pipe) = connected(0);
+        pipe.broker_sends(|b| b.extend_from_slice(&[0x30, 3, 0, 5, b'a']));
+        assert_eq!(
+            session.receive(&mut pipe, 0),
+            Err(Error::Malformed(DecodeError::BadLength))
+        );
+
+        let (mut session, mut pipe) = connected(0);
+        pipe.broker_sends(|b| b.extend_from_slice(&[0x30, 4, 0, 2, b'a', b'#']));
+        let Event::Message { .. } = session.receive(&mut pipe, 0).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            session.read_topic(&mut pipe, &mut [0; 2]),
+            Err(Error::Malformed(DecodeError::InvalidTopic))
+        );
+
+        let (mut session, mut pipe) = connected(0);
+        pipe.broker_sends(|b| b.extend_from_slice(&[0x32, 5, 0, 1, b'a', 0, 0]));
+        session.receive(&mut pipe, 0).unwrap();
+        assert_eq!(
+            session.read_topic(&mut pipe, &mut [0; 1]),
+            Err(Error::Malformed(DecodeError::ZeroPacketId))
+        );
+
+        let (mut session, mut pipe) = connected(0);
+        pipe.broker_sends(|b| b.extend_from_slice(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]));
+        assert_eq!(
+            session.receive(&mut pipe, 0),
+            Err(Error::Malformed(DecodeError::MalformedLength))
+        );
+    }
+
+    #[test]
+    fn truncated_packet_is_reported_as_closed() {
+        let (mut session, mut pipe) = connected(0);
+        pipe.broker_sends(|b| b.extend_from_slice(&[0x40, 2, 0]));
+        assert_eq!(session.receive(&mut pipe, 0), Err(Error::Closed));
+    }
+
+    #[test]
+    fn unexpected_packets_from_the_broker() {
+        for bytes in [
+            &[0xc0, 0][..],
+            &[0xe0, 0],
+            &[0x20, 2, 0, 0],
+            &[0x82, 6, 0, 1, 0, 1, b'a', 0],
+        ] {
+            let (mut session, mut pipe) = connected(0);
+            pipe.broker_sends(|b| b.extend_from_slice(bytes));
+            assert!(
+                matches!(
+                    session.receive(&mut pipe, 0),
+                    Err(Error::UnexpectedPacket | Error::Malformed(_))
+                ),
+                "{bytes:?}"
+            );
+        }
+        // Before CONNACK, nothing else may come.
+        let mut session = Session::new(CONFIG);
+        let mut pipe = Pipe::default();
+        session.connect(&mut pipe, 0, &connect_options(0, true)).unwrap();
+        broker_publish(&mut pipe, "t", b"", QoS::AtMostOnce, 0, false);
+        assert_eq!(session.receive(&mut pipe, 0), Err(Error::UnexpectedPacket));
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes from the broker never make the session panic or
+        /// read past what it was given, in any chunking.
+        #[test]
+        fn arbitrary_broker_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let (mut session, mut pipe) = connected(5);
+            pipe.inbound.extend(bytes);
+            for now in 0..50u32 {
+                match session.receive(&mut pipe, now * 100) {
+                    Ok(Event::Message { topic_len, payload_len, .. }) => {
+                        let mut topic = vec![0; topic_len.into()];
+                        if session.read_topic(&mut pipe, &mut topic).is_err() { break; }
+                        let mut payload = vec![0; payload_len.min(1000) as usize];
+                        let buffer = (payload.len() as u32 == payload_len).then_some(&mut payload[..]);
+                        if session.read_payload(&mut pipe, buffer).is_err() { break; }
+                        if session.finish_message(&mut pipe, now).is_err() { break; }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+                let _ = session.tick(&mut pipe, now * 100);
+            }
+            // Whatever the client wrote in answer is well-formed.
+            pipe.take_sent();
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Helpers of the session's unit tests: an in-memory broker link and a
+//! connected session.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use embedded_io::{Read, ReadReady, Write};
+use std::collections::VecDeque;
+use std::vec::Vec;
+
+use super::*;
+use crate::codec::{self, Connect, Publish, QoS, write_connack, write_publish};
+
+/// An in-memory broker link: bytes the broker sent, bytes we wrote.
+#[derive(Default)]
+pub(super) struct Pipe {
+    pub(super) inbound: VecDeque<u8>,
+    pub(super) outbound: Vec<u8>,
+    /// Every write fails, as on a link that just died.
+    pub(super) broken: bool,
+}
+
+impl embedded_io::ErrorType for Pipe {
+    type Error = embedded_io::ErrorKind;
+}
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        let count = buf.len().min(self.inbound.len());
+        for slot in &mut buf[..count] {
+            *slot = self.inbound.pop_front().unwrap();
+        }
+        Ok(count)
+    }
+}
+
+impl ReadReady for Pipe {
+    fn read_ready(&mut self) -> Result<bool, Self::Error> {
+        Ok(!self.inbound.is_empty())
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        if self.broken {
+            return Err(embedded_io::ErrorKind::BrokenPipe);
+        }
+        self.outbound.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+impl Pipe {
+    pub(super) fn broker_sends(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let mut bytes = Vec::new();
+        write(&mut bytes);
+        self.inbound.extend(bytes);
+    }
+
+    /// Decodes and removes everything the client wrote.
+    pub(super) fn take_sent(&mut self) -> Vec<String> {
+        let bytes = std::mem::take(&mut self.outbound);
+        let mut rest = &bytes[..];
+        let mut packets = Vec::new();
+        while !rest.is_empty() {
+            let (packet, used) = codec::decode(rest).unwrap().unwrap();
+            packets.push(format!("{packet:?}"));
+            rest = &rest[used..];
+        }
+        packets
+    }
+}
+
+pub(super) struct VecWriter<'a>(pub(super) &'a mut Vec<u8>);
+impl embedded_io::ErrorType for VecWriter<'_> {
+    type Error = core::convert::Infallible;
+}
+impl Write for VecWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+pub(super) const CONFIG: Config = Config {
+    command_timeout_ms: 1000,
+    max_packet_size: 1 << 20,
+};
+
+pub(super) fn connect_options(keepalive_s: u16, clean_session: bool) -> Connect<'static> {
+    Connect {
+        client_id: "c1",
+        clean_session,
+        keepalive_s,
+        will: None,
+        username: None,
+        password: None,
+    }
+}
+
+pub(super) fn connected(keepalive_s: u16) -> (Session, Pipe) {
+    let mut session = Session::new(CONFIG);
+    let mut pipe = Pipe::default();
+    let ticket = session
+        .connect(&mut pipe, 0, &connect_options(keepalive_s, true))
+        .unwrap();
+    assert_eq!(session.command_state(ticket, 1), CommandState::Pending);
+    pipe.broker_sends(|b| write_connack(&mut VecWriter(b), false, 0).unwrap());
+    assert_eq!(
+        session.receive(&mut pipe, 1).unwrap(),
+        Event::ConnAck {
+            code: 0,
+            session_present: false
+        }
+    );
+    assert_eq!(session.command_state(ticket, 1), CommandState::Done(0));
+    assert!(session.is_connected());
+    pipe.take_sent();
+    (session, pipe)
+}
+
+/// Reads a whole message the way the binding does.
+pub(super) fn read_message<T: Read + Write + ReadReady>(
+    session: &mut Session,
+    pipe: &mut T,
+    now: u32,
+) -> Option<(String, Vec<u8>, MessageInfo)> {
+    let Event::Message {
+        topic_len, payload_len, ..
+    } = session.receive(pipe, now).unwrap()
+    else {
+        return None;
+    };
+    let mut topic = vec![0; usize::from(topic_len)];
+    let info = session.read_topic(pipe, &mut topic).unwrap();
+    let mut payload = vec![0; payload_len as usize];
+    session.read_payload(pipe, Some(&mut payload)).unwrap();
+    session.finish_message(pipe, now).unwrap();
+    Some((String::from_utf8(topic).unwrap(), payload, info))
+}
+
+pub(super) fn broker_publish(pipe: &mut Pipe, topic: &str, payload: &[u8], qos: QoS, id: u16, dup: bool) {
+    let publish = Publish {
+        topic,
+        packet_id: (qos != QoS::AtMostOnce).then_some(id),
+        qos,
+        retain: false,
+        dup,
+        payload,
+    };
+    pipe.broker_sends(|b| write_publish(&mut VecWriter(b), &publish).unwrap());
+}
