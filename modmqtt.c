@@ -74,9 +74,6 @@
 // Largest incoming packet accepted unless the Client is told otherwise.
 #define MQTT_DEFAULT_MAX_PACKET (1024 * 1024)
 
-// Packets handled per cycle before the timers run and the lock is released.
-#define MQTT_PACKETS_PER_CYCLE (16)
-
 // Codes carried by MQTTException beyond the CONNACK return codes 1-5.
 #define MQTT_EXC_SUBSCRIBE_FAILED (0x80)
 #define MQTT_EXC_TIMEOUT (0x100)
@@ -522,6 +519,8 @@ static mp_obj_t exception_for_status(mp_obj_mqtt_client_t *self, int status) {
             return os_error(MP_ETIMEDOUT);
         case MQTT_ERR_CLOSED:
             return os_error(MP_ECONNRESET);
+        case MQTT_ERR_NO_MEMORY:
+            return os_error(MP_ENOMEM);
         default:
             if (stashed != MP_OBJ_NULL) {
                 return stashed;
@@ -852,59 +851,41 @@ static bool new_message_objects(topic_buffer_t *topic, vstr_t *payload, mp_obj_t
     return false;
 }
 
-// Reads the message announced by `event` into `*delivery`. Called with
-// the lock held.
-static int handle_message(mp_obj_mqtt_client_t *self, const mqtt_transport_t *transport, const mqtt_event_t *event, delivery_t *delivery) {
+// The engine's sink (mqtt_sink_t): where a step puts the message it
+// reads. Its callbacks never raise; the engine decides what a lack of
+// memory means.
+typedef struct _message_sink_t {
+    mp_obj_mqtt_client_t *client;
     topic_buffer_t topic;
-    if (!topic_buffer_init(&topic, event->topic_len)) {
-        // Without room for the topic the stream cannot be followed.
-        stash_errno(self, MP_ENOMEM);
-        return MQTT_ERR_TRANSPORT;
-    }
-    mqtt_message_info_t info;
-    int status = mqtt_session_read_topic(self->session, transport, now_ms(), topic_buffer_data(&topic), topic.len, &info);
-    if (status != MQTT_OK) {
-        topic_buffer_clear(&topic);
-        return status;
-    }
-    if (!info.deliver) {
-        // A QoS 2 message delivered before: skip it, acknowledge it again.
-        topic_buffer_clear(&topic);
-        status = mqtt_session_read_payload(self->session, transport, now_ms(), NULL, event->payload_len);
-        return status == MQTT_OK ? mqtt_session_finish_message(self->session, transport, now_ms()) : status;
-    }
     vstr_t payload;
-    bool have_room = new_buffer(&payload, event->payload_len);
-    status = mqtt_session_read_payload(self->session, transport, now_ms(), have_room ? (uint8_t *)payload.buf : NULL, event->payload_len);
-    mp_obj_t topic_obj = MP_OBJ_NULL;
-    mp_obj_t payload_obj = MP_OBJ_NULL;
-    if (status == MQTT_OK && have_room) {
-        have_room = new_message_objects(&topic, &payload, &topic_obj, &payload_obj);
+    // Buffers the step took and no object owns yet.
+    bool topic_taken;
+    bool payload_taken;
+    mp_obj_t topic_obj;
+    mp_obj_t payload_obj;
+} message_sink_t;
+
+static uint8_t *sink_topic(void *context, size_t len) {
+    message_sink_t *sink = context;
+    sink->topic_taken = topic_buffer_init(&sink->topic, len);
+    return sink->topic_taken ? topic_buffer_data(&sink->topic) : NULL;
+}
+
+static uint8_t *sink_payload(void *context, size_t len) {
+    message_sink_t *sink = context;
+    sink->payload_taken = new_buffer(&sink->payload, len);
+    return sink->payload_taken ? (uint8_t *)sink->payload.buf : NULL;
+}
+
+static bool sink_message_ready(void *context) {
+    message_sink_t *sink = context;
+    if (!new_message_objects(&sink->topic, &sink->payload, &sink->topic_obj, &sink->payload_obj)) {
+        return false;
     }
-    if (status != MQTT_OK || !have_room) {
-        topic_buffer_clear(&topic);
-        if (have_room) {
-            vstr_clear(&payload);
-        }
-        if (status != MQTT_OK) {
-            return status;
-        }
-        // Out of memory: never acknowledge what was not delivered. QoS 0
-        // is reported and dropped; for QoS 1/2 the link is failed so the
-        // broker sends the message again after a reconnect.
-        if (event->qos == 0) {
-            mp_printf(MICROPY_ERROR_PRINTER, "mqtt: message of %u bytes dropped: out of memory\n", (unsigned)event->payload_len);
-            return mqtt_session_finish_message(self->session, transport, now_ms());
-        }
-        stash_errno(self, MP_ENOMEM);
-        return MQTT_ERR_TRANSPORT;
-    }
-    delivery->topic = topic_obj;
-    delivery->payload = payload_obj;
-    delivery->link_generation = self->link_generation;
-    delivery->acknowledge = event->qos > 0;
-    // QoS 0 has no acknowledgement: the link is done with it already.
-    return delivery->acknowledge ? MQTT_OK : mqtt_session_finish_message(self->session, transport, now_ms());
+    // The objects own the buffers now.
+    sink->topic_taken = false;
+    sink->payload_taken = false;
+    return true;
 }
 
 static void release_held(mp_obj_mqtt_client_t *self, uint8_t slot) {
@@ -914,43 +895,51 @@ static void release_held(mp_obj_mqtt_client_t *self, uint8_t slot) {
     }
 }
 
-// Handles the packets that have arrived, up to the first message to
-// deliver, then runs the timers. Called with the lock held. Returns MQTT_OK
+static void sink_completed(void *context, uint8_t slot) {
+    message_sink_t *sink = context;
+    release_held(sink->client, slot);
+}
+
+// Handles what has arrived, up to the first message to deliver, then runs
+// the timers: one engine step. Called with the lock held. Returns MQTT_OK
 // or an engine error (a link failure).
 static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
     if (self->stream == MP_OBJ_NULL) {
         return MQTT_ERR_NOT_CONNECTED;
     }
     mqtt_transport_t transport = transport_of(self);
-    int status = MQTT_OK;
-    for (int handled = 0; handled < MQTT_PACKETS_PER_CYCLE && status == MQTT_OK; handled++) {
-        // After the first packet, go on only with what the engine read
-        // ahead: asking the stream again costs a system call, and the next
-        // cycle's wait asks anyway.
-        if (handled > 0 && !mqtt_session_has_input(self->session)) {
-            break;
-        }
-        mqtt_event_t event;
-        status = mqtt_session_receive(self->session, &transport, now_ms(), &event);
-        if (status != MQTT_OK || event.kind == MQTT_EVENT_NOTHING) {
-            break;
-        }
-        if (event.kind == MQTT_EVENT_MESSAGE) {
-            status = handle_message(self, &transport, &event, delivery);
-            break;
-        } else if (event.kind == MQTT_EVENT_COMPLETED) {
-            release_held(self, event.ticket.slot);
-        } else if (event.kind == MQTT_EVENT_CONNACK) {
-            self->return_code = event.code;
-            // connect() is waiting for this: what follows is the loop's to
-            // read (and when refused, the broker closes the link next).
-            return MQTT_OK;
-        }
+    message_sink_t message = { .client = self };
+    mqtt_sink_t sink = {
+        .context = &message,
+        .topic = sink_topic,
+        .payload = sink_payload,
+        .message_ready = sink_message_ready,
+        .completed = sink_completed,
+    };
+    mqtt_outcome_t outcome;
+    int status = mqtt_session_step(self->session, &transport, now_ms(), &sink, &outcome);
+    // What a step that did not finish its message left behind.
+    if (message.topic_taken) {
+        topic_buffer_clear(&message.topic);
     }
-    if (status == MQTT_OK) {
-        status = mqtt_session_tick(self->session, &transport, now_ms());
+    if (message.payload_taken) {
+        vstr_clear(&message.payload);
     }
-    return status;
+    if (status != MQTT_OK) {
+        return status;
+    }
+    if (outcome.kind == MQTT_OUTCOME_CONNACK) {
+        // connect() is waiting for this.
+        self->return_code = outcome.code;
+    } else if (outcome.kind == MQTT_OUTCOME_DROPPED) {
+        mp_printf(MICROPY_ERROR_PRINTER, "mqtt: message of %u bytes dropped: out of memory\n", (unsigned)outcome.payload_len);
+    } else if (outcome.kind == MQTT_OUTCOME_MESSAGE) {
+        delivery->topic = message.topic_obj;
+        delivery->payload = message.payload_obj;
+        delivery->link_generation = self->link_generation;
+        delivery->acknowledge = outcome.acknowledge;
+    }
+    return MQTT_OK;
 }
 
 // Waits for input, handles it and delivers a message that arrived; the

@@ -16,6 +16,13 @@
 #define Ticket_CONNECT_SLOT 255
 
 /**
+ * Packets handled in one step at most, so that a flood of
+ * acknowledgements cannot keep the caller (and its lock) busy for long:
+ * the timers run, and the caller's loop goes round, at least this often.
+ */
+#define PACKETS_PER_STEP 16
+
+/**
  * Success.
  */
 #define MQTT_OK 0
@@ -86,6 +93,12 @@
 #define MQTT_ERR_CLOSED -13
 
 /**
+ * No memory for a QoS 1/2 message: the link is failed, unacknowledged, so
+ * that the broker sends it again.
+ */
+#define MQTT_ERR_NO_MEMORY -14
+
+/**
  * `mqtt_session_command_state`: sent, no answer yet.
  */
 #define MQTT_COMMAND_PENDING 0
@@ -106,30 +119,27 @@
 #define MQTT_COMMAND_INTERRUPTED 3
 
 /**
- * `mqtt_event_t.kind`: nothing for the caller.
+ * `mqtt_outcome_t.kind`: nothing to deliver; the timers ran.
  */
-#define MQTT_EVENT_NOTHING 0
+#define MQTT_OUTCOME_IDLE 0
 
 /**
- * CONNACK: `code` and `session_present` are set.
+ * The CONNACK arrived: `code` and `session_present` are set. The timers
+ * did not run.
  */
-#define MQTT_EVENT_CONNACK 1
+#define MQTT_OUTCOME_CONNACK 1
 
 /**
- * PUBLISH: `topic_len`, `payload_len`, `qos`, `retain`, `dup` are set;
- * read the topic, then the payload, then finish the message.
+ * A message is in the sink, to deliver. When `acknowledge` is set (QoS
+ * 1/2), call `mqtt_session_finish_message` once it is delivered.
  */
-#define MQTT_EVENT_MESSAGE 2
+#define MQTT_OUTCOME_MESSAGE 2
 
 /**
- * An outbound publish flow finished: drop what `ticket` kept.
+ * A QoS 0 message of `payload_len` bytes was dropped for want of memory:
+ * report it.
  */
-#define MQTT_EVENT_COMPLETED 3
-
-/**
- * A SUBACK or UNSUBACK arrived for `ticket`.
- */
-#define MQTT_EVENT_ANSWERED 4
+#define MQTT_OUTCOME_DROPPED 3
 
 /**
  * The in-flight table's size: tickets' slots are below this.
@@ -205,30 +215,41 @@ typedef struct {
 } mqtt_ticket_t;
 
 /**
- * What `mqtt_session_receive` found (see the `MQTT_EVENT_` constants).
+ * Memory of the caller's for an incoming message (see `MessageSink`).
+ * No callback may raise or jump; out of memory is an answer.
+ */
+typedef struct {
+  void *context;
+  /**
+   * Returns room for `len` bytes of topic, valid until the step
+   * returns, or null when out of memory.
+   */
+  uint8_t *(*topic)(void *context, size_t len);
+  /**
+   * Returns room for `len` bytes of payload, as above.
+   */
+  uint8_t *(*payload)(void *context, size_t len);
+  /**
+   * Topic and payload are read and valid: makes the message the
+   * application gets. Returns false when out of memory.
+   */
+  bool (*message_ready)(void *context);
+  /**
+   * An outbound QoS 1/2 publish in `slot` is acknowledged end to end.
+   */
+  void (*completed)(void *context, uint8_t slot);
+} mqtt_sink_t;
+
+/**
+ * What `mqtt_session_step` did (see the `MQTT_OUTCOME_` constants).
  */
 typedef struct {
   uint8_t kind;
-  uint8_t qos;
-  bool retain;
-  bool dup;
-  bool session_present;
   uint8_t code;
-  uint16_t topic_len;
+  bool session_present;
+  bool acknowledge;
   uint32_t payload_len;
-  mqtt_ticket_t ticket;
-} mqtt_event_t;
-
-/**
- * What `mqtt_session_read_topic` learned about the current message.
- */
-typedef struct {
-  uint16_t packet_id;
-  /**
-   * False for a QoS 2 redelivery: read and finish it, don't deliver it.
-   */
-  bool deliver;
-} mqtt_message_info_t;
+} mqtt_outcome_t;
 
 /**
  * Bytes of memory a session needs.
@@ -391,52 +412,19 @@ bool mqtt_session_has_input(void *session);
 uint32_t mqtt_session_next_timer(void *session, uint32_t now_ms, uint32_t limit_ms);
 
 /**
- * Runs the keepalive and CONNECT timers.
- *
- * # Safety
- * `session` comes from `mqtt_session_init`; `transport` is valid.
- */
-int mqtt_session_tick(void *session, const mqtt_transport_t *transport, uint32_t now_ms);
-
-/**
- * Reads and handles one packet if one has started to arrive.
+ * One step of the caller's loop, after it waited for input: handles what
+ * has arrived up to the next message to deliver (which goes into `sink`),
+ * then runs the keepalive and CONNECT timers. Any error status means the
+ * link is failed: close it.
  *
  * # Safety
  * `session` comes from `mqtt_session_init`; the other pointers are valid.
  */
-int mqtt_session_receive(void *session,
-                         const mqtt_transport_t *transport,
-                         uint32_t now_ms,
-                         mqtt_event_t *event);
-
-/**
- * Reads the current message's topic into `buf` (exactly `topic_len`
- * bytes) and checks it; `*info` says whether to deliver the message.
- *
- * # Safety
- * `session` comes from `mqtt_session_init`; `buf` is valid for `len`
- * writable bytes; the other pointers are valid.
- */
-int mqtt_session_read_topic(void *session,
-                            const mqtt_transport_t *transport,
-                            uint32_t now_ms,
-                            uint8_t *buf,
-                            size_t len,
-                            mqtt_message_info_t *info);
-
-/**
- * Reads the current message's payload into `buf` (exactly `payload_len`
- * bytes), or skips it when `buf` is null.
- *
- * # Safety
- * `session` comes from `mqtt_session_init`; `buf` is null or valid for
- * `len` writable bytes; `transport` is valid.
- */
-int mqtt_session_read_payload(void *session,
-                              const mqtt_transport_t *transport,
-                              uint32_t now_ms,
-                              uint8_t *buf,
-                              size_t len);
+int mqtt_session_step(void *session,
+                      const mqtt_transport_t *transport,
+                      uint32_t now_ms,
+                      const mqtt_sink_t *sink,
+                      mqtt_outcome_t *outcome);
 
 /**
  * Acknowledges the current message (PUBACK or PUBREC as its QoS asks).

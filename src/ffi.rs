@@ -14,7 +14,7 @@ use core::mem::{align_of, size_of};
 use cty::{c_int, intptr_t, size_t};
 
 use crate::codec::{Connect, QoS, Will};
-use crate::session::{CommandState, Config, Error, Event, Session, Ticket};
+use crate::session::{CommandState, Config, Error, MessageSink, Outcome, Session, Ticket};
 
 /// Success.
 pub const MQTT_OK: c_int = 0;
@@ -44,6 +44,9 @@ pub const MQTT_ERR_CONNECT_TIMEOUT: c_int = -11;
 pub const MQTT_ERR_TRANSPORT: c_int = -12;
 /// The peer closed the connection.
 pub const MQTT_ERR_CLOSED: c_int = -13;
+/// No memory for a QoS 1/2 message: the link is failed, unacknowledged, so
+/// that the broker sends it again.
+pub const MQTT_ERR_NO_MEMORY: c_int = -14;
 
 /// `mqtt_session_command_state`: sent, no answer yet.
 pub const MQTT_COMMAND_PENDING: c_int = 0;
@@ -54,17 +57,17 @@ pub const MQTT_COMMAND_TIMED_OUT: c_int = 2;
 /// The link went down first (a publish stays in flight).
 pub const MQTT_COMMAND_INTERRUPTED: c_int = 3;
 
-/// `mqtt_event_t.kind`: nothing for the caller.
-pub const MQTT_EVENT_NOTHING: u8 = 0;
-/// CONNACK: `code` and `session_present` are set.
-pub const MQTT_EVENT_CONNACK: u8 = 1;
-/// PUBLISH: `topic_len`, `payload_len`, `qos`, `retain`, `dup` are set;
-/// read the topic, then the payload, then finish the message.
-pub const MQTT_EVENT_MESSAGE: u8 = 2;
-/// An outbound publish flow finished: drop what `ticket` kept.
-pub const MQTT_EVENT_COMPLETED: u8 = 3;
-/// A SUBACK or UNSUBACK arrived for `ticket`.
-pub const MQTT_EVENT_ANSWERED: u8 = 4;
+/// `mqtt_outcome_t.kind`: nothing to deliver; the timers ran.
+pub const MQTT_OUTCOME_IDLE: u8 = 0;
+/// The CONNACK arrived: `code` and `session_present` are set. The timers
+/// did not run.
+pub const MQTT_OUTCOME_CONNACK: u8 = 1;
+/// A message is in the sink, to deliver. When `acknowledge` is set (QoS
+/// 1/2), call `mqtt_session_finish_message` once it is delivered.
+pub const MQTT_OUTCOME_MESSAGE: u8 = 2;
+/// A QoS 0 message of `payload_len` bytes was dropped for want of memory:
+/// report it.
+pub const MQTT_OUTCOME_DROPPED: u8 = 3;
 
 /// The in-flight table's size: tickets' slots are below this.
 pub const MQTT_INFLIGHT_MAX: usize = 8;
@@ -131,26 +134,31 @@ pub struct mqtt_ticket_t {
     pub packet_id: u16,
 }
 
-/// What `mqtt_session_receive` found (see the `MQTT_EVENT_` constants).
+/// Memory of the caller's for an incoming message (see `MessageSink`).
+/// No callback may raise or jump; out of memory is an answer.
 #[repr(C)]
-pub struct mqtt_event_t {
-    pub kind: u8,
-    pub qos: u8,
-    pub retain: bool,
-    pub dup: bool,
-    pub session_present: bool,
-    pub code: u8,
-    pub topic_len: u16,
-    pub payload_len: u32,
-    pub ticket: mqtt_ticket_t,
+pub struct mqtt_sink_t {
+    pub context: *mut c_void,
+    /// Returns room for `len` bytes of topic, valid until the step
+    /// returns, or null when out of memory.
+    pub topic: Option<unsafe extern "C" fn(context: *mut c_void, len: size_t) -> *mut u8>,
+    /// Returns room for `len` bytes of payload, as above.
+    pub payload: Option<unsafe extern "C" fn(context: *mut c_void, len: size_t) -> *mut u8>,
+    /// Topic and payload are read and valid: makes the message the
+    /// application gets. Returns false when out of memory.
+    pub message_ready: Option<unsafe extern "C" fn(context: *mut c_void) -> bool>,
+    /// An outbound QoS 1/2 publish in `slot` is acknowledged end to end.
+    pub completed: Option<unsafe extern "C" fn(context: *mut c_void, slot: u8)>,
 }
 
-/// What `mqtt_session_read_topic` learned about the current message.
+/// What `mqtt_session_step` did (see the `MQTT_OUTCOME_` constants).
 #[repr(C)]
-pub struct mqtt_message_info_t {
-    pub packet_id: u16,
-    /// False for a QoS 2 redelivery: read and finish it, don't deliver it.
-    pub deliver: bool,
+pub struct mqtt_outcome_t {
+    pub kind: u8,
+    pub code: u8,
+    pub session_present: bool,
+    pub acknowledge: bool,
+    pub payload_len: u32,
 }
 
 #[derive(Debug)]
@@ -222,6 +230,7 @@ fn status(error: Error) -> c_int {
         Error::ConnectTimeout => MQTT_ERR_CONNECT_TIMEOUT,
         Error::Transport => MQTT_ERR_TRANSPORT,
         Error::Closed => MQTT_ERR_CLOSED,
+        Error::OutOfMemory => MQTT_ERR_NO_MEMORY,
     }
 }
 
@@ -634,141 +643,101 @@ pub unsafe extern "C" fn mqtt_session_next_timer(session: *mut c_void, now_ms: u
     }
 }
 
-/// Runs the keepalive and CONNECT timers.
-///
-/// # Safety
-/// `session` comes from `mqtt_session_init`; `transport` is valid.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_tick(
-    session: *mut c_void,
-    transport: *const mqtt_transport_t,
-    now_ms: u32,
-) -> c_int {
-    // SAFETY: forwarded from the caller.
-    unsafe { with_link(session, transport, now_ms, |session, io| session.tick(io, now_ms)) }
+/// The caller's sink as the session sees it.
+struct Sink<'a> {
+    sink: &'a mqtt_sink_t,
 }
 
-/// Reads and handles one packet if one has started to arrive.
+impl Sink<'_> {
+    /// # Safety
+    /// `room` is null or valid for `len` writable bytes until the step
+    /// returns (the sink's promise).
+    unsafe fn room<'b>(room: *mut u8, len: usize) -> Option<&'b mut [u8]> {
+        // SAFETY: null is refused; otherwise the sink promises `len`
+        // writable bytes that nothing else uses during the step.
+        (!room.is_null()).then(|| unsafe { core::slice::from_raw_parts_mut(room, len) })
+    }
+}
+
+impl MessageSink for Sink<'_> {
+    fn topic(&mut self, len: usize) -> Option<&mut [u8]> {
+        let topic = self.sink.topic?;
+        // SAFETY: the callback gets the context the caller gave; the room
+        // it returns is valid as `Sink::room` requires.
+        unsafe { Self::room(topic(self.sink.context, len), len) }
+    }
+
+    fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
+        let payload = self.sink.payload?;
+        // SAFETY: as for `topic`.
+        unsafe { Self::room(payload(self.sink.context, len), len) }
+    }
+
+    fn message_ready(&mut self) -> bool {
+        // SAFETY: the callback gets the context the caller gave.
+        self.sink
+            .message_ready
+            .is_some_and(|ready| unsafe { ready(self.sink.context) })
+    }
+
+    fn completed(&mut self, ticket: Ticket) {
+        if let Some(completed) = self.sink.completed {
+            // SAFETY: the callback gets the context the caller gave.
+            unsafe { completed(self.sink.context, ticket.slot) }
+        }
+    }
+}
+
+/// One step of the caller's loop, after it waited for input: handles what
+/// has arrived up to the next message to deliver (which goes into `sink`),
+/// then runs the keepalive and CONNECT timers. Any error status means the
+/// link is failed: close it.
 ///
 /// # Safety
 /// `session` comes from `mqtt_session_init`; the other pointers are valid.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_receive(
+pub unsafe extern "C" fn mqtt_session_step(
     session: *mut c_void,
     transport: *const mqtt_transport_t,
     now_ms: u32,
-    event: *mut mqtt_event_t,
+    sink: *const mqtt_sink_t,
+    outcome: *mut mqtt_outcome_t,
 ) -> c_int {
-    // SAFETY: forwarded from the caller.
     let run = || -> Result<(), c_int> {
+        // SAFETY: the caller promises the pointers are valid or null.
         let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
-        let event = unsafe { event.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: as above.
+        let outcome = unsafe { outcome.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: as above.
+        let sink = unsafe { sink.as_ref() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: as above.
         let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
-        *event = mqtt_event_t {
-            kind: MQTT_EVENT_NOTHING,
-            qos: 0,
-            retain: false,
-            dup: false,
-            session_present: false,
+        *outcome = mqtt_outcome_t {
+            kind: MQTT_OUTCOME_IDLE,
             code: 0,
-            topic_len: 0,
+            session_present: false,
+            acknowledge: false,
             payload_len: 0,
-            ticket: mqtt_ticket_t { slot: 0, packet_id: 0 },
         };
-        match session.receive(&mut io, now_ms).map_err(status)? {
-            Event::Nothing => {}
-            Event::ConnAck { code, session_present } => {
-                event.kind = MQTT_EVENT_CONNACK;
-                event.code = code;
-                event.session_present = session_present;
+        match session.step(&mut io, now_ms, &mut Sink { sink }).map_err(status)? {
+            Outcome::Idle => {}
+            Outcome::ConnAck { code, session_present } => {
+                outcome.kind = MQTT_OUTCOME_CONNACK;
+                outcome.code = code;
+                outcome.session_present = session_present;
             }
-            Event::Message {
-                topic_len,
-                payload_len,
-                qos,
-                retain,
-                dup,
-            } => {
-                event.kind = MQTT_EVENT_MESSAGE;
-                event.topic_len = topic_len;
-                event.payload_len = payload_len;
-                event.qos = qos as u8;
-                event.retain = retain;
-                event.dup = dup;
+            Outcome::Message { acknowledge } => {
+                outcome.kind = MQTT_OUTCOME_MESSAGE;
+                outcome.acknowledge = acknowledge;
             }
-            Event::Completed(ticket) => {
-                event.kind = MQTT_EVENT_COMPLETED;
-                event.ticket = ticket_out(ticket);
-            }
-            Event::Answered(ticket) => {
-                event.kind = MQTT_EVENT_ANSWERED;
-                event.ticket = ticket_out(ticket);
+            Outcome::Dropped { payload_len } => {
+                outcome.kind = MQTT_OUTCOME_DROPPED;
+                outcome.payload_len = payload_len;
             }
         }
         Ok(())
     };
     run().err().unwrap_or(MQTT_OK)
-}
-
-/// Reads the current message's topic into `buf` (exactly `topic_len`
-/// bytes) and checks it; `*info` says whether to deliver the message.
-///
-/// # Safety
-/// `session` comes from `mqtt_session_init`; `buf` is valid for `len`
-/// writable bytes; the other pointers are valid.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_read_topic(
-    session: *mut c_void,
-    transport: *const mqtt_transport_t,
-    now_ms: u32,
-    buf: *mut u8,
-    len: size_t,
-    info: *mut mqtt_message_info_t,
-) -> c_int {
-    // SAFETY: forwarded from the caller.
-    let run = || -> Result<(), c_int> {
-        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
-        let info = unsafe { info.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
-        let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
-        if buf.is_null() {
-            return Err(MQTT_ERR_INVALID_ARGUMENT);
-        }
-        // SAFETY: non-null, and the caller promises `len` writable bytes.
-        let topic = unsafe { core::slice::from_raw_parts_mut(buf, len) };
-        let found = session.read_topic(&mut io, topic).map_err(status)?;
-        info.packet_id = found.packet_id;
-        info.deliver = found.deliver;
-        Ok(())
-    };
-    run().err().unwrap_or(MQTT_OK)
-}
-
-/// Reads the current message's payload into `buf` (exactly `payload_len`
-/// bytes), or skips it when `buf` is null.
-///
-/// # Safety
-/// `session` comes from `mqtt_session_init`; `buf` is null or valid for
-/// `len` writable bytes; `transport` is valid.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_read_payload(
-    session: *mut c_void,
-    transport: *const mqtt_transport_t,
-    now_ms: u32,
-    buf: *mut u8,
-    len: size_t,
-) -> c_int {
-    let payload = if buf.is_null() {
-        None
-    } else {
-        // SAFETY: non-null, and the caller promises `len` writable bytes.
-        Some(unsafe { core::slice::from_raw_parts_mut(buf, len) })
-    };
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        with_link(session, transport, now_ms, |session, io| {
-            session.read_payload(io, payload)
-        })
-    }
 }
 
 /// Acknowledges the current message (PUBACK or PUBREC as its QoS asks).

@@ -627,3 +627,33 @@ def test_disconnect_waits_for_the_loop_only_as_long_as_asked(broker, micropython
         PORT=broker.port,
     )
     assert output.split() == ["True", "False", "True", "False", "True", "2"], output
+
+
+def test_a_qos0_message_without_memory_is_dropped_reported_and_the_client_goes_on(broker, micropython):
+    """The heap is filled until a 100,000-byte payload cannot be allocated:
+    that QoS 0 message is dropped with a line on stderr, the link stays
+    up, and the next message arrives."""
+    process = micropython.start(
+        """
+        import gc, sys
+        got = []
+        c = mqtt.Client("squeezed")
+        c.connect("127.0.0.1", 30, port=PORT)
+        c.subscribe("fill/#", lambda client, payload, topic: got.append((topic, len(payload))))
+        gc.collect()
+        hog = bytearray(gc.mem_free() - 30000)
+        print("ready")
+        sys.stdin.readline()
+        print(wait_until(lambda: got, 10000), got, c.connected())
+        c.disconnect()
+        """,
+        PORT=broker.port,
+    )
+    assert process.stdout.readline().strip() == "ready"
+    peer = Peer(broker.port)
+    peer.publish("fill/big", b"x" * 100_000)
+    peer.publish("fill/small", b"after")
+    output, _ = process.communicate("go\n", timeout=30)
+    peer.close()
+    assert "mqtt: message of 100000 bytes dropped: out of memory" in output, output
+    assert output.strip().splitlines()[-1] == "True [('fill/small', 5)] True", output

@@ -1,7 +1,9 @@
 //! The session fed arbitrary broker bytes in arbitrary chunks, interleaved
-//! with arbitrary API calls and clock jumps. Checked: no panic, no message
-//! larger than the configured maximum is announced, and everything the
-//! session writes is a well-formed packet a client may send.
+//! with arbitrary API calls and clock jumps, and stepped with a sink whose
+//! allocations fail at the fuzzer's choice. Checked: no panic, no message
+//! larger than the configured maximum is announced, a delivered topic is
+//! UTF-8, and everything the session writes is a well-formed packet a
+//! client may send.
 #![no_main]
 
 use std::collections::VecDeque;
@@ -10,7 +12,7 @@ use arbitrary::Arbitrary;
 use embedded_io::{ErrorKind, ErrorType, Read, ReadReady, Write};
 use libfuzzer_sys::fuzz_target;
 use mqtt_engine::codec::{self, Connect, Packet, QoS, Will};
-use mqtt_engine::session::{Config, Event, Session, Ticket};
+use mqtt_engine::session::{Config, Event, MessageSink, Outcome, Session, Ticket};
 
 const MAX_PACKET: u32 = 4096;
 
@@ -18,6 +20,12 @@ const MAX_PACKET: u32 = 4096;
 enum Step {
     BrokerSends(Vec<u8>),
     Receive,
+    /// One step of the caller's loop; `memory` picks which of the sink's
+    /// allocations fail (bit 0 the topic, bit 1 the payload, bit 2 the
+    /// finished message).
+    Cycle { memory: u8 },
+    /// Acknowledges the message the last step delivered.
+    FinishMessage,
     Tick,
     Advance(u16),
     Connect { clean_session: bool, keepalive_s: u8, will: bool },
@@ -81,6 +89,34 @@ impl Write for Link {
     }
 }
 
+/// The caller's memory for a message, failing as the fuzzer says.
+struct Sink {
+    topic: Vec<u8>,
+    payload: Vec<u8>,
+    fail: u8,
+}
+
+impl MessageSink for Sink {
+    fn topic(&mut self, len: usize) -> Option<&mut [u8]> {
+        assert!(len <= usize::from(u16::MAX));
+        self.topic = vec![0; len];
+        (self.fail & 1 == 0).then_some(&mut self.topic[..])
+    }
+
+    fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
+        assert!(len <= MAX_PACKET as usize, "a payload of {len} bytes");
+        self.payload = vec![0; len];
+        (self.fail & 2 == 0).then_some(&mut self.payload[..])
+    }
+
+    fn message_ready(&mut self) -> bool {
+        assert!(std::str::from_utf8(&self.topic).is_ok(), "topic {:?}", self.topic);
+        self.fail & 4 == 0
+    }
+
+    fn completed(&mut self, _ticket: Ticket) {}
+}
+
 /// Everything the client wrote must decode, whole, as packets a client sends.
 fn check_written(link: &mut Link) {
     let mut rest = &link.outbound[..];
@@ -131,6 +167,15 @@ fuzz_target!(|input: Input| {
                         }
                     }
                 }
+            }
+            Step::Cycle { memory } => {
+                let mut sink = Sink { topic: Vec::new(), payload: Vec::new(), fail: memory };
+                if let Ok(Outcome::Dropped { payload_len }) = session.step(&mut link, now, &mut sink) {
+                    assert!(payload_len <= MAX_PACKET);
+                }
+            }
+            Step::FinishMessage => {
+                let _ = session.finish_message(&mut link, now);
             }
             Step::Tick => {
                 let _ = session.tick(&mut link, now);

@@ -10,7 +10,8 @@
 //! [`Session::finish_message`] complete it.
 //!
 //! This file holds the session's state and the connection; the rest is
-//! split by concern: `outbound` (the in-flight table: publishes,
+//! split by concern: `cycle` (one step of the caller's loop, over what has
+//! arrived), `outbound` (the in-flight table: publishes,
 //! subscriptions, acknowledgements, resends), `receive` (what the broker
 //! sends), `inbound_qos2` (received QoS 2 ids until their release),
 //! `read_ahead` (bytes read ahead of need) and `timers` (keepalive and the
@@ -22,6 +23,7 @@ use embedded_io::{ReadExactError, Write};
 use crate::codec::{self, Connect, DecodeError, EncodeError, PacketType, QoS};
 use crate::topic::{self, TopicError};
 
+mod cycle;
 mod inbound_qos2;
 mod outbound;
 mod read_ahead;
@@ -30,6 +32,7 @@ mod receive;
 mod testing;
 mod timers;
 
+pub use cycle::{MessageSink, Outcome, PACKETS_PER_STEP};
 pub use inbound_qos2::INBOUND_QOS2_MAX;
 use inbound_qos2::RecentIds;
 pub use outbound::INFLIGHT_MAX;
@@ -75,6 +78,10 @@ pub enum Error {
     PingTimeout,
     /// The broker did not answer CONNECT in time.
     ConnectTimeout,
+    // The caller's resources.
+    /// No memory for a QoS 1/2 message: the link is failed, unacknowledged,
+    /// so that the broker sends it again.
+    OutOfMemory,
     // The transport.
     /// The transport reported an error (the caller knows which).
     Transport,
@@ -147,9 +154,11 @@ pub enum CommandState {
 /// What [`Session::receive`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// No complete packet was waiting, or one was handled internally
-    /// (PINGRESP, PUBREC, PUBREL, an unknown acknowledgement).
+    /// No packet was waiting.
     Nothing,
+    /// A packet was handled inside the session (PINGRESP, PUBREC, PUBREL,
+    /// an acknowledgement for an unknown packet id).
+    Handled,
     /// The CONNACK arrived.
     ConnAck { code: u8, session_present: bool },
     /// A PUBLISH header was read; its topic and payload come next.

@@ -337,7 +337,7 @@ mod tests {
             .unwrap();
         pipe.take_sent();
         pipe.broker_sends(|b| write_ack(&mut VecWriter(b), PacketType::PubRec, ticket.packet_id).unwrap());
-        assert_eq!(session.receive(&mut pipe, 11).unwrap(), Event::Nothing);
+        assert_eq!(session.receive(&mut pipe, 11).unwrap(), Event::Handled);
         assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubRel(ticket.packet_id))]);
         assert_eq!(session.command_state(ticket, 12), CommandState::Pending);
         pipe.broker_sends(|b| write_ack(&mut VecWriter(b), PacketType::PubComp, ticket.packet_id).unwrap());
@@ -508,7 +508,7 @@ mod tests {
             write_suback(&mut VecWriter(b), 99, &[0]).unwrap();
         });
         for _ in 0..4 {
-            assert_eq!(session.receive(&mut pipe, 0).unwrap(), Event::Nothing);
+            assert_eq!(session.receive(&mut pipe, 0).unwrap(), Event::Handled);
         }
         assert!(session.is_connected());
     }

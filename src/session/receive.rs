@@ -276,7 +276,7 @@ impl Session {
             | Packet::PingReq
             | Packet::Disconnect => return Err(Error::UnexpectedPacket),
         }
-        Ok(Event::Nothing)
+        Ok(Event::Handled)
     }
 }
 
@@ -329,7 +329,7 @@ mod tests {
         assert!(!info.deliver, "a redelivered packet id is not delivered twice");
         assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubRec(7))]);
         pipe.broker_sends(|b| write_ack(&mut VecWriter(b), PacketType::PubRel, 7).unwrap());
-        assert_eq!(session.receive(&mut pipe, 3).unwrap(), Event::Nothing);
+        assert_eq!(session.receive(&mut pipe, 3).unwrap(), Event::Handled);
         assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubComp(7))]);
         // Released: the same id now carries a new message.
         broker_publish(&mut pipe, "x", b"2", QoS::ExactlyOnce, 7, false);
