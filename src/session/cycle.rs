@@ -5,6 +5,7 @@
 
 use embedded_io::{Read, ReadReady, Write};
 
+use super::read_ahead::Reading;
 use super::{Error, Event, Session, Ticket};
 use crate::codec::QoS;
 
@@ -61,9 +62,21 @@ impl Session {
         T: Read + Write + ReadReady,
         S: MessageSink,
     {
-        let mut outcome = Outcome::Idle;
+        // The whole step reads through the read-ahead bytes at once.
+        let outcome = self.reading(io, |session, reading| session.handle_arrivals(reading, now, sink))?;
+        if !matches!(outcome, Outcome::ConnAck { .. }) {
+            self.tick(io, now)?;
+        }
+        Ok(outcome)
+    }
+
+    fn handle_arrivals<T, S>(&mut self, io: &mut Reading<'_, T>, now: u32, sink: &mut S) -> Result<Outcome, Error>
+    where
+        T: Read + Write + ReadReady,
+        S: MessageSink,
+    {
         for _ in 0..PACKETS_PER_STEP {
-            match self.receive(io, now)? {
+            match self.receive_packet(io, now)? {
                 Event::Nothing => break,
                 Event::Handled | Event::Answered(_) => {}
                 Event::Completed(ticket) => sink.completed(ticket),
@@ -73,20 +86,16 @@ impl Session {
                     payload_len,
                     qos,
                     ..
-                } => {
-                    outcome = self.take_message(io, now, sink, usize::from(topic_len), payload_len, qos)?;
-                    break;
-                }
+                } => return self.take_message(io, now, sink, usize::from(topic_len), payload_len, qos),
             }
         }
-        self.tick(io, now)?;
-        Ok(outcome)
+        Ok(Outcome::Idle)
     }
 
     /// Reads the message announced by [`Event::Message`] into the sink.
     fn take_message<T, S>(
         &mut self,
-        io: &mut T,
+        io: &mut Reading<'_, T>,
         now: u32,
         sink: &mut S,
         topic_len: usize,
@@ -94,37 +103,42 @@ impl Session {
         qos: QoS,
     ) -> Result<Outcome, Error>
     where
-        T: Read + Write,
+        T: Read + Write + ReadReady,
         S: MessageSink,
     {
         // Without room for the topic the message cannot be followed.
         let topic = sink.topic(topic_len).ok_or(Error::OutOfMemory)?;
-        let info = self.read_topic(io, topic)?;
-        if !info.deliver {
-            // A QoS 2 message delivered before: skipped, acknowledged again.
-            self.read_payload(io, None)?;
-            self.finish_message(io, now)?;
-            return Ok(Outcome::Idle);
-        }
-        let room = usize::try_from(payload_len).ok().and_then(|len| sink.payload(len));
+        let info = self.read_topic_from(io, topic)?;
+        // A QoS 2 message delivered before is skipped (and acknowledged
+        // again); so is a payload without room.
+        let room = if info.deliver {
+            usize::try_from(payload_len).ok().and_then(|len| sink.payload(len))
+        } else {
+            None
+        };
         let had_room = room.is_some();
-        self.read_payload(io, room)?;
-        if !(had_room && sink.message_ready()) {
-            // Never acknowledge what was not delivered.
-            if qos != QoS::AtMostOnce {
-                // Not delivered, so the broker's resend must be.
-                self.inbound_qos2.forget(info.packet_id);
-                return Err(Error::OutOfMemory);
+        self.read_payload_from(io, room)?;
+        let outcome = if !info.deliver {
+            Outcome::Idle
+        } else if had_room && sink.message_ready() {
+            Outcome::Message {
+                acknowledge: qos != QoS::AtMostOnce,
             }
-            self.finish_message(io, now)?;
-            return Ok(Outcome::Dropped { payload_len });
+        } else if qos == QoS::AtMostOnce {
+            Outcome::Dropped { payload_len }
+        } else {
+            // Never acknowledge what was not delivered, and forget it was
+            // seen: the broker's resend after the reconnect must be
+            // delivered.
+            self.inbound_qos2.forget(info.packet_id);
+            return Err(Error::OutOfMemory);
+        };
+        // A message to deliver at QoS 1/2 is acknowledged once delivered;
+        // anything else is done with now.
+        if outcome != (Outcome::Message { acknowledge: true }) {
+            self.finish_message(io.io, now)?;
         }
-        let acknowledge = qos != QoS::AtMostOnce;
-        if !acknowledge {
-            // QoS 0 has no acknowledgement: the link is done with it.
-            self.finish_message(io, now)?;
-        }
-        Ok(Outcome::Message { acknowledge })
+        Ok(outcome)
     }
 }
 

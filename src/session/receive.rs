@@ -54,7 +54,7 @@ impl Session {
         self.reading(io, |session, reading| session.receive_packet(reading, now))
     }
 
-    fn receive_packet<T: Read + Write + ReadReady>(
+    pub(super) fn receive_packet<T: Read + Write + ReadReady>(
         &mut self,
         io: &mut Reading<'_, T>,
         now: u32,
@@ -126,7 +126,7 @@ impl Session {
         self.reading(io, |session, reading| session.read_topic_from(reading, topic))
     }
 
-    fn read_topic_from<T: Read>(&mut self, io: &mut T, topic: &mut [u8]) -> Result<MessageInfo, Error> {
+    pub(super) fn read_topic_from<T: Read>(&mut self, io: &mut T, topic: &mut [u8]) -> Result<MessageInfo, Error> {
         let Incoming::Topic {
             topic_len,
             payload_len,
@@ -168,7 +168,7 @@ impl Session {
         self.reading(io, |session, reading| session.read_payload_from(reading, payload))
     }
 
-    fn read_payload_from<T: Read>(&mut self, io: &mut T, payload: Option<&mut [u8]>) -> Result<(), Error> {
+    pub(super) fn read_payload_from<T: Read>(&mut self, io: &mut T, payload: Option<&mut [u8]>) -> Result<(), Error> {
         let Incoming::Payload { payload_len, qos, info } = self.incoming else {
             return Err(Error::WrongState);
         };
