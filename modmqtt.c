@@ -1104,6 +1104,23 @@ static const mp_obj_fun_builtin_fixed_t client_wake_obj;
 static void watch_input(mp_obj_mqtt_client_t *self, mp_obj_t sock);
 #endif
 
+// What the client kept of the publish in flight in `slot` (mqtt_kept_t):
+// the topic str and payload object it published. Never raises.
+static bool kept_publish(void *context, uint8_t slot, mqtt_bytes_t *topic, mqtt_bytes_t *payload) {
+    mp_obj_mqtt_client_t *self = context;
+    mp_buffer_info_t info;
+    if (self->held == NULL || slot >= MQTT_INFLIGHT_MAX || self->held[2 * slot] == MP_OBJ_NULL
+        || !mp_obj_is_str(self->held[2 * slot])
+        || !mp_get_buffer(self->held[2 * slot + 1], &info, MP_BUFFER_READ)) {
+        return false;
+    }
+    size_t len;
+    const char *data = mp_obj_str_get_data(self->held[2 * slot], &len);
+    *topic = (mqtt_bytes_t) { .data = (const uint8_t *)data, .len = len };
+    *payload = (mqtt_bytes_t) { .data = info.buf, .len = info.len };
+    return true;
+}
+
 // Connects with the stored parameters. Returns the CONNACK return code;
 // raises OSError when the broker cannot be reached.
 static int do_connect(mp_obj_mqtt_client_t *self) {
@@ -1176,20 +1193,8 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
 
     // Send again what the previous link left unacknowledged.
     client_lock(self);
-    status = MQTT_OK;
-    mqtt_ticket_t resend;
-    uint8_t from = 0;
-    while (status == MQTT_OK && self->held != NULL && mqtt_session_next_resend(self->session, from, &resend) == 1) {
-        mp_obj_t topic = self->held[2 * resend.slot];
-        mp_obj_t payload = self->held[2 * resend.slot + 1];
-        if (topic != MP_OBJ_NULL) {
-            status = mqtt_session_resend(self->session, &transport, now_ms(), resend, bytes_of_str(topic, "topic"), bytes_of_buffer(payload));
-        }
-        from = resend.slot + 1;
-    }
-    if (status == MQTT_OK) {
-        status = mqtt_session_resend_releases(self->session, &transport, now_ms());
-    }
+    mqtt_kept_t kept = { .context = self, .publish = kept_publish };
+    status = mqtt_session_resume(self->session, &transport, now_ms(), &kept);
     if (status != MQTT_OK) {
         drop_link(self);
     }

@@ -215,6 +215,19 @@ typedef struct {
 } mqtt_ticket_t;
 
 /**
+ * What the caller kept of its in-flight publishes (see `Kept`).
+ */
+typedef struct {
+  void *context;
+  /**
+   * Sets `*topic` and `*payload` to what was kept for the publish in
+   * flight in `slot`, valid until `mqtt_session_resume` returns; returns
+   * false when nothing was kept. Must not raise or jump.
+   */
+  bool (*publish)(void *context, uint8_t slot, mqtt_bytes_t *topic, mqtt_bytes_t *payload);
+} mqtt_kept_t;
+
+/**
  * Memory of the caller's for an incoming message (see `MessageSink`).
  * No callback may raise or jump; out of memory is an answer.
  */
@@ -324,35 +337,17 @@ int mqtt_session_publish(void *session,
                          mqtt_ticket_t *ticket);
 
 /**
- * Finds the next in-flight publish at or after slot `from` that must be
- * sent again on a new link. Returns 1 and sets `*ticket`, or 0 when there
- * is none.
- *
- * # Safety
- * `session` comes from `mqtt_session_init`; `ticket` is valid.
- */
-int mqtt_session_next_resend(void *session, uint8_t from, mqtt_ticket_t *ticket);
-
-/**
- * Sends an in-flight publish again (DUP set, same packet id).
+ * Sends again, on a link that just came up (after CONNACK), what the
+ * previous link left unacknowledged: the in-flight publishes whose topic
+ * and payload the caller kept, then the pending PUBRELs.
  *
  * # Safety
  * `session` comes from `mqtt_session_init`; the other pointers are valid.
  */
-int mqtt_session_resend(void *session,
+int mqtt_session_resume(void *session,
                         const mqtt_transport_t *transport,
                         uint32_t now_ms,
-                        mqtt_ticket_t ticket,
-                        mqtt_bytes_t topic,
-                        mqtt_bytes_t payload);
-
-/**
- * Sends PUBREL again for QoS 2 publishes whose PUBREC came on an earlier link.
- *
- * # Safety
- * `session` comes from `mqtt_session_init`; `transport` is valid.
- */
-int mqtt_session_resend_releases(void *session, const mqtt_transport_t *transport, uint32_t now_ms);
+                        const mqtt_kept_t *kept);
 
 /**
  * Sends SUBSCRIBE (`unsubscribe` false) or UNSUBSCRIBE for one filter.

@@ -14,7 +14,7 @@ use core::mem::{align_of, size_of};
 use cty::{c_int, intptr_t, size_t};
 
 use crate::codec::{Connect, QoS, Will};
-use crate::session::{CommandState, Config, Error, MessageSink, Outcome, Session, Ticket};
+use crate::session::{CommandState, Config, Error, Kept, MessageSink, Outcome, Session, Ticket};
 
 /// Success.
 pub const MQTT_OK: c_int = 0;
@@ -149,6 +149,23 @@ pub struct mqtt_sink_t {
     pub message_ready: Option<unsafe extern "C" fn(context: *mut c_void) -> bool>,
     /// An outbound QoS 1/2 publish in `slot` is acknowledged end to end.
     pub completed: Option<unsafe extern "C" fn(context: *mut c_void, slot: u8)>,
+}
+
+/// What the caller kept of its in-flight publishes (see `Kept`).
+#[repr(C)]
+pub struct mqtt_kept_t {
+    pub context: *mut c_void,
+    /// Sets `*topic` and `*payload` to what was kept for the publish in
+    /// flight in `slot`, valid until `mqtt_session_resume` returns; returns
+    /// false when nothing was kept. Must not raise or jump.
+    pub publish: Option<
+        unsafe extern "C" fn(
+            context: *mut c_void,
+            slot: u8,
+            topic: *mut mqtt_bytes_t,
+            payload: *mut mqtt_bytes_t,
+        ) -> bool,
+    >,
 }
 
 /// What `mqtt_session_step` did (see the `MQTT_OUTCOME_` constants).
@@ -463,69 +480,54 @@ pub unsafe extern "C" fn mqtt_session_publish(
     run().err().unwrap_or(MQTT_OK)
 }
 
-/// Finds the next in-flight publish at or after slot `from` that must be
-/// sent again on a new link. Returns 1 and sets `*ticket`, or 0 when there
-/// is none.
-///
-/// # Safety
-/// `session` comes from `mqtt_session_init`; `ticket` is valid.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_next_resend(session: *mut c_void, from: u8, ticket: *mut mqtt_ticket_t) -> c_int {
-    // SAFETY: forwarded from the caller.
-    let (Some(session), Some(ticket)) = (unsafe { session_mut(session) }, unsafe { ticket.as_mut() }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
-    match session.publishes_to_resend().find(|found| found.slot >= from) {
-        Some(found) => {
-            *ticket = ticket_out(found);
-            1
+/// The caller's kept publishes as the session sees them.
+struct KeptByCaller<'a> {
+    kept: &'a mqtt_kept_t,
+}
+
+impl Kept for KeptByCaller<'_> {
+    fn publish(&mut self, ticket: Ticket) -> Option<(&str, &[u8])> {
+        let publish = self.kept.publish?;
+        let mut topic = mqtt_bytes_t {
+            data: core::ptr::null(),
+            len: 0,
+        };
+        let mut payload = topic;
+        // SAFETY: the callback gets the context the caller gave and two
+        // valid places to write to.
+        if !unsafe { publish(self.kept.context, ticket.slot, &mut topic, &mut payload) } {
+            return None;
         }
-        None => 0,
+        // SAFETY: the caller promises both byte strings stay valid until
+        // `mqtt_session_resume` returns.
+        let topic = unsafe { text(topic) }.ok()??;
+        // SAFETY: as above.
+        let payload = unsafe { slice(payload) }.unwrap_or(&[]);
+        Some((topic, payload))
     }
 }
 
-/// Sends an in-flight publish again (DUP set, same packet id).
+/// Sends again, on a link that just came up (after CONNACK), what the
+/// previous link left unacknowledged: the in-flight publishes whose topic
+/// and payload the caller kept, then the pending PUBRELs.
 ///
 /// # Safety
 /// `session` comes from `mqtt_session_init`; the other pointers are valid.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_resend(
+pub unsafe extern "C" fn mqtt_session_resume(
     session: *mut c_void,
     transport: *const mqtt_transport_t,
     now_ms: u32,
-    ticket: mqtt_ticket_t,
-    topic: mqtt_bytes_t,
-    payload: mqtt_bytes_t,
+    kept: *const mqtt_kept_t,
 ) -> c_int {
-    // SAFETY: forwarded from the caller.
-    let run = || -> Result<(), c_int> {
-        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
-        let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
-        let topic = unsafe { text(topic) }?.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
-        let payload = unsafe { slice(payload) }.unwrap_or(&[]);
-        let ticket = Ticket {
-            slot: ticket.slot,
-            packet_id: ticket.packet_id,
-        };
-        session.resend(&mut io, now_ms, ticket, topic, payload).map_err(status)
+    // SAFETY: the caller promises a valid pointer or null.
+    let Some(kept) = (unsafe { kept.as_ref() }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
     };
-    run().err().unwrap_or(MQTT_OK)
-}
-
-/// Sends PUBREL again for QoS 2 publishes whose PUBREC came on an earlier link.
-///
-/// # Safety
-/// `session` comes from `mqtt_session_init`; `transport` is valid.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_resend_releases(
-    session: *mut c_void,
-    transport: *const mqtt_transport_t,
-    now_ms: u32,
-) -> c_int {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: the caller promises valid pointers or null.
     unsafe {
         with_link(session, transport, now_ms, |session, io| {
-            session.resend_releases(io, now_ms)
+            session.resume(io, now_ms, &mut KeptByCaller { kept })
         })
     }
 }

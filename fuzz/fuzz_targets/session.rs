@@ -12,7 +12,7 @@ use arbitrary::Arbitrary;
 use embedded_io::{ErrorKind, ErrorType, Read, ReadReady, Write};
 use libfuzzer_sys::fuzz_target;
 use mqtt_engine::codec::{self, Connect, Packet, QoS, Will};
-use mqtt_engine::session::{Config, Event, MessageSink, Outcome, Session, Ticket};
+use mqtt_engine::session::{Config, Event, Kept, MessageSink, Outcome, Session, Ticket};
 
 const MAX_PACKET: u32 = 4096;
 
@@ -34,8 +34,9 @@ enum Step {
     Unsubscribe { filter: String },
     CommandState { slot: u8, packet_id: u16 },
     Forget { slot: u8, packet_id: u16 },
-    Resend { slot: u8, packet_id: u16 },
-    ResendReleases,
+    /// Sends again what the last link left; `keep` says for which slots
+    /// the caller kept topic and payload (one bit each).
+    Resume { keep: u8 },
     LinkLost,
     Disconnect,
 }
@@ -115,6 +116,16 @@ impl MessageSink for Sink {
     }
 
     fn completed(&mut self, _ticket: Ticket) {}
+}
+
+/// What the caller kept of its in-flight publishes: slots whose bit is set.
+struct KeptSlots(u8);
+
+impl Kept for KeptSlots {
+    fn publish(&mut self, ticket: Ticket) -> Option<(&str, &[u8])> {
+        let kept = ticket.slot < 8 && self.0 & (1 << ticket.slot) != 0;
+        kept.then_some(("t", b"again"))
+    }
 }
 
 /// Everything the client wrote must decode, whole, as packets a client sends.
@@ -205,11 +216,8 @@ fuzz_target!(|input: Input| {
                 let _ = session.command_state(Ticket { slot, packet_id }, now);
             }
             Step::Forget { slot, packet_id } => session.forget(Ticket { slot, packet_id }),
-            Step::Resend { slot, packet_id } => {
-                let _ = session.resend(&mut link, now, Ticket { slot, packet_id }, "t", b"again");
-            }
-            Step::ResendReleases => {
-                let _ = session.resend_releases(&mut link, now);
+            Step::Resume { keep } => {
+                let _ = session.resume(&mut link, now, &mut KeptSlots(keep));
             }
             Step::LinkLost => {
                 session.link_lost();

@@ -35,8 +35,8 @@ mod timers;
 pub use cycle::{MessageSink, Outcome, PACKETS_PER_STEP};
 pub use inbound_qos2::INBOUND_QOS2_MAX;
 use inbound_qos2::RecentIds;
-pub use outbound::INFLIGHT_MAX;
 use outbound::Inflight;
+pub use outbound::{INFLIGHT_MAX, Kept};
 use read_ahead::ReadAhead;
 use receive::Incoming;
 

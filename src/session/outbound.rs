@@ -15,6 +15,14 @@ use crate::topic;
 /// object references in the binding.
 pub const INFLIGHT_MAX: usize = 8;
 
+/// What the caller kept of its in-flight publishes, to send them again
+/// after a reconnect (the session keeps only their packet ids and state).
+pub trait Kept {
+    /// The topic and payload of the publish in flight as `ticket`, or None
+    /// when nothing was kept for it.
+    fn publish(&mut self, ticket: Ticket) -> Option<(&str, &[u8])>;
+}
+
 /// Where an in-flight command stands. A publish waiting for its first
 /// answer carries its RETAIN flag, needed to send it again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,9 +146,30 @@ impl Session {
         Ok(ticket)
     }
 
+    /// Sends again, on a link that just came up, what the previous one left
+    /// unacknowledged: every in-flight publish whose topic and payload the
+    /// caller kept (DUP set, the same packet id), then PUBREL for every QoS
+    /// 2 publish whose PUBREC arrived. MQTT 3.1.1 asks for this whether or
+    /// not the broker kept the session: one that lost it takes the
+    /// publishes as new, and answers a PUBREL for an id it does not know.
+    pub fn resume<W: Write, K: Kept>(&mut self, io: &mut W, now: u32, kept: &mut K) -> Result<(), Error> {
+        for slot in 0..INFLIGHT_MAX {
+            let Some(ticket) = self
+                .publishes_to_resend()
+                .find(|ticket| usize::from(ticket.slot) == slot)
+            else {
+                continue;
+            };
+            if let Some((topic, payload)) = kept.publish(ticket) {
+                self.resend(io, now, ticket, topic, payload)?;
+            }
+        }
+        self.resend_releases(io, now)
+    }
+
     /// Slots of in-flight publishes that must be sent again on this
     /// (re)connected link, in no particular order.
-    pub fn publishes_to_resend(&self) -> impl Iterator<Item = Ticket> + '_ {
+    pub(super) fn publishes_to_resend(&self) -> impl Iterator<Item = Ticket> + '_ {
         self.inflight.iter().enumerate().filter_map(|(slot, entry)| {
             let entry = entry.as_ref()?;
             let wants_payload = matches!(entry.stage, Stage::AwaitPubAck { .. } | Stage::AwaitPubRec { .. });
@@ -153,7 +182,7 @@ impl Session {
     }
 
     /// Sends an in-flight publish again with DUP set and its packet id.
-    pub fn resend<W: Write>(
+    pub(super) fn resend<W: Write>(
         &mut self,
         io: &mut W,
         now: u32,
@@ -186,7 +215,7 @@ impl Session {
 
     /// Sends PUBREL again for every QoS 2 publish whose PUBREC arrived on an
     /// earlier link.
-    pub fn resend_releases<W: Write>(&mut self, io: &mut W, now: u32) -> Result<(), Error> {
+    pub(super) fn resend_releases<W: Write>(&mut self, io: &mut W, now: u32) -> Result<(), Error> {
         if self.link != Link::Up {
             return Err(Error::NotConnected);
         }
@@ -298,7 +327,7 @@ impl Session {
 mod tests {
     use crate::codec::{DecodeError, Packet, PacketType, Publish, QoS, write_ack, write_connack, write_suback};
     use crate::session::testing::*;
-    use crate::session::{CommandState, Error, Event, INFLIGHT_MAX};
+    use crate::session::{CommandState, Error, Event, INFLIGHT_MAX, Kept, Session, Ticket};
     use crate::topic::TopicError;
 
     #[test]
@@ -525,5 +554,79 @@ mod tests {
         assert_eq!(session.command_state(sub, 1), CommandState::Interrupted);
         assert_eq!(session.command_state(publish, 1), CommandState::Interrupted);
         assert_eq!(session.inflight.iter().flatten().count(), 1);
+    }
+
+    /// What the binding keeps: topic and payload by ticket.
+    struct KeptPublishes(Vec<(Ticket, &'static str, &'static [u8])>);
+
+    impl Kept for KeptPublishes {
+        fn publish(&mut self, ticket: Ticket) -> Option<(&str, &[u8])> {
+            let kept = self.0.iter().find(|(kept, ..)| *kept == ticket)?;
+            Some((kept.1, kept.2))
+        }
+    }
+
+    #[test]
+    fn resume_sends_again_what_the_last_link_left_with_or_without_a_session() {
+        for session_present in [true, false] {
+            let mut session = Session::new(CONFIG);
+            let mut pipe = Pipe::default();
+            session.connect(&mut pipe, 0, &connect_options(0, false)).unwrap();
+            pipe.broker_sends(|b| write_connack(&mut VecWriter(b), false, 0).unwrap());
+            session.receive(&mut pipe, 0).unwrap();
+            let publish = |session: &mut Session, pipe: &mut Pipe, topic, qos| {
+                session.publish(pipe, 1, topic, b"p", qos, false).unwrap().unwrap()
+            };
+            let a = publish(&mut session, &mut pipe, "a", QoS::AtLeastOnce);
+            let b = publish(&mut session, &mut pipe, "b", QoS::ExactlyOnce);
+            let c = publish(&mut session, &mut pipe, "c", QoS::ExactlyOnce);
+            let d = publish(&mut session, &mut pipe, "d", QoS::AtLeastOnce);
+            // b's PUBREC came: only its PUBREL is owed.
+            pipe.broker_sends(|bytes| write_ack(&mut VecWriter(bytes), PacketType::PubRec, b.packet_id).unwrap());
+            session.receive(&mut pipe, 2).unwrap();
+            session.link_lost();
+            session.connect(&mut pipe, 3, &connect_options(0, false)).unwrap();
+            pipe.broker_sends(|bytes| write_connack(&mut VecWriter(bytes), session_present, 0).unwrap());
+            session.receive(&mut pipe, 4).unwrap();
+            pipe.take_sent();
+            // The binding kept a, b and c (d's objects are gone).
+            let mut kept = KeptPublishes(vec![(a, "a", b"p"), (b, "b", b"p"), (c, "c", b"p")]);
+            session.resume(&mut pipe, 5, &mut kept).unwrap();
+            let again = |ticket: Ticket, topic, qos| {
+                format!(
+                    "{:?}",
+                    Packet::Publish(Publish {
+                        topic,
+                        packet_id: Some(ticket.packet_id),
+                        qos,
+                        retain: false,
+                        dup: true,
+                        payload: b"p",
+                    })
+                )
+            };
+            assert_eq!(
+                pipe.take_sent(),
+                [
+                    again(a, "a", QoS::AtLeastOnce),
+                    again(c, "c", QoS::ExactlyOnce),
+                    format!("{:?}", Packet::PubRel(b.packet_id)),
+                ]
+            );
+            // Each resent message waits for its answer again; d stays in
+            // flight for a later resume.
+            assert_eq!(session.command_state(a, 6), CommandState::Pending);
+            assert_eq!(session.command_state(d, 6), CommandState::Pending);
+        }
+    }
+
+    #[test]
+    fn resume_needs_a_link_that_is_up() {
+        let (mut session, mut pipe) = connected(0);
+        session.link_lost();
+        assert_eq!(
+            session.resume(&mut pipe, 1, &mut KeptPublishes(Vec::new())),
+            Err(Error::NotConnected)
+        );
     }
 }
