@@ -45,7 +45,9 @@ set(MQTT_CARGO_DIR ${CMAKE_BINARY_DIR}/mqtt-engine)
 set(MQTT_ENGINE_OBJ ${CMAKE_BINARY_DIR}/mqtt_engine.o)
 set(MQTT_RUST_OBJ ${CMAKE_BINARY_DIR}/mqtt_engine_rust.o)
 
-# The engine's exported functions, as the committed header declares them.
+# The engine's exported functions, as the committed header declares them
+# (read again, by a new configure step, whenever the header changes).
+set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${MQTT_MOD_DIR}/mqtt_engine.h)
 file(READ ${MQTT_MOD_DIR}/mqtt_engine.h MQTT_HEADER)
 string(REGEX MATCHALL "mqtt_[a-z_]+\\(" MQTT_EXPORTS "${MQTT_HEADER}")
 string(REPLACE "(" "" MQTT_EXPORTS "${MQTT_EXPORTS}")
@@ -53,7 +55,7 @@ list(REMOVE_DUPLICATES MQTT_EXPORTS)
 list(TRANSFORM MQTT_EXPORTS PREPEND "-u" OUTPUT_VARIABLE MQTT_UNDEFINED)
 list(TRANSFORM MQTT_EXPORTS PREPEND "--keep-global-symbol=" OUTPUT_VARIABLE MQTT_KEEP)
 
-file(GLOB_RECURSE MQTT_RUST_SOURCES ${MQTT_MOD_DIR}/src/*.rs)
+file(GLOB_RECURSE MQTT_RUST_SOURCES CONFIGURE_DEPENDS ${MQTT_MOD_DIR}/src/*.rs)
 add_custom_command(
     OUTPUT ${MQTT_ENGINE_OBJ}
     COMMAND ${MQTT_CARGO} rustc --release --locked --lib
