@@ -292,11 +292,11 @@ unsafe fn with_link(
     now_ms: u32,
     step: impl FnOnce(&mut Session, &mut Link<'_>) -> Result<(), Error>,
 ) -> c_int {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     let Some(session) = (unsafe { session_mut(session) }) else {
         return MQTT_ERR_INVALID_ARGUMENT;
     };
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `transport` is null or valid (the caller's promise).
     let Some(mut io) = (unsafe { link(transport, session, now_ms) }) else {
         return MQTT_ERR_INVALID_ARGUMENT;
     };
@@ -316,7 +316,7 @@ unsafe fn slice<'a>(bytes: mqtt_bytes_t) -> Option<&'a [u8]> {
 /// # Safety
 /// As for [`slice`].
 unsafe fn text<'a>(bytes: mqtt_bytes_t) -> Result<Option<&'a str>, c_int> {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `bytes.data` is null or valid for `bytes.len` bytes (the caller's promise).
     match unsafe { slice(bytes) } {
         None => Ok(None),
         Some(raw) => crate::codec::utf8(raw).map(Some).ok_or(MQTT_ERR_INVALID_ARGUMENT),
@@ -377,7 +377,7 @@ pub unsafe extern "C" fn mqtt_session_init(memory: *mut c_void, size: size_t, co
 /// `session` comes from `mqtt_session_init`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_is_connected(session: *mut c_void) -> bool {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     unsafe { session_mut(session) }.is_some_and(|session| session.is_connected())
 }
 
@@ -393,28 +393,42 @@ pub unsafe extern "C" fn mqtt_session_connect(
     options: *const mqtt_connect_t,
     ticket: *mut mqtt_ticket_t,
 ) -> c_int {
-    // SAFETY: forwarded from the caller.
     let run = || -> Result<(), c_int> {
+        // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
         let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: `options` is null or valid (the caller's promise).
         let options = unsafe { options.as_ref() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: `ticket` is null or valid (the caller's promise).
         let ticket = unsafe { ticket.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: `transport` is null or valid (the caller's promise).
         let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
-        let will = match unsafe { text(options.will_topic) }? {
+        // SAFETY: each byte string of `options` (this one and the four
+        // below) is null or valid for its `len` bytes (the caller's promise).
+        let will_topic = unsafe { text(options.will_topic) }?;
+        // SAFETY: as above.
+        let will_payload = unsafe { slice(options.will_payload) }.unwrap_or(&[]);
+        // SAFETY: as above.
+        let client_id = unsafe { text(options.client_id) }?.unwrap_or("");
+        // SAFETY: as above.
+        let username = unsafe { text(options.username) }?;
+        // SAFETY: as above.
+        let password = unsafe { slice(options.password) };
+        let will = match will_topic {
             Some(topic) => Some(Will {
                 topic,
-                payload: unsafe { slice(options.will_payload) }.unwrap_or(&[]),
+                payload: will_payload,
                 qos: qos(options.will_qos)?,
                 retain: options.will_retain,
             }),
             None => None,
         };
         let connect = Connect {
-            client_id: unsafe { text(options.client_id) }?.unwrap_or(""),
+            client_id,
             clean_session: options.clean_session,
             keepalive_s: options.keepalive_s,
             will,
-            username: unsafe { text(options.username) }?,
-            password: unsafe { slice(options.password) },
+            username,
+            password,
         };
         *ticket = ticket_out(session.connect(&mut io, now_ms, &connect).map_err(status)?);
         Ok(())
@@ -432,7 +446,7 @@ pub unsafe extern "C" fn mqtt_session_disconnect(
     transport: *const mqtt_transport_t,
     now_ms: u32,
 ) -> c_int {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `session` and `transport` are as `with_link` requires (the caller's promise).
     unsafe { with_link(session, transport, now_ms, |session, io| session.disconnect(io)) }
 }
 
@@ -442,7 +456,7 @@ pub unsafe extern "C" fn mqtt_session_disconnect(
 /// `session` comes from `mqtt_session_init`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_link_lost(session: *mut c_void) {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     if let Some(session) = unsafe { session_mut(session) } {
         session.link_lost();
     }
@@ -464,12 +478,16 @@ pub unsafe extern "C" fn mqtt_session_publish(
     retain: bool,
     ticket: *mut mqtt_ticket_t,
 ) -> c_int {
-    // SAFETY: forwarded from the caller.
     let run = || -> Result<(), c_int> {
+        // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
         let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: `ticket` is null or valid (the caller's promise).
         let ticket = unsafe { ticket.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: `transport` is null or valid (the caller's promise).
         let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: `topic.data` is null or valid for `topic.len` bytes (the caller's promise).
         let topic = unsafe { text(topic) }?.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: `payload.data` is null or valid for `payload.len` bytes (the caller's promise).
         let payload = unsafe { slice(payload) }.unwrap_or(&[]);
         let sent = session
             .publish(&mut io, now_ms, topic, payload, qos(qos_level)?, retain)
@@ -546,11 +564,14 @@ pub unsafe extern "C" fn mqtt_session_subscribe(
     unsubscribe: bool,
     ticket: *mut mqtt_ticket_t,
 ) -> c_int {
-    // SAFETY: forwarded from the caller.
     let run = || -> Result<(), c_int> {
+        // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
         let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: `ticket` is null or valid (the caller's promise).
         let ticket = unsafe { ticket.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: `transport` is null or valid (the caller's promise).
         let mut io = unsafe { link(transport, session, now_ms) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        // SAFETY: `filter.data` is null or valid for `filter.len` bytes (the caller's promise).
         let filter = unsafe { text(filter) }?.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         let sent = if unsubscribe {
             session.unsubscribe(&mut io, now_ms, filter)
@@ -576,7 +597,8 @@ pub unsafe extern "C" fn mqtt_session_command_state(
     now_ms: u32,
     code: *mut u8,
 ) -> c_int {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now; `code` is
+    // null or valid (the caller's promise).
     let (Some(session), Some(code)) = (unsafe { session_mut(session) }, unsafe { code.as_mut() }) else {
         return MQTT_ERR_INVALID_ARGUMENT;
     };
@@ -602,7 +624,7 @@ pub unsafe extern "C" fn mqtt_session_command_state(
 /// `session` comes from `mqtt_session_init`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_forget(session: *mut c_void, ticket: mqtt_ticket_t) {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     if let Some(session) = unsafe { session_mut(session) } {
         session.forget(Ticket {
             slot: ticket.slot,
@@ -617,7 +639,7 @@ pub unsafe extern "C" fn mqtt_session_forget(session: *mut c_void, ticket: mqtt_
 /// `session` comes from `mqtt_session_init`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_command_timeout(session: *mut c_void) -> u32 {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     unsafe { session_mut(session) }.map_or(0, |session| session.command_timeout_ms())
 }
 
@@ -628,7 +650,7 @@ pub unsafe extern "C" fn mqtt_session_command_timeout(session: *mut c_void) -> u
 /// `session` comes from `mqtt_session_init`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_has_input(session: *mut c_void) -> bool {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     unsafe { session_mut(session) }.is_some_and(|session| session.has_input())
 }
 
@@ -638,7 +660,7 @@ pub unsafe extern "C" fn mqtt_session_has_input(session: *mut c_void) -> bool {
 /// `session` comes from `mqtt_session_init`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_next_timer(session: *mut c_void, now_ms: u32, limit_ms: u32) -> u32 {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     match unsafe { session_mut(session) } {
         Some(session) => session.next_timer(now_ms, limit_ms),
         None => limit_ms,
@@ -752,7 +774,7 @@ pub unsafe extern "C" fn mqtt_session_finish_message(
     transport: *const mqtt_transport_t,
     now_ms: u32,
 ) -> c_int {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `session` and `transport` are as `with_link` requires (the caller's promise).
     unsafe {
         with_link(session, transport, now_ms, |session, io| {
             session.finish_message(io, now_ms)
@@ -767,7 +789,7 @@ pub unsafe extern "C" fn mqtt_session_finish_message(
 /// `bytes.data` is valid for `bytes.len` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_topic_check(bytes: mqtt_bytes_t, filter: bool) -> c_int {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `bytes.data` is null or valid for `bytes.len` bytes (the caller's promise).
     let raw = unsafe { slice(bytes) }.unwrap_or(&[]);
     let checked = if filter {
         crate::topic::check_filter(raw)
@@ -786,7 +808,7 @@ pub unsafe extern "C" fn mqtt_topic_check(bytes: mqtt_bytes_t, filter: bool) -> 
 /// Both point to valid bytes of the given lengths.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_topic_matches(filter: mqtt_bytes_t, topic: mqtt_bytes_t) -> bool {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: `filter.data` is null or valid for `filter.len` bytes (the caller's promise).
     let (filter, topic) = unsafe { (slice(filter).unwrap_or(&[]), slice(topic).unwrap_or(&[])) };
     crate::topic::matches(filter, topic)
 }
