@@ -26,21 +26,28 @@ pub mod ffi;
 pub extern "C" fn rust_eh_personality() {}
 
 /// Unreachable by construction: clippy forbids the panicking constructs.
-/// Were it ever reached, the engine ends the program the way the C library
-/// does when a program cannot go on (`abort()`), without formatting the
-/// message (core's formatting costs about 9 KB of flash): the port reports
-/// it (ESP-IDF prints a backtrace and restarts the board, the unix port
-/// dies of SIGABRT) instead of hanging silently.
+/// Were it ever reached, the engine stops on the processor's own trap
+/// instruction, without formatting the message (core's formatting costs
+/// about 9 KB of flash) and without pulling in the C library's abort()
+/// (newlib's brings its signal code along): the port reports the fault
+/// (ESP-IDF prints a backtrace and restarts the board, an Arm board's
+/// HardFault handler runs, the unix port dies of SIGILL) instead of the
+/// board hanging silently.
 #[cfg(not(any(test, feature = "std")))]
 #[panic_handler]
+#[allow(unsafe_code)]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
-    #[allow(unsafe_code)]
-    unsafe extern "C" {
-        fn abort() -> !;
-    }
-    // SAFETY: abort() takes no argument and never returns.
-    #[allow(unsafe_code)]
+    // SAFETY: each instruction only raises the processor's illegal
+    // instruction fault; it reads and writes no memory.
     unsafe {
-        abort()
+        #[cfg(target_arch = "arm")]
+        core::arch::asm!("udf #0", options(noreturn));
+        #[cfg(any(target_arch = "riscv32", target_arch = "riscv64"))]
+        core::arch::asm!("unimp", options(noreturn));
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        core::arch::asm!("ud2", options(noreturn));
     }
+    // Other processors (Xtensa's instruction is not in stable Rust).
+    #[allow(unreachable_code)]
+    loop {}
 }
