@@ -1036,57 +1036,53 @@ static NORETURN void raise_still_in_flight(const char *why) {
 
 // Waits until the command behind `ticket` is answered; returns its code
 // (CONNACK or SUBACK return code). Runs cycles itself unless the loop runs
-// on another thread. Raises on timeout or a lost link: for a publish
-// (`publish` true), MQTTException(TIMEOUT) always, since the message
-// stays in flight and goes again after a reconnect; while another thread
-// runs the loop, which may reconnect, a publish waits through a lost link.
-static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket, bool publish) {
-    uint32_t waited_since = now_ms();
+// on another thread. What an answer that does not come means (a timeout,
+// a lost link, waiting for a loop that may reconnect) is the engine's
+// verdict; this raises it: MQTTException(TIMEOUT) for a publish, which
+// stays in flight and goes again after a reconnect; OSError otherwise.
+static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket) {
+    uint32_t since = now_ms();
+    // The status of a cycle of ours that lost the link, if one did.
+    int failure = MQTT_OK;
     for (;;) {
         uint8_t code = 0;
         client_lock(self);
-        int state = mqtt_session_command_state(self->session, ticket, now_ms(), &code);
-        if (state == MQTT_COMMAND_TIMED_OUT) {
-            mqtt_session_forget(self->session, ticket);
-        }
+        int verdict = mqtt_session_await(self->session, ticket, now_ms(), since, loop_runs_elsewhere(self), &code);
         client_unlock(self);
-        bool out_of_time = now_ms() - waited_since >= command_timeout_ms(self);
-        if (state == MQTT_COMMAND_DONE) {
-            return code;
-        }
-        if (state == MQTT_COMMAND_TIMED_OUT || (publish && out_of_time)) {
-            if (ticket.slot == MQTT_CONNECT_SLOT) {
+        switch (verdict) {
+            case MQTT_AWAIT_ANSWERED:
+                return code;
+            case MQTT_AWAIT_CONNECT_TIMED_OUT:
                 // A broker that does not answer CONNECT counts as unreachable.
                 mp_raise_OSError(MP_ETIMEDOUT);
-            }
-            raise_still_in_flight("timeout: no acknowledgement within command_timeout");
-        }
-        // A loop that runs may reconnect (in loop_failure): a publish waits
-        // for that, letting a scheduled loop's turns run meanwhile.
-        bool loop_may_reconnect = publish && loop_runs_elsewhere(self);
-        if (state == MQTT_COMMAND_INTERRUPTED && !loop_may_reconnect) {
-            if (publish) {
+            case MQTT_AWAIT_TIMED_OUT:
+                raise_still_in_flight("timeout: no acknowledgement within command_timeout");
+            case MQTT_AWAIT_LINK_LOST_IN_FLIGHT:
+                clear_pending(self);
                 raise_still_in_flight("link lost before the acknowledgement: the message stays in flight");
-            }
-            mp_raise_OSError(MP_ENOTCONN);
+            case MQTT_AWAIT_LINK_LOST:
+                if (failure != MQTT_OK) {
+                    // What broke the link says more than ENOTCONN.
+                    raise_status(self, failure);
+                }
+                mp_raise_OSError(MP_ENOTCONN);
+            case MQTT_AWAIT_RECONNECT:
+                // A loop runs elsewhere and may reconnect (in loop_failure);
+                // a scheduled loop's turns run meanwhile.
+                clear_pending(self);
+                pause_briefly(now_ms() - since);
+                continue;
+            default:
+                break;
         }
-        if (loop_on_other_thread(self) || state == MQTT_COMMAND_INTERRUPTED) {
-            pause_briefly(now_ms() - waited_since);
+        if (loop_on_other_thread(self)) {
+            pause_briefly(now_ms() - since);
             continue;
         }
         int status = run_cycle(self, self->cycle_timeout_ms);
         if (status != MQTT_OK && status != MQTT_LINK_REPLACED) {
             notice_lost_link(self);
-            if (loop_may_reconnect) {
-                // The scheduled loop's next turn tells loop_failure.
-                clear_pending(self);
-                continue;
-            }
-            if (publish) {
-                clear_pending(self);
-                raise_still_in_flight("link lost before the acknowledgement: the message stays in flight");
-            }
-            raise_status(self, status);
+            failure = status;
         }
     }
 }
@@ -1175,7 +1171,7 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
 
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
-        uint8_t code = wait_for(self, ticket, false);
+        uint8_t code = wait_for(self, ticket);
         nlr_pop();
         self->return_code = code;
     } else {
@@ -1921,7 +1917,7 @@ static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t
     }
     // From a callback the loop is busy with us: it completes the flow later.
     if (qos > 0 && !in_callback(self)) {
-        wait_for(self, ticket, true);
+        wait_for(self, ticket);
     }
     return mp_const_none;
 }
@@ -2029,7 +2025,7 @@ static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
         mqtt_ticket_t ticket = send_subscription(self, filter, qos, false);
-        uint8_t code = in_callback(self) ? 0 : wait_for(self, ticket, false);
+        uint8_t code = in_callback(self) ? 0 : wait_for(self, ticket);
         if (code == MQTT_EXC_SUBSCRIBE_FAILED) {
             raise_mqtt(MQTT_EXC_SUBSCRIBE_FAILED, "subscription refused by the broker");
         }
@@ -2054,7 +2050,7 @@ static mp_obj_t client_unsubscribe(mp_obj_t self_in, mp_obj_t filter) {
     update_subscriptions(self, filter, MP_OBJ_NULL, &smaller);
     mqtt_ticket_t ticket = send_subscription(self, filter, 0, true);
     if (!in_callback(self)) {
-        wait_for(self, ticket, false);
+        wait_for(self, ticket);
     }
     return mp_const_none;
 }

@@ -99,24 +99,40 @@
 #define MQTT_ERR_NO_MEMORY -14
 
 /**
- * `mqtt_session_command_state`: sent, no answer yet.
+ * `mqtt_session_await`: answered; the return code is in `*code`.
  */
-#define MQTT_COMMAND_PENDING 0
+#define MQTT_AWAIT_ANSWERED 0
 
 /**
- * Answered; the return code is in `*code`.
+ * Not yet: run a cycle, or let the loop that runs elsewhere work.
  */
-#define MQTT_COMMAND_DONE 1
+#define MQTT_AWAIT_PENDING 1
+
+/**
+ * The link is down and a loop elsewhere may reconnect: wait for it.
+ */
+#define MQTT_AWAIT_RECONNECT 2
+
+/**
+ * The broker did not answer CONNECT in time: it counts as unreachable.
+ */
+#define MQTT_AWAIT_CONNECT_TIMED_OUT 3
 
 /**
  * No answer within the command timeout (a publish stays in flight).
  */
-#define MQTT_COMMAND_TIMED_OUT 2
+#define MQTT_AWAIT_TIMED_OUT 4
 
 /**
- * The link went down first (a publish stays in flight).
+ * The link went down before a publish was acknowledged: it stays in
+ * flight and goes again after a reconnect.
  */
-#define MQTT_COMMAND_INTERRUPTED 3
+#define MQTT_AWAIT_LINK_LOST_IN_FLIGHT 5
+
+/**
+ * The link went down before the answer came.
+ */
+#define MQTT_AWAIT_LINK_LOST 6
 
 /**
  * `mqtt_outcome_t.kind`: nothing to deliver; the timers ran.
@@ -364,22 +380,20 @@ int mqtt_session_subscribe(void *session,
                            mqtt_ticket_t *ticket);
 
 /**
- * Where a command stands (`MQTT_COMMAND_*`); for `MQTT_COMMAND_DONE`,
- * `*code` is the CONNACK or SUBACK return code (0 otherwise). Asking
- * about an answered subscription frees its slot.
+ * What the caller waiting for the answer to `ticket` does next (the
+ * `MQTT_AWAIT_` constants): `since_ms` is when it began to wait,
+ * `loop_may_reconnect` says that a loop running elsewhere may bring a
+ * lost link back. Sets `*code` when answered.
  *
  * # Safety
  * `session` comes from `mqtt_session_init`; `code` is valid.
  */
-int mqtt_session_command_state(void *session, mqtt_ticket_t ticket, uint32_t now_ms, uint8_t *code);
-
-/**
- * Gives up waiting for a subscription's answer (a publish is kept).
- *
- * # Safety
- * `session` comes from `mqtt_session_init`.
- */
-void mqtt_session_forget(void *session, mqtt_ticket_t ticket);
+int mqtt_session_await(void *session,
+                       mqtt_ticket_t ticket,
+                       uint32_t now_ms,
+                       uint32_t since_ms,
+                       bool loop_may_reconnect,
+                       uint8_t *code);
 
 /**
  * The command timeout the session was set up with, in milliseconds.

@@ -14,7 +14,7 @@ use core::mem::{align_of, size_of};
 use cty::{c_int, intptr_t, size_t};
 
 use crate::codec::{Connect, QoS, Will};
-use crate::session::{CommandState, Config, Error, Kept, MessageSink, Outcome, Session, Ticket};
+use crate::session::{Config, Error, Kept, MessageSink, Outcome, Session, Ticket, Verdict};
 
 /// Success.
 pub const MQTT_OK: c_int = 0;
@@ -48,14 +48,21 @@ pub const MQTT_ERR_CLOSED: c_int = -13;
 /// that the broker sends it again.
 pub const MQTT_ERR_NO_MEMORY: c_int = -14;
 
-/// `mqtt_session_command_state`: sent, no answer yet.
-pub const MQTT_COMMAND_PENDING: c_int = 0;
-/// Answered; the return code is in `*code`.
-pub const MQTT_COMMAND_DONE: c_int = 1;
+/// `mqtt_session_await`: answered; the return code is in `*code`.
+pub const MQTT_AWAIT_ANSWERED: c_int = 0;
+/// Not yet: run a cycle, or let the loop that runs elsewhere work.
+pub const MQTT_AWAIT_PENDING: c_int = 1;
+/// The link is down and a loop elsewhere may reconnect: wait for it.
+pub const MQTT_AWAIT_RECONNECT: c_int = 2;
+/// The broker did not answer CONNECT in time: it counts as unreachable.
+pub const MQTT_AWAIT_CONNECT_TIMED_OUT: c_int = 3;
 /// No answer within the command timeout (a publish stays in flight).
-pub const MQTT_COMMAND_TIMED_OUT: c_int = 2;
-/// The link went down first (a publish stays in flight).
-pub const MQTT_COMMAND_INTERRUPTED: c_int = 3;
+pub const MQTT_AWAIT_TIMED_OUT: c_int = 4;
+/// The link went down before a publish was acknowledged: it stays in
+/// flight and goes again after a reconnect.
+pub const MQTT_AWAIT_LINK_LOST_IN_FLIGHT: c_int = 5;
+/// The link went down before the answer came.
+pub const MQTT_AWAIT_LINK_LOST: c_int = 6;
 
 /// `mqtt_outcome_t.kind`: nothing to deliver; the timers ran.
 pub const MQTT_OUTCOME_IDLE: u8 = 0;
@@ -584,17 +591,20 @@ pub unsafe extern "C" fn mqtt_session_subscribe(
     run().err().unwrap_or(MQTT_OK)
 }
 
-/// Where a command stands (`MQTT_COMMAND_*`); for `MQTT_COMMAND_DONE`,
-/// `*code` is the CONNACK or SUBACK return code (0 otherwise). Asking
-/// about an answered subscription frees its slot.
+/// What the caller waiting for the answer to `ticket` does next (the
+/// `MQTT_AWAIT_` constants): `since_ms` is when it began to wait,
+/// `loop_may_reconnect` says that a loop running elsewhere may bring a
+/// lost link back. Sets `*code` when answered.
 ///
 /// # Safety
 /// `session` comes from `mqtt_session_init`; `code` is valid.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_command_state(
+pub unsafe extern "C" fn mqtt_session_await(
     session: *mut c_void,
     ticket: mqtt_ticket_t,
     now_ms: u32,
+    since_ms: u32,
+    loop_may_reconnect: bool,
     code: *mut u8,
 ) -> c_int {
     // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now; `code` is
@@ -606,30 +616,17 @@ pub unsafe extern "C" fn mqtt_session_command_state(
         slot: ticket.slot,
         packet_id: ticket.packet_id,
     };
-    *code = 0;
-    match session.command_state(ticket, now_ms) {
-        CommandState::Pending => MQTT_COMMAND_PENDING,
-        CommandState::Done(answer) => {
+    match session.await_answer(ticket, now_ms, since_ms, loop_may_reconnect) {
+        Verdict::Answered(answer) => {
             *code = answer;
-            MQTT_COMMAND_DONE
+            MQTT_AWAIT_ANSWERED
         }
-        CommandState::TimedOut => MQTT_COMMAND_TIMED_OUT,
-        CommandState::Interrupted => MQTT_COMMAND_INTERRUPTED,
-    }
-}
-
-/// Gives up waiting for a subscription's answer (a publish is kept).
-///
-/// # Safety
-/// `session` comes from `mqtt_session_init`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_forget(session: *mut c_void, ticket: mqtt_ticket_t) {
-    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
-    if let Some(session) = unsafe { session_mut(session) } {
-        session.forget(Ticket {
-            slot: ticket.slot,
-            packet_id: ticket.packet_id,
-        });
+        Verdict::Pending => MQTT_AWAIT_PENDING,
+        Verdict::AwaitReconnect => MQTT_AWAIT_RECONNECT,
+        Verdict::ConnectTimedOut => MQTT_AWAIT_CONNECT_TIMED_OUT,
+        Verdict::TimedOut => MQTT_AWAIT_TIMED_OUT,
+        Verdict::LinkLostInFlight => MQTT_AWAIT_LINK_LOST_IN_FLIGHT,
+        Verdict::LinkLost => MQTT_AWAIT_LINK_LOST,
     }
 }
 

@@ -34,6 +34,7 @@ enum Step {
     Unsubscribe { filter: String },
     CommandState { slot: u8, packet_id: u16 },
     Forget { slot: u8, packet_id: u16 },
+    Await { slot: u8, packet_id: u16, waited: u16, loop_may_reconnect: bool },
     /// Sends again what the last link left; `keep` says for which slots
     /// the caller kept topic and payload (one bit each).
     Resume { keep: u8 },
@@ -216,6 +217,10 @@ fuzz_target!(|input: Input| {
                 let _ = session.command_state(Ticket { slot, packet_id }, now);
             }
             Step::Forget { slot, packet_id } => session.forget(Ticket { slot, packet_id }),
+            Step::Await { slot, packet_id, waited, loop_may_reconnect } => {
+                let since = now.wrapping_sub(u32::from(waited));
+                let _ = session.await_answer(Ticket { slot, packet_id }, now, since, loop_may_reconnect);
+            }
             Step::Resume { keep } => {
                 let _ = session.resume(&mut link, now, &mut KeptSlots(keep));
             }

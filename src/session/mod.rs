@@ -36,7 +36,7 @@ pub use cycle::{MessageSink, Outcome, PACKETS_PER_STEP};
 pub use inbound_qos2::INBOUND_QOS2_MAX;
 use inbound_qos2::RecentIds;
 use outbound::Inflight;
-pub use outbound::{INFLIGHT_MAX, Kept};
+pub use outbound::{INFLIGHT_MAX, Kept, Verdict};
 use read_ahead::ReadAhead;
 use receive::Incoming;
 

@@ -15,6 +15,27 @@ use crate::topic;
 /// object references in the binding.
 pub const INFLIGHT_MAX: usize = 8;
 
+/// What a caller waiting for an answer does next ([`Session::await_answer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Answered: the CONNACK or SUBACK return code, or 0.
+    Answered(u8),
+    /// Not yet: run a cycle, or let the loop that runs elsewhere work.
+    Pending,
+    /// The link is down and a loop elsewhere may reconnect: a publish
+    /// waits for that.
+    AwaitReconnect,
+    /// The broker did not answer CONNECT in time: it counts as unreachable.
+    ConnectTimedOut,
+    /// No answer within the command timeout. A publish stays in flight.
+    TimedOut,
+    /// The link went down before a publish was acknowledged: it stays in
+    /// flight and goes again after a reconnect.
+    LinkLostInFlight,
+    /// The link went down before the answer came.
+    LinkLost,
+}
+
 /// What the caller kept of its in-flight publishes, to send them again
 /// after a reconnect (the session keeps only their packet ids and state).
 pub trait Kept {
@@ -290,6 +311,33 @@ impl Session {
         }
     }
 
+    /// What a caller waiting for the answer to `ticket` does next: the
+    /// meaning of an answer that has not come (see [`Verdict`]). `since` is
+    /// when the caller began to wait; `loop_may_reconnect` says that a loop
+    /// running elsewhere may bring a lost link back, which a publish then
+    /// waits for. A subscription that timed out is forgotten; a publish
+    /// stays in flight, to be sent again after a reconnect.
+    pub fn await_answer(&mut self, ticket: Ticket, now: u32, since: u32, loop_may_reconnect: bool) -> Verdict {
+        let publish = self.entry(ticket).is_some_and(Inflight::is_publish);
+        let state = self.command_state(ticket, now);
+        // A publish waits at most the command timeout from the call, even
+        // when a resend restarted its own timer.
+        let out_of_time = publish && elapsed(now, since) >= self.config.command_timeout_ms;
+        match state {
+            CommandState::Done(code) => Verdict::Answered(code),
+            CommandState::TimedOut if ticket.slot == Ticket::CONNECT_SLOT => Verdict::ConnectTimedOut,
+            CommandState::TimedOut => {
+                self.forget(ticket);
+                Verdict::TimedOut
+            }
+            _ if out_of_time => Verdict::TimedOut,
+            CommandState::Interrupted if publish && loop_may_reconnect => Verdict::AwaitReconnect,
+            CommandState::Interrupted if publish => Verdict::LinkLostInFlight,
+            CommandState::Interrupted => Verdict::LinkLost,
+            CommandState::Pending => Verdict::Pending,
+        }
+    }
+
     /// Gives up waiting for a subscription's answer. A publish is kept: it
     /// is sent again after a reconnect.
     pub fn forget(&mut self, ticket: Ticket) {
@@ -327,7 +375,7 @@ impl Session {
 mod tests {
     use crate::codec::{DecodeError, Packet, PacketType, Publish, QoS, write_ack, write_connack, write_suback};
     use crate::session::testing::*;
-    use crate::session::{CommandState, Error, Event, INFLIGHT_MAX, Kept, Session, Ticket};
+    use crate::session::{CommandState, Error, Event, INFLIGHT_MAX, Kept, Session, Ticket, Verdict};
     use crate::topic::TopicError;
 
     #[test]
@@ -628,5 +676,66 @@ mod tests {
             session.resume(&mut pipe, 1, &mut KeptPublishes(Vec::new())),
             Err(Error::NotConnected)
         );
+    }
+
+    #[test]
+    fn await_answer_says_what_a_missing_answer_means() {
+        // Answered, and pending before that.
+        let (mut session, mut pipe) = connected(0);
+        let subscription = session.subscribe(&mut pipe, 0, "t", QoS::AtLeastOnce).unwrap();
+        assert_eq!(session.await_answer(subscription, 10, 0, false), Verdict::Pending);
+        pipe.broker_sends(|b| write_suback(&mut VecWriter(b), subscription.packet_id, &[1]).unwrap());
+        session.receive(&mut pipe, 20).unwrap();
+        assert_eq!(session.await_answer(subscription, 20, 0, false), Verdict::Answered(1));
+
+        // No answer in time: a subscription is forgotten, a publish kept.
+        let subscription = session.subscribe(&mut pipe, 0, "t", QoS::AtLeastOnce).unwrap();
+        let publish = session
+            .publish(&mut pipe, 0, "t", b"p", QoS::AtLeastOnce, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(session.await_answer(subscription, 1000, 0, false), Verdict::TimedOut);
+        assert_eq!(session.await_answer(publish, 1000, 0, false), Verdict::TimedOut);
+        assert_eq!(session.await_answer(subscription, 1001, 0, false), Verdict::Answered(0));
+        assert_eq!(session.publishes_to_resend().collect::<Vec<_>>(), [publish]);
+
+        // A publish waits at most the command timeout from the call, even
+        // when a resend restarted its own timer.
+        session.restart_timer(publish, 1500);
+        assert_eq!(session.await_answer(publish, 1600, 700, false), Verdict::Pending);
+        assert_eq!(session.await_answer(publish, 1600, 600, false), Verdict::TimedOut);
+
+        // The link lost: a publish waits for a loop that may reconnect, or
+        // stays in flight; a subscription is forgotten.
+        let subscription = session.subscribe(&mut pipe, 1500, "t", QoS::AtLeastOnce).unwrap();
+        session.link_lost();
+        assert_eq!(session.await_answer(publish, 1501, 1500, true), Verdict::AwaitReconnect);
+        assert_eq!(
+            session.await_answer(publish, 1501, 1500, false),
+            Verdict::LinkLostInFlight
+        );
+        assert_eq!(session.await_answer(subscription, 1501, 1500, true), Verdict::LinkLost);
+        assert_eq!(session.publishes_to_resend().collect::<Vec<_>>(), [publish]);
+    }
+
+    #[test]
+    fn await_answer_for_connect() {
+        let connect =
+            |session: &mut Session, pipe: &mut Pipe| session.connect(pipe, 0, &connect_options(0, true)).unwrap();
+        // Refused: the return code.
+        let mut session = Session::new(CONFIG);
+        let mut pipe = Pipe::default();
+        let ticket = connect(&mut session, &mut pipe);
+        assert_eq!(session.await_answer(ticket, 10, 0, false), Verdict::Pending);
+        pipe.broker_sends(|b| write_connack(&mut VecWriter(b), false, 5).unwrap());
+        session.receive(&mut pipe, 10).unwrap();
+        assert_eq!(session.await_answer(ticket, 10, 0, false), Verdict::Answered(5));
+        // No CONNACK in time: the broker counts as unreachable.
+        let ticket = connect(&mut session, &mut pipe);
+        assert_eq!(session.await_answer(ticket, 1000, 0, true), Verdict::ConnectTimedOut);
+        // The link lost first.
+        let ticket = connect(&mut session, &mut pipe);
+        session.link_lost();
+        assert_eq!(session.await_answer(ticket, 1, 0, true), Verdict::LinkLost);
     }
 }
