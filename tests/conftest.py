@@ -2,6 +2,7 @@
 port, the real unix firmware, and helpers to run MicroPython scripts in it."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,12 @@ REPO = Path(__file__).resolve().parent.parent
 FIRMWARE = Path(os.environ.get("MQTT_FIRMWARE", REPO / ".build" / "unix" / "micropython"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from broker import Broker  # noqa: E402 (found through the path above)
+from broker import Broker, free_port  # noqa: E402 (found through the path above)
+from certificates import Certificates  # noqa: E402
+
+# MicroPython modules the scripts may import (a stream written in Python,
+# the boards' stand-ins, the TLS context): copied beside each script.
+MICROPYTHON_HELPERS = Path(__file__).resolve().parent / "micropython"
 
 
 def firmware_loop():
@@ -49,6 +55,29 @@ def broker(tmp_path):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    return Certificates(tmp_path_factory.mktemp("certificates"))
+
+
+@pytest.fixture
+def tls_broker(tmp_path, certificates):
+    """A broker with a plain listener (for the peer) and three TLS
+    listeners: right certificate, wrong host name, client certificate
+    required."""
+    ports = {"tls": free_port(), "wrong_host": free_port(), "mutual": free_port()}
+    settings = (
+        "allow_anonymous true\n"
+        + certificates.listener(ports["tls"])
+        + certificates.listener(ports["wrong_host"], server="wrong-host")
+        + certificates.listener(ports["mutual"], require_certificate=True)
+    )
+    broker = Broker(tmp_path, settings=settings)
+    broker.tls_ports = ports
+    yield broker
+    broker.stop()
+
+
 @pytest.fixture(scope="session")
 def firmware():
     assert FIRMWARE.exists(), f"no firmware at {FIRMWARE}: run ports/unix/build.sh first"
@@ -78,6 +107,8 @@ class Script:
         self.directory = Path(directory)
         self.count = 0
         self.processes = []
+        for helper in MICROPYTHON_HELPERS.glob("*.py"):
+            shutil.copy(helper, self.directory)
 
     def source(self, code, **params):
         header = "".join(f"{name} = {value!r}\n" for name, value in params.items())

@@ -2,59 +2,13 @@
 connected itself (a modem, a serial bridge, a custom transport) instead of
 opening a socket."""
 
-import textwrap
-
 from peer import Peer
-from test_tls import CONTEXT, certificates, tls_broker  # noqa: F401 (fixtures)
 
-# A stream written in Python, as a modem or serial driver would be: it
-# relays a socket and records what the client asked of it.
-RELAY = """
-import io, socket
-
-class Relay(io.IOBase):
-    def __init__(self, port):
-        self.sock = socket.socket()
-        self.sock.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
-        self.sock.setblocking(False)
-        self.sent = 0
-        self.closed = False
-
-    def readinto(self, buf):
-        try:
-            return self.sock.readinto(buf)
-        except OSError:
-            return None  # nothing to read yet
-
-    def write(self, buf):
-        n = self.sock.write(buf)
-        self.sent += n or 0
-        return n
-
-    def ioctl(self, request, arg):
-        if request == 3:  # MP_STREAM_POLL
-            import select
-            p = select.poll()
-            p.register(self.sock, select.POLLIN | select.POLLOUT)
-            ready = 0
-            for _, events in p.poll(0):
-                ready |= events
-            return ready & arg
-        if request == 4:  # MP_STREAM_CLOSE
-            self.closed = True
-        return 0
-"""
-
-ROUND_TRIPS = """
-got = []
-c.subscribe("stream/#", lambda client, payload, topic: got.append((topic, payload)), qos=2)
-for qos in (0, 1, 2):
-    c.publish("stream/%d" % qos, b"qos %d" % qos, qos=qos)
-for _ in range(200):
-    if len(got) == 3:
-        break
-    c.cycle()
-print("got", sorted(got))
+# Helpers the scripts import (tests/micropython/): Relay, a stream written
+# in Python that relays a socket; round_trips(client), QoS 0-2 both ways.
+HELPERS = """
+from relay import Relay
+from round_trips import round_trips
 """
 
 
@@ -64,15 +18,13 @@ def test_a_stream_class_in_python_carries_the_session(broker, micropython):
     peer = Peer(broker.port)
     peer.subscribe("stream/#", qos=2)
     output = micropython.run(
-        RELAY
+        HELPERS
         + """
 relay = Relay(PORT)
 c = mqtt.Client("streamed", cycle_timeout=20)
 c.connect(None, 30, stream=relay, start_loop=False)
 print("connected", c.connected())
-"""
-        + ROUND_TRIPS
-        + """
+round_trips(c)
 c.disconnect()
 print("sent", relay.sent > 0, "closed", relay.closed)
 """,
@@ -122,18 +74,16 @@ sock.close()
     peer.close()
 
 
-def test_tls_over_a_given_stream(tls_broker, certificates, micropython):  # noqa: F811 (fixtures)
+def test_tls_over_a_given_stream(tls_broker, certificates, micropython):
     """ssl_ctx wraps the given stream: TLS over a transport written in Python."""
     output = micropython.run(
-        RELAY
-        + textwrap.dedent(CONTEXT)
+        HELPERS
         + """
+from tls_context import context
 relay = Relay(PORT)
 c = mqtt.Client("tls-streamed", cycle_timeout=20)
 c.connect("127.0.0.1", 30, ssl_ctx=context(CA), stream=relay, start_loop=False)
-"""
-        + ROUND_TRIPS
-        + """
+round_trips(c)
 c.disconnect()
 """,
         PORT=tls_broker.tls_ports["tls"],
@@ -171,7 +121,7 @@ def test_a_stream_that_raises_leaves_the_client_usable(broker, micropython):
     the engine is working: the client reports it as a failure of the link
     (never as a crash), and a new connection works."""
     output = micropython.run(
-        RELAY
+        HELPERS
         + """
 class Flaky(Relay):
     # Raises from the nth call of `method` (counting from when armed).

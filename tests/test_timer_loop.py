@@ -7,9 +7,8 @@ These run on a unix firmware built with MQTT_TIMER_LOOP=1
 they skip without one. The unix port has neither lwIP sockets nor
 machine.Timer, so the scripts bring stand-ins that behave as the boards'
 do: the timer schedules its callback (micropython.schedule) when it
-expires, and the socket schedules its callback when data arrives. Each
-stand-in uses a thread to notice those events, as the boards use
-interrupts; the client itself runs only on the main thread."""
+expires, and the socket schedules its callback when data arrives
+(tests/micropython/board_standins.py)."""
 
 import os
 import textwrap
@@ -19,98 +18,8 @@ import pytest
 
 from conftest import Script
 from peer import Peer
-from test_stream import RELAY
 
 FIRMWARE = os.environ.get("MQTT_TIMER_FIRMWARE")
-
-STANDINS = RELAY + """
-import _thread, micropython, select, sys, time
-
-def schedule_soon(callback, arg):
-    # As an interrupt handler would: retry while the queue is full.
-    while True:
-        try:
-            micropython.schedule(callback, arg)
-            return
-        except RuntimeError:
-            time.sleep_ms(1)
-
-class Timer:
-    # machine.Timer(-1) as rp2's soft timers behave.
-    ONE_SHOT = 0
-    PERIODIC = 1
-
-    def __init__(self, id=-1):
-        assert id == -1, "the client asks for a virtual timer"
-        self.deadline = None
-        self.callback = None
-        # A board's timer is armed and fires atomically: without the lock,
-        # init() could re-arm it between the watcher's check and its reset.
-        self.lock = _thread.allocate_lock()
-        _thread.start_new_thread(self._watch, ())
-
-    def init(self, *, mode=1, period=-1, callback=None):
-        assert mode == Timer.ONE_SHOT and period > 0 and callback is not None
-        with self.lock:
-            self.callback = callback
-            self.deadline = time.ticks_add(time.ticks_ms(), period)
-
-    def deinit(self):
-        with self.lock:
-            self.deadline = None
-
-    def _watch(self):
-        while True:
-            with self.lock:
-                expired = self.deadline is not None and time.ticks_diff(time.ticks_ms(), self.deadline) >= 0
-                if expired:
-                    self.deadline = None
-                    callback = self.callback
-            if expired:
-                schedule_soon(callback, self)
-            time.sleep_ms(1)
-
-class machine:
-    Timer = Timer
-
-sys.modules["machine"] = machine
-
-class LwipSocket(Relay):
-    # A TCP connection that, like lwIP's sockets, schedules callback(sock)
-    # when data or the end of the stream arrives, once
-    # setsockopt(SOL_SOCKET, 20, callback) set it.
-    def __init__(self, port, signals=True):
-        super().__init__(port)
-        self.callback = None
-        self.signals = 0
-        self.open = True
-        if signals:
-            self.setsockopt = self._setsockopt
-            _thread.start_new_thread(self._watch, ())
-
-    def _setsockopt(self, level, option, value):
-        assert option == 20, option
-        self.callback = value
-
-    def _watch(self):
-        # lwIP calls back for each arrival; seen from outside, an arrival is
-        # the socket turning readable (the end of the stream included).
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        was_readable = False
-        while self.open:
-            readable = bool(poller.poll(5))
-            if readable and not was_readable and self.callback is not None:
-                self.signals += 1
-                schedule_soon(self.callback, self)
-            was_readable = readable
-            time.sleep_ms(1)
-
-    def close(self):
-        self.open = False
-        self.sock.close()
-"""
-
 
 @pytest.fixture
 def timer_firmware(tmp_path):
@@ -124,7 +33,8 @@ def timer_firmware(tmp_path):
 
 
 def script(code):
-    return textwrap.dedent(STANDINS) + textwrap.dedent(code)
+    """The test's code after the board stand-ins (tests/micropython/)."""
+    return "from board_standins import *\n" + textwrap.dedent(code)
 
 
 def test_data_and_keepalive_drive_the_loop_without_a_thread(broker, timer_firmware):

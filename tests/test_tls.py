@@ -3,43 +3,12 @@ with certificates made by openssl for this run."""
 
 import pytest
 
-from certificates import Certificates
-from broker import Broker, free_port
 from peer import Peer
 
 
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory):
-    return Certificates(tmp_path_factory.mktemp("certificates"))
-
-
-@pytest.fixture
-def tls_broker(tmp_path, certificates):
-    """A broker with a plain listener (for the peer) and three TLS
-    listeners: right certificate, wrong host name, client certificate
-    required."""
-    ports = {"tls": free_port(), "wrong_host": free_port(), "mutual": free_port()}
-    settings = (
-        "allow_anonymous true\n"
-        + certificates.listener(ports["tls"])
-        + certificates.listener(ports["wrong_host"], server="wrong-host")
-        + certificates.listener(ports["mutual"], require_certificate=True)
-    )
-    broker = Broker(tmp_path, settings=settings)
-    broker.tls_ports = ports
-    yield broker
-    broker.stop()
-
-
+# The scripts' SSLContext (tests/micropython/tls_context.py).
 CONTEXT = """
-        import tls
-        def context(ca, client=None):
-            ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
-            ctx.verify_mode = tls.CERT_REQUIRED
-            ctx.load_verify_locations(open(ca, "rb").read())
-            if client:
-                ctx.load_cert_chain(open(client + ".crt.der", "rb").read(), open(client + ".key.der", "rb").read())
-            return ctx
+        from tls_context import context
 """
 
 
