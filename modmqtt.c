@@ -391,6 +391,10 @@ static void stash_errno(mp_obj_mqtt_client_t *self, int errcode) {
 // One read or write of the stream, waiting for readiness until the
 // deadline. Returns bytes moved, 0 at end of stream, -1 on error (stashed).
 static intptr_t transport_io(mp_obj_mqtt_client_t *self, void *buf, size_t len, uint32_t deadline, bool reading) {
+    if (reading) {
+        // What the cycle's wait saw may be what this read takes.
+        self->input_ready = false;
+    }
     if (self->stream == MP_OBJ_NULL) {
         stash_errno(self, MP_ENOTCONN);
         return -1;

@@ -151,3 +151,47 @@ def test_silent_broker_is_detected_by_keepalive(micropython):
         broker.close()
     assert output.split() == ["True", "False", "True"], output
     assert bytes([0xC0, 0]) in broker.received
+
+
+def test_a_packet_split_between_read_ahead_and_socket_costs_no_wait(micropython):
+    """The engine reads 32 bytes ahead. Here a 30-byte PUBLISH and the
+    PUBACK the client waits for arrive together, so the PUBACK is split:
+    two bytes read ahead, two left in the stream. Once the PUBACK is
+    handled, nothing more is waiting; a cycle that still believed its
+    wait's "input ready" read on, and waited out command_timeout (then
+    failed the link). Over a stream without a descriptor (a UART, a
+    modem, here a stream written in Python), where the cycle's wait asks
+    the stream even when it does not wait."""
+    from scripted_broker import CONNECT, PUBLISH, ScriptedBroker
+
+    # Fixed header, topic "t", packet id 9, 23 bytes of payload: 30 bytes.
+    incoming = bytes([0x32, 28, 0, 1, ord("t"), 0, 9]) + b"p" * 23
+
+    def splitting(connection):
+        assert connection.read().kind == CONNECT
+        connection.connack()
+        published = connection.read_until(PUBLISH)
+        _, packet_id, _ = published.publish_fields()
+        connection.send(incoming + bytes([0x40, 2]) + packet_id.to_bytes(2, "big"))
+        assert connection.read_until(4).packet_id() == 9
+        connection.read_until(14)
+
+    scripted = ScriptedBroker([splitting])
+    try:
+        output = micropython.run(
+            """
+            from relay import Relay
+            c = mqtt.Client("split", command_timeout=1500)
+            c.connect(None, 30, stream=Relay(PORT), start_loop=False)
+            start = time.ticks_ms()
+            c.publish("t", "x", qos=1)
+            print(time.ticks_diff(time.ticks_ms(), start) < 1000, c.connected())
+            c.disconnect()
+            """,
+            PORT=scripted.port,
+            timeout=30,
+        )
+    finally:
+        scripted.close()
+    assert scripted.errors == []
+    assert output.strip() == "True True", output
