@@ -849,12 +849,6 @@ pub fn write_unsubscribe<W: Write>(io: &mut W, packet_id: u16, filters: &[&str])
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -811,7 +811,6 @@ pub unsafe extern "C" fn mqtt_topic_matches(filter: mqtt_bytes_t, topic: mqtt_by
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     /// The committed C header matches what cbindgen makes of this module.
     #[test]

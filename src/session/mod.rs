@@ -288,12 +288,6 @@ impl Session {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
 mod tests {
     use super::*;
     use crate::codec::{Connect, Packet, QoS, Will, write_connack};

@@ -80,12 +80,6 @@ impl Session {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
 mod tests {
     use crate::codec::{PacketType, QoS, write_ack};
     use crate::session::Event;

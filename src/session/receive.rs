@@ -281,12 +281,6 @@ impl Session {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
 mod tests {
     use crate::codec::{DecodeError, Packet, PacketType, QoS, write_ack, write_connack};
     use crate::session::testing::*;

@@ -1,11 +1,5 @@
 //! Helpers of the session's unit tests: an in-memory broker link and a
 //! connected session.
-#![allow(
-    clippy::unwrap_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
 
 use embedded_io::{Read, ReadReady, Write};
 use std::collections::VecDeque;
