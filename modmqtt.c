@@ -892,16 +892,13 @@ static bool sink_message_ready(void *context) {
     return true;
 }
 
-static void release_held(mp_obj_mqtt_client_t *self, uint8_t slot) {
+// The publish in `slot` is acknowledged: what was kept to resend it goes.
+static void sink_completed(void *context, uint8_t slot) {
+    mp_obj_mqtt_client_t *self = ((message_sink_t *)context)->client;
     if (self->held != NULL && slot < MQTT_INFLIGHT_MAX) {
         self->held[2 * slot] = MP_OBJ_NULL;
         self->held[2 * slot + 1] = MP_OBJ_NULL;
     }
-}
-
-static void sink_completed(void *context, uint8_t slot) {
-    message_sink_t *sink = context;
-    release_held(sink->client, slot);
 }
 
 // Handles what has arrived, up to the first message to deliver, then runs

@@ -16,13 +16,6 @@
 #define Ticket_CONNECT_SLOT 255
 
 /**
- * Packets handled in one step at most, so that a flood of
- * acknowledgements cannot keep the caller (and its lock) busy for long:
- * the timers run, and the caller's loop goes round, at least this often.
- */
-#define PACKETS_PER_STEP 16
-
-/**
  * Success.
  */
 #define MQTT_OK 0
@@ -161,11 +154,6 @@
  * The in-flight table's size: tickets' slots are below this.
  */
 #define MQTT_INFLIGHT_MAX 8
-
-/**
- * The slot of a CONNECT's ticket.
- */
-#define MQTT_CONNECT_SLOT 255
 
 /**
  * Session settings.

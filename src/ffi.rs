@@ -78,12 +78,9 @@ pub const MQTT_OUTCOME_DROPPED: u8 = 3;
 
 /// The in-flight table's size: tickets' slots are below this.
 pub const MQTT_INFLIGHT_MAX: usize = 8;
-/// The slot of a CONNECT's ticket.
-pub const MQTT_CONNECT_SLOT: u8 = 255;
 
-// cbindgen writes literals only; these keep them equal to the engine's.
+// cbindgen writes literals only; this keeps it equal to the engine's.
 const _: () = assert!(MQTT_INFLIGHT_MAX == crate::session::INFLIGHT_MAX);
-const _: () = assert!(MQTT_CONNECT_SLOT == Ticket::CONNECT_SLOT);
 
 /// The transport the session reads and writes through.
 ///

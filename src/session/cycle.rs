@@ -127,10 +127,12 @@ impl Session {
         } else if qos == QoS::AtMostOnce {
             Outcome::Dropped { payload_len }
         } else {
-            // Never acknowledge what was not delivered, and forget it was
-            // seen: the broker's resend after the reconnect must be
-            // delivered.
-            self.inbound_qos2.forget(info.packet_id);
+            // Never acknowledge what was not delivered, and forget a QoS 2
+            // message was seen: the broker's resend after the reconnect
+            // must be delivered.
+            if qos == QoS::ExactlyOnce {
+                self.inbound_qos2.forget(info.packet_id);
+            }
             return Err(Error::OutOfMemory);
         };
         // A message to deliver at QoS 1/2 is acknowledged once delivered;
