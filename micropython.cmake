@@ -14,6 +14,10 @@ cmake_minimum_required(VERSION 3.19)
 
 set(MQTT_MOD_DIR ${CMAKE_CURRENT_LIST_DIR})
 
+# modmqtt.c includes the binding's other files (mqtt_*.c, mqtt_client.h):
+# one translation unit. MicroPython collects qstrs again only when modmqtt.c
+# changes: after adding a qstr to an included file, touch modmqtt.c
+# (ports/rp2/build.sh sees to it).
 add_library(usermod_mqtt INTERFACE)
 target_sources(usermod_mqtt INTERFACE ${MQTT_MOD_DIR}/modmqtt.c)
 target_include_directories(usermod_mqtt INTERFACE ${MQTT_MOD_DIR})

@@ -8,8 +8,11 @@
 
 MQTT_MOD_DIR := $(USERMOD_DIR)
 
+# modmqtt.c includes the binding's other files (mqtt_*.c, mqtt_client.h):
+# one translation unit. The qstrs are collected anew when any of them changes.
 SRC_USERMOD_C += $(MQTT_MOD_DIR)/modmqtt.c
 CFLAGS_USERMOD += -I$(MQTT_MOD_DIR)
+QSTR_GLOBAL_DEPENDENCIES += $(wildcard $(MQTT_MOD_DIR)/mqtt_*.c $(MQTT_MOD_DIR)/mqtt_client.h)
 
 # The Rust target; empty means the host (the unix port).
 MQTT_RUST_TARGET ?=

@@ -11,157 +11,199 @@
 #include <stdlib.h>
 
 /**
- * The slot of the ticket for a CONNECT, answered by CONNACK.
- */
-#define Ticket_CONNECT_SLOT 255
-
-/**
- * Success.
- */
-#define MQTT_OK 0
-
-/**
- * A topic name or filter breaks the topic rules.
- */
-#define MQTT_ERR_INVALID_TOPIC -1
-
-/**
- * A string or payload is longer than MQTT can carry.
- */
-#define MQTT_ERR_TOO_LONG -2
-
-/**
- * An empty client id needs a clean session.
- */
-#define MQTT_ERR_INVALID_CLIENT_ID -3
-
-/**
- * A QoS outside 0-2, a text that is not UTF-8, or a null pointer.
- */
-#define MQTT_ERR_INVALID_ARGUMENT -4
-
-/**
- * The operation needs an accepted connection.
- */
-#define MQTT_ERR_NOT_CONNECTED -5
-
-/**
- * Every in-flight slot is taken.
- */
-#define MQTT_ERR_INFLIGHT_FULL -6
-
-/**
- * The call does not fit the session's state (a bug in the caller).
- */
-#define MQTT_ERR_WRONG_STATE -7
-
-/**
- * The broker sent a malformed packet or one it may not send.
- */
-#define MQTT_ERR_PROTOCOL -8
-
-/**
- * An incoming packet is larger than the configured maximum.
- */
-#define MQTT_ERR_PACKET_TOO_LARGE -9
-
-/**
- * The broker did not answer PINGREQ in time: the link is dead.
- */
-#define MQTT_ERR_PING_TIMEOUT -10
-
-/**
- * The broker did not answer CONNECT in time.
- */
-#define MQTT_ERR_CONNECT_TIMEOUT -11
-
-/**
- * The transport callback failed; the caller knows why.
- */
-#define MQTT_ERR_TRANSPORT -12
-
-/**
- * The peer closed the connection.
- */
-#define MQTT_ERR_CLOSED -13
-
-/**
- * No memory for a QoS 1/2 message: the link is failed, unacknowledged, so
- * that the broker sends it again.
- */
-#define MQTT_ERR_NO_MEMORY -14
-
-/**
- * `mqtt_session_await`: answered; the return code is in `*code`.
- */
-#define MQTT_AWAIT_ANSWERED 0
-
-/**
- * Not yet: run a cycle, or let the loop that runs elsewhere work.
- */
-#define MQTT_AWAIT_PENDING 1
-
-/**
- * The link is down and a loop elsewhere may reconnect: wait for it.
- */
-#define MQTT_AWAIT_RECONNECT 2
-
-/**
- * The broker did not answer CONNECT in time: it counts as unreachable.
- */
-#define MQTT_AWAIT_CONNECT_TIMED_OUT 3
-
-/**
- * No answer within the command timeout (a publish stays in flight).
- */
-#define MQTT_AWAIT_TIMED_OUT 4
-
-/**
- * The link went down before a publish was acknowledged: it stays in
- * flight and goes again after a reconnect.
- */
-#define MQTT_AWAIT_LINK_LOST_IN_FLIGHT 5
-
-/**
- * The link went down before the answer came.
- */
-#define MQTT_AWAIT_LINK_LOST 6
-
-/**
- * `mqtt_outcome_t.kind`: nothing to deliver; the timers ran.
- */
-#define MQTT_OUTCOME_IDLE 0
-
-/**
- * The CONNACK arrived: `code` and `session_present` are set. The timers
- * did not run.
- */
-#define MQTT_OUTCOME_CONNACK 1
-
-/**
- * A message is in the sink, to deliver. When `acknowledge` is set (QoS
- * 1/2), call `mqtt_session_finish_message` once it is delivered.
- */
-#define MQTT_OUTCOME_MESSAGE 2
-
-/**
- * A QoS 0 message of `payload_len` bytes was dropped for want of memory:
- * report it.
- */
-#define MQTT_OUTCOME_DROPPED 3
-
-/**
  * The in-flight table's size: tickets' slots are below this.
  */
 #define MQTT_INFLIGHT_MAX 8
 
 /**
- * Session settings.
+ * The alignment, in bytes, that session memory has at least.
  */
-typedef struct {
-  uint32_t command_timeout_ms;
-  uint32_t max_packet_size;
-} mqtt_config_t;
+#define MQTT_SESSION_ALIGN 8
+
+/**
+ * What a call did: `MQTT_OK`, or why it failed.
+ */
+typedef enum {
+  /**
+   * Success.
+   */
+  MQTT_OK = 0,
+  /**
+   * A topic name or filter breaks the topic rules.
+   */
+  MQTT_ERR_INVALID_TOPIC = -1,
+  /**
+   * A string or payload is longer than MQTT can carry.
+   */
+  MQTT_ERR_TOO_LONG = -2,
+  /**
+   * An empty client id needs a clean session.
+   */
+  MQTT_ERR_INVALID_CLIENT_ID = -3,
+  /**
+   * A QoS outside 0-2, a text that is not UTF-8, or a null pointer.
+   */
+  MQTT_ERR_INVALID_ARGUMENT = -4,
+  /**
+   * The operation needs an accepted connection.
+   */
+  MQTT_ERR_NOT_CONNECTED = -5,
+  /**
+   * Every in-flight slot is taken.
+   */
+  MQTT_ERR_INFLIGHT_FULL = -6,
+  /**
+   * The call does not fit the session's state (a bug in the caller).
+   */
+  MQTT_ERR_WRONG_STATE = -7,
+  /**
+   * An incoming packet is larger than the configured maximum.
+   */
+  MQTT_ERR_PACKET_TOO_LARGE = -9,
+  /**
+   * The broker did not answer PINGREQ in time: the link is dead.
+   */
+  MQTT_ERR_PING_TIMEOUT = -10,
+  /**
+   * The broker did not answer CONNECT in time.
+   */
+  MQTT_ERR_CONNECT_TIMEOUT = -11,
+  /**
+   * The transport callback failed; the caller knows why.
+   */
+  MQTT_ERR_TRANSPORT = -12,
+  /**
+   * The peer closed the connection.
+   */
+  MQTT_ERR_CLOSED = -13,
+  /**
+   * No memory for a QoS 1/2 message: the link is failed, unacknowledged,
+   * so that the broker sends it again.
+   */
+  MQTT_ERR_NO_MEMORY = -14,
+  /**
+   * The remaining length uses more than four bytes.
+   */
+  MQTT_ERR_MALFORMED_LENGTH = -20,
+  /**
+   * Packet type 0 or 15.
+   */
+  MQTT_ERR_UNKNOWN_PACKET_TYPE = -21,
+  /**
+   * Reserved flag bits set wrongly.
+   */
+  MQTT_ERR_INVALID_FLAGS = -22,
+  /**
+   * QoS 3, or a QoS where none is allowed.
+   */
+  MQTT_ERR_INVALID_QOS = -23,
+  /**
+   * A field runs past the end of the packet, or bytes are left over.
+   */
+  MQTT_ERR_BAD_LENGTH = -24,
+  /**
+   * A string that is not UTF-8 or contains U+0000.
+   */
+  MQTT_ERR_INVALID_UTF8 = -25,
+  /**
+   * A topic name that breaks the topic rules.
+   */
+  MQTT_ERR_INVALID_TOPIC_NAME = -26,
+  /**
+   * A packet identifier of zero.
+   */
+  MQTT_ERR_ZERO_PACKET_ID = -27,
+  /**
+   * A protocol name or level this client does not speak.
+   */
+  MQTT_ERR_UNSUPPORTED_PROTOCOL = -28,
+  /**
+   * A CONNACK or SUBACK return code MQTT does not define.
+   */
+  MQTT_ERR_INVALID_RETURN_CODE = -29,
+  /**
+   * A SUBSCRIBE or UNSUBSCRIBE without a topic filter.
+   */
+  MQTT_ERR_EMPTY_PAYLOAD = -30,
+  /**
+   * A packet a broker may not send at this point.
+   */
+  MQTT_ERR_UNEXPECTED_PACKET = -31,
+} mqtt_status_t;
+
+/**
+ * `mqtt_session_await`: what the caller waiting for an answer does next.
+ */
+typedef enum {
+  /**
+   * Answered: the return code is in `*code`.
+   */
+  MQTT_AWAIT_ANSWERED,
+  /**
+   * Not yet: run a cycle, or let the loop that runs elsewhere work.
+   */
+  MQTT_AWAIT_PENDING,
+  /**
+   * The link is down and a loop elsewhere may reconnect: wait for it.
+   */
+  MQTT_AWAIT_RECONNECT,
+  /**
+   * The broker did not answer CONNECT in time: it counts as unreachable.
+   */
+  MQTT_AWAIT_CONNECT_TIMED_OUT,
+  /**
+   * No answer within the command timeout (a publish stays in flight).
+   */
+  MQTT_AWAIT_TIMED_OUT,
+  /**
+   * The link went down before a publish was acknowledged: it stays in
+   * flight and goes again after a reconnect.
+   */
+  MQTT_AWAIT_LINK_LOST_IN_FLIGHT,
+  /**
+   * The link went down before the answer came.
+   */
+  MQTT_AWAIT_LINK_LOST,
+} mqtt_await_t;
+
+/**
+ * `mqtt_outcome_t.kind`: what a step did.
+ */
+enum mqtt_outcome_kind_t
+#if __STDC_VERSION__ >= 202311L
+  : uint8_t
+#endif // __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * Nothing to deliver; the timers ran.
+   */
+  MQTT_OUTCOME_IDLE,
+  /**
+   * The CONNACK arrived: `code` and `session_present` are set. The
+   * timers did not run.
+   */
+  MQTT_OUTCOME_CONNACK,
+  /**
+   * A message is in the sink, to deliver. When `acknowledge` is set
+   * (QoS 1/2), call `mqtt_session_finish_message` once it is delivered.
+   */
+  MQTT_OUTCOME_MESSAGE,
+  /**
+   * A QoS 0 message of `payload_len` bytes was dropped for want of
+   * memory: report it.
+   */
+  MQTT_OUTCOME_DROPPED,
+};
+#if __STDC_VERSION__ >= 202311L
+typedef enum mqtt_outcome_kind_t mqtt_outcome_kind_t;
+#else
+typedef uint8_t mqtt_outcome_kind_t;
+#endif // __STDC_VERSION__ >= 202311L
+
+/**
+ * A session, in memory the caller owns (see `mqtt_session_init`).
+ */
+typedef struct mqtt_session_t mqtt_session_t;
 
 /**
  * The transport the session reads and writes through.
@@ -258,10 +300,10 @@ typedef struct {
 } mqtt_sink_t;
 
 /**
- * What `mqtt_session_step` did (see the `MQTT_OUTCOME_` constants).
+ * What `mqtt_session_step` did.
  */
 typedef struct {
-  uint8_t kind;
+  mqtt_outcome_kind_t kind;
   uint8_t code;
   bool session_present;
   bool acknowledge;
@@ -274,19 +316,27 @@ typedef struct {
 size_t mqtt_session_size(void);
 
 /**
- * Alignment, in bytes, the session's memory needs.
- */
-size_t mqtt_session_align(void);
-
-/**
- * Sets up a session in `memory` (`size` bytes, see `mqtt_session_size`
- * and `mqtt_session_align`). The memory holds no pointers, so it may be
+ * Sets up a session in `memory` (`size` bytes, see `mqtt_session_size`,
+ * aligned to `MQTT_SESSION_ALIGN` bytes) and returns it, or null when the memory does
+ * not fit. `command_timeout_ms` bounds how long an acknowledgement, or the
+ * rest of a started packet, may take; `max_packet_size` is the largest
+ * incoming packet accepted. The memory holds no pointers, so it may be
  * freed without any call back into the engine.
  *
  * # Safety
- * `memory` is valid for `size` writable bytes; `config` is valid or null.
+ * `memory` is valid for `size` writable bytes.
  */
-int mqtt_session_init(void *memory, size_t size, const mqtt_config_t *config);
+mqtt_session_t *mqtt_session_init(void *memory,
+                                  size_t size,
+                                  uint32_t command_timeout_ms,
+                                  uint32_t max_packet_size);
+
+/**
+ * The rule of MQTT that the broker broke, when `status` says it broke
+ * one (`MQTT_ERR_MALFORMED_LENGTH` to `MQTT_ERR_UNEXPECTED_PACKET`), as a
+ * NUL-terminated text; null for any other status.
+ */
+const char *mqtt_broken_rule(int status);
 
 /**
  * Whether the broker accepted the connection and the link is up.
@@ -294,7 +344,7 @@ int mqtt_session_init(void *memory, size_t size, const mqtt_config_t *config);
  * # Safety
  * `session` comes from `mqtt_session_init`.
  */
-bool mqtt_session_is_connected(void *session);
+bool mqtt_session_is_connected(mqtt_session_t *session);
 
 /**
  * Sends CONNECT; `*ticket` follows the CONNACK.
@@ -302,11 +352,11 @@ bool mqtt_session_is_connected(void *session);
  * # Safety
  * `session` comes from `mqtt_session_init`; the other pointers are valid.
  */
-int mqtt_session_connect(void *session,
-                         const mqtt_transport_t *transport,
-                         uint32_t now_ms,
-                         const mqtt_connect_t *options,
-                         mqtt_ticket_t *ticket);
+mqtt_status_t mqtt_session_connect(mqtt_session_t *session,
+                                   const mqtt_transport_t *transport,
+                                   uint32_t now_ms,
+                                   const mqtt_connect_t *options,
+                                   mqtt_ticket_t *ticket);
 
 /**
  * Sends DISCONNECT if the link is up, and marks it down.
@@ -314,7 +364,9 @@ int mqtt_session_connect(void *session,
  * # Safety
  * `session` comes from `mqtt_session_init`; `transport` is valid.
  */
-int mqtt_session_disconnect(void *session, const mqtt_transport_t *transport, uint32_t now_ms);
+mqtt_status_t mqtt_session_disconnect(mqtt_session_t *session,
+                                      const mqtt_transport_t *transport,
+                                      uint32_t now_ms);
 
 /**
  * Records that the transport is gone; in-flight publishes are kept.
@@ -322,7 +374,7 @@ int mqtt_session_disconnect(void *session, const mqtt_transport_t *transport, ui
  * # Safety
  * `session` comes from `mqtt_session_init`.
  */
-void mqtt_session_link_lost(void *session);
+void mqtt_session_link_lost(mqtt_session_t *session);
 
 /**
  * Sends a PUBLISH. For QoS 1 and 2, `*ticket` follows it; keep the topic
@@ -331,14 +383,14 @@ void mqtt_session_link_lost(void *session);
  * # Safety
  * `session` comes from `mqtt_session_init`; the other pointers are valid.
  */
-int mqtt_session_publish(void *session,
-                         const mqtt_transport_t *transport,
-                         uint32_t now_ms,
-                         mqtt_bytes_t topic,
-                         mqtt_bytes_t payload,
-                         uint8_t qos_level,
-                         bool retain,
-                         mqtt_ticket_t *ticket);
+mqtt_status_t mqtt_session_publish(mqtt_session_t *session,
+                                   const mqtt_transport_t *transport,
+                                   uint32_t now_ms,
+                                   mqtt_bytes_t topic,
+                                   mqtt_bytes_t payload,
+                                   uint8_t qos_level,
+                                   bool retain,
+                                   mqtt_ticket_t *ticket);
 
 /**
  * Sends again, on a link that just came up (after CONNACK), what the
@@ -348,10 +400,10 @@ int mqtt_session_publish(void *session,
  * # Safety
  * `session` comes from `mqtt_session_init`; the other pointers are valid.
  */
-int mqtt_session_resume(void *session,
-                        const mqtt_transport_t *transport,
-                        uint32_t now_ms,
-                        const mqtt_kept_t *kept);
+mqtt_status_t mqtt_session_resume(mqtt_session_t *session,
+                                  const mqtt_transport_t *transport,
+                                  uint32_t now_ms,
+                                  const mqtt_kept_t *kept);
 
 /**
  * Sends SUBSCRIBE (`unsubscribe` false) or UNSUBSCRIBE for one filter.
@@ -359,29 +411,29 @@ int mqtt_session_resume(void *session,
  * # Safety
  * `session` comes from `mqtt_session_init`; the other pointers are valid.
  */
-int mqtt_session_subscribe(void *session,
-                           const mqtt_transport_t *transport,
-                           uint32_t now_ms,
-                           mqtt_bytes_t filter,
-                           uint8_t qos_level,
-                           bool unsubscribe,
-                           mqtt_ticket_t *ticket);
+mqtt_status_t mqtt_session_subscribe(mqtt_session_t *session,
+                                     const mqtt_transport_t *transport,
+                                     uint32_t now_ms,
+                                     mqtt_bytes_t filter,
+                                     uint8_t qos_level,
+                                     bool unsubscribe,
+                                     mqtt_ticket_t *ticket);
 
 /**
- * What the caller waiting for the answer to `ticket` does next (the
- * `MQTT_AWAIT_` constants): `since_ms` is when it began to wait,
+ * What the caller waiting for the answer to `ticket` does next:
+ * `since_ms` is when it began to wait,
  * `loop_may_reconnect` says that a loop running elsewhere may bring a
  * lost link back. Sets `*code` when answered.
  *
  * # Safety
  * `session` comes from `mqtt_session_init`; `code` is valid.
  */
-int mqtt_session_await(void *session,
-                       mqtt_ticket_t ticket,
-                       uint32_t now_ms,
-                       uint32_t since_ms,
-                       bool loop_may_reconnect,
-                       uint8_t *code);
+mqtt_await_t mqtt_session_await(mqtt_session_t *session,
+                                mqtt_ticket_t ticket,
+                                uint32_t now_ms,
+                                uint32_t since_ms,
+                                bool loop_may_reconnect,
+                                uint8_t *code);
 
 /**
  * The command timeout the session was set up with, in milliseconds.
@@ -389,7 +441,7 @@ int mqtt_session_await(void *session,
  * # Safety
  * `session` comes from `mqtt_session_init`.
  */
-uint32_t mqtt_session_command_timeout(void *session);
+uint32_t mqtt_session_command_timeout(mqtt_session_t *session);
 
 /**
  * Whether bytes the engine already read wait to be handled: then call
@@ -398,7 +450,7 @@ uint32_t mqtt_session_command_timeout(void *session);
  * # Safety
  * `session` comes from `mqtt_session_init`.
  */
-bool mqtt_session_has_input(void *session);
+bool mqtt_session_has_input(mqtt_session_t *session);
 
 /**
  * Milliseconds until `mqtt_session_tick` has work to do, at most `limit_ms`.
@@ -406,7 +458,7 @@ bool mqtt_session_has_input(void *session);
  * # Safety
  * `session` comes from `mqtt_session_init`.
  */
-uint32_t mqtt_session_next_timer(void *session, uint32_t now_ms, uint32_t limit_ms);
+uint32_t mqtt_session_next_timer(mqtt_session_t *session, uint32_t now_ms, uint32_t limit_ms);
 
 /**
  * One step of the caller's loop, after it waited for input: handles what
@@ -417,11 +469,11 @@ uint32_t mqtt_session_next_timer(void *session, uint32_t now_ms, uint32_t limit_
  * # Safety
  * `session` comes from `mqtt_session_init`; the other pointers are valid.
  */
-int mqtt_session_step(void *session,
-                      const mqtt_transport_t *transport,
-                      uint32_t now_ms,
-                      const mqtt_sink_t *sink,
-                      mqtt_outcome_t *outcome);
+mqtt_status_t mqtt_session_step(mqtt_session_t *session,
+                                const mqtt_transport_t *transport,
+                                uint32_t now_ms,
+                                const mqtt_sink_t *sink,
+                                mqtt_outcome_t *outcome);
 
 /**
  * Acknowledges the current message (PUBACK or PUBREC as its QoS asks).
@@ -429,7 +481,9 @@ int mqtt_session_step(void *session,
  * # Safety
  * `session` comes from `mqtt_session_init`; `transport` is valid.
  */
-int mqtt_session_finish_message(void *session, const mqtt_transport_t *transport, uint32_t now_ms);
+mqtt_status_t mqtt_session_finish_message(mqtt_session_t *session,
+                                          const mqtt_transport_t *transport,
+                                          uint32_t now_ms);
 
 /**
  * Checks a topic name (`filter` false) or a topic filter; returns
@@ -438,7 +492,7 @@ int mqtt_session_finish_message(void *session, const mqtt_transport_t *transport
  * # Safety
  * `bytes.data` is valid for `bytes.len` bytes.
  */
-int mqtt_topic_check(mqtt_bytes_t bytes, bool filter);
+mqtt_status_t mqtt_topic_check(mqtt_bytes_t bytes, bool filter);
 
 /**
  * Whether `topic` matches the topic filter `filter`.

@@ -11,70 +11,136 @@
 use core::ffi::c_void;
 use core::mem::{align_of, size_of};
 
-use cty::{c_int, intptr_t, size_t};
+use cty::{c_char, c_int, intptr_t, size_t};
 
-use crate::codec::{Connect, QoS, Will};
+use crate::codec::{Connect, DecodeError, QoS, Will};
 use crate::session::{Config, Error, Kept, MessageSink, Outcome, Session, Ticket, Verdict};
 
-/// Success.
-pub const MQTT_OK: c_int = 0;
-/// A topic name or filter breaks the topic rules.
-pub const MQTT_ERR_INVALID_TOPIC: c_int = -1;
-/// A string or payload is longer than MQTT can carry.
-pub const MQTT_ERR_TOO_LONG: c_int = -2;
-/// An empty client id needs a clean session.
-pub const MQTT_ERR_INVALID_CLIENT_ID: c_int = -3;
-/// A QoS outside 0-2, a text that is not UTF-8, or a null pointer.
-pub const MQTT_ERR_INVALID_ARGUMENT: c_int = -4;
-/// The operation needs an accepted connection.
-pub const MQTT_ERR_NOT_CONNECTED: c_int = -5;
-/// Every in-flight slot is taken.
-pub const MQTT_ERR_INFLIGHT_FULL: c_int = -6;
-/// The call does not fit the session's state (a bug in the caller).
-pub const MQTT_ERR_WRONG_STATE: c_int = -7;
-/// The broker sent a malformed packet or one it may not send.
-pub const MQTT_ERR_PROTOCOL: c_int = -8;
-/// An incoming packet is larger than the configured maximum.
-pub const MQTT_ERR_PACKET_TOO_LARGE: c_int = -9;
-/// The broker did not answer PINGREQ in time: the link is dead.
-pub const MQTT_ERR_PING_TIMEOUT: c_int = -10;
-/// The broker did not answer CONNECT in time.
-pub const MQTT_ERR_CONNECT_TIMEOUT: c_int = -11;
-/// The transport callback failed; the caller knows why.
-pub const MQTT_ERR_TRANSPORT: c_int = -12;
-/// The peer closed the connection.
-pub const MQTT_ERR_CLOSED: c_int = -13;
-/// No memory for a QoS 1/2 message: the link is failed, unacknowledged, so
-/// that the broker sends it again.
-pub const MQTT_ERR_NO_MEMORY: c_int = -14;
+/// What a call did: `MQTT_OK`, or why it failed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+pub enum mqtt_status_t {
+    /// Success.
+    MQTT_OK = 0,
+    /// A topic name or filter breaks the topic rules.
+    MQTT_ERR_INVALID_TOPIC = -1,
+    /// A string or payload is longer than MQTT can carry.
+    MQTT_ERR_TOO_LONG = -2,
+    /// An empty client id needs a clean session.
+    MQTT_ERR_INVALID_CLIENT_ID = -3,
+    /// A QoS outside 0-2, a text that is not UTF-8, or a null pointer.
+    MQTT_ERR_INVALID_ARGUMENT = -4,
+    /// The operation needs an accepted connection.
+    MQTT_ERR_NOT_CONNECTED = -5,
+    /// Every in-flight slot is taken.
+    MQTT_ERR_INFLIGHT_FULL = -6,
+    /// The call does not fit the session's state (a bug in the caller).
+    MQTT_ERR_WRONG_STATE = -7,
+    /// An incoming packet is larger than the configured maximum.
+    MQTT_ERR_PACKET_TOO_LARGE = -9,
+    /// The broker did not answer PINGREQ in time: the link is dead.
+    MQTT_ERR_PING_TIMEOUT = -10,
+    /// The broker did not answer CONNECT in time.
+    MQTT_ERR_CONNECT_TIMEOUT = -11,
+    /// The transport callback failed; the caller knows why.
+    MQTT_ERR_TRANSPORT = -12,
+    /// The peer closed the connection.
+    MQTT_ERR_CLOSED = -13,
+    /// No memory for a QoS 1/2 message: the link is failed, unacknowledged,
+    /// so that the broker sends it again.
+    MQTT_ERR_NO_MEMORY = -14,
+    // The broker broke a rule of MQTT: `mqtt_broken_rule` names it.
+    /// The remaining length uses more than four bytes.
+    MQTT_ERR_MALFORMED_LENGTH = -20,
+    /// Packet type 0 or 15.
+    MQTT_ERR_UNKNOWN_PACKET_TYPE = -21,
+    /// Reserved flag bits set wrongly.
+    MQTT_ERR_INVALID_FLAGS = -22,
+    /// QoS 3, or a QoS where none is allowed.
+    MQTT_ERR_INVALID_QOS = -23,
+    /// A field runs past the end of the packet, or bytes are left over.
+    MQTT_ERR_BAD_LENGTH = -24,
+    /// A string that is not UTF-8 or contains U+0000.
+    MQTT_ERR_INVALID_UTF8 = -25,
+    /// A topic name that breaks the topic rules.
+    MQTT_ERR_INVALID_TOPIC_NAME = -26,
+    /// A packet identifier of zero.
+    MQTT_ERR_ZERO_PACKET_ID = -27,
+    /// A protocol name or level this client does not speak.
+    MQTT_ERR_UNSUPPORTED_PROTOCOL = -28,
+    /// A CONNACK or SUBACK return code MQTT does not define.
+    MQTT_ERR_INVALID_RETURN_CODE = -29,
+    /// A SUBSCRIBE or UNSUBSCRIBE without a topic filter.
+    MQTT_ERR_EMPTY_PAYLOAD = -30,
+    /// A packet a broker may not send at this point.
+    MQTT_ERR_UNEXPECTED_PACKET = -31,
+}
 
-/// `mqtt_session_await`: answered; the return code is in `*code`.
-pub const MQTT_AWAIT_ANSWERED: c_int = 0;
-/// Not yet: run a cycle, or let the loop that runs elsewhere work.
-pub const MQTT_AWAIT_PENDING: c_int = 1;
-/// The link is down and a loop elsewhere may reconnect: wait for it.
-pub const MQTT_AWAIT_RECONNECT: c_int = 2;
-/// The broker did not answer CONNECT in time: it counts as unreachable.
-pub const MQTT_AWAIT_CONNECT_TIMED_OUT: c_int = 3;
-/// No answer within the command timeout (a publish stays in flight).
-pub const MQTT_AWAIT_TIMED_OUT: c_int = 4;
-/// The link went down before a publish was acknowledged: it stays in
-/// flight and goes again after a reconnect.
-pub const MQTT_AWAIT_LINK_LOST_IN_FLIGHT: c_int = 5;
-/// The link went down before the answer came.
-pub const MQTT_AWAIT_LINK_LOST: c_int = 6;
+use mqtt_await_t::*;
+use mqtt_outcome_kind_t::*;
+use mqtt_status_t::*;
 
-/// `mqtt_outcome_t.kind`: nothing to deliver; the timers ran.
-pub const MQTT_OUTCOME_IDLE: u8 = 0;
-/// The CONNACK arrived: `code` and `session_present` are set. The timers
-/// did not run.
-pub const MQTT_OUTCOME_CONNACK: u8 = 1;
-/// A message is in the sink, to deliver. When `acknowledge` is set (QoS
-/// 1/2), call `mqtt_session_finish_message` once it is delivered.
-pub const MQTT_OUTCOME_MESSAGE: u8 = 2;
-/// A QoS 0 message of `payload_len` bytes was dropped for want of memory:
-/// report it.
-pub const MQTT_OUTCOME_DROPPED: u8 = 3;
+/// The broken rules' texts, in the order of their statuses from
+/// `MQTT_ERR_MALFORMED_LENGTH` down, each ending in NUL.
+const BROKEN_RULES: &[u8] = b"remaining length over 4 bytes\0\
+    packet type 0 or 15\0\
+    reserved flag bits set\0\
+    invalid QoS\0\
+    lengths do not add up\0\
+    bad UTF-8 or U+0000\0\
+    invalid topic name\0\
+    packet id 0\0\
+    unsupported protocol\0\
+    undefined return code\0\
+    no topic filter\0\
+    packet not allowed now\0";
+
+/// `mqtt_session_await`: what the caller waiting for an answer does next.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum mqtt_await_t {
+    /// Answered: the return code is in `*code`.
+    MQTT_AWAIT_ANSWERED,
+    /// Not yet: run a cycle, or let the loop that runs elsewhere work.
+    MQTT_AWAIT_PENDING,
+    /// The link is down and a loop elsewhere may reconnect: wait for it.
+    MQTT_AWAIT_RECONNECT,
+    /// The broker did not answer CONNECT in time: it counts as unreachable.
+    MQTT_AWAIT_CONNECT_TIMED_OUT,
+    /// No answer within the command timeout (a publish stays in flight).
+    MQTT_AWAIT_TIMED_OUT,
+    /// The link went down before a publish was acknowledged: it stays in
+    /// flight and goes again after a reconnect.
+    MQTT_AWAIT_LINK_LOST_IN_FLIGHT,
+    /// The link went down before the answer came.
+    MQTT_AWAIT_LINK_LOST,
+}
+
+/// `mqtt_outcome_t.kind`: what a step did.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum mqtt_outcome_kind_t {
+    /// Nothing to deliver; the timers ran.
+    MQTT_OUTCOME_IDLE,
+    /// The CONNACK arrived: `code` and `session_present` are set. The
+    /// timers did not run.
+    MQTT_OUTCOME_CONNACK,
+    /// A message is in the sink, to deliver. When `acknowledge` is set
+    /// (QoS 1/2), call `mqtt_session_finish_message` once it is delivered.
+    MQTT_OUTCOME_MESSAGE,
+    /// A QoS 0 message of `payload_len` bytes was dropped for want of
+    /// memory: report it.
+    MQTT_OUTCOME_DROPPED,
+}
+
+/// A session, in memory the caller owns (see `mqtt_session_init`).
+#[allow(non_camel_case_types)]
+pub struct mqtt_session_t {
+    _opaque: [u8; 0],
+}
 
 /// The in-flight table's size: tickets' slots are below this.
 pub const MQTT_INFLIGHT_MAX: usize = 8;
@@ -107,13 +173,6 @@ pub struct mqtt_transport_t {
 pub struct mqtt_bytes_t {
     pub data: *const u8,
     pub len: size_t,
-}
-
-/// Session settings.
-#[repr(C)]
-pub struct mqtt_config_t {
-    pub command_timeout_ms: u32,
-    pub max_packet_size: u32,
 }
 
 /// CONNECT's fields. Optional strings are absent when `data` is null.
@@ -172,10 +231,10 @@ pub struct mqtt_kept_t {
     >,
 }
 
-/// What `mqtt_session_step` did (see the `MQTT_OUTCOME_` constants).
+/// What `mqtt_session_step` did.
 #[repr(C)]
 pub struct mqtt_outcome_t {
-    pub kind: u8,
+    pub kind: mqtt_outcome_kind_t,
     pub code: u8,
     pub session_present: bool,
     pub acknowledge: bool,
@@ -237,7 +296,7 @@ impl embedded_io::ReadReady for Link<'_> {
     }
 }
 
-fn status(error: Error) -> c_int {
+fn status(error: Error) -> mqtt_status_t {
     match error {
         Error::InvalidTopic(_) => MQTT_ERR_INVALID_TOPIC,
         Error::TooLong => MQTT_ERR_TOO_LONG,
@@ -245,7 +304,8 @@ fn status(error: Error) -> c_int {
         Error::NotConnected => MQTT_ERR_NOT_CONNECTED,
         Error::InflightFull => MQTT_ERR_INFLIGHT_FULL,
         Error::WrongState => MQTT_ERR_WRONG_STATE,
-        Error::Malformed(_) | Error::UnexpectedPacket => MQTT_ERR_PROTOCOL,
+        Error::Malformed(error) => broken_rule(error),
+        Error::UnexpectedPacket => MQTT_ERR_UNEXPECTED_PACKET,
         Error::PacketTooLarge => MQTT_ERR_PACKET_TOO_LARGE,
         Error::PingTimeout => MQTT_ERR_PING_TIMEOUT,
         Error::ConnectTimeout => MQTT_ERR_CONNECT_TIMEOUT,
@@ -255,7 +315,23 @@ fn status(error: Error) -> c_int {
     }
 }
 
-fn to_status(result: Result<(), Error>) -> c_int {
+fn broken_rule(error: DecodeError) -> mqtt_status_t {
+    match error {
+        DecodeError::MalformedLength => MQTT_ERR_MALFORMED_LENGTH,
+        DecodeError::UnknownPacketType => MQTT_ERR_UNKNOWN_PACKET_TYPE,
+        DecodeError::InvalidFlags => MQTT_ERR_INVALID_FLAGS,
+        DecodeError::InvalidQoS => MQTT_ERR_INVALID_QOS,
+        DecodeError::BadLength => MQTT_ERR_BAD_LENGTH,
+        DecodeError::InvalidUtf8 => MQTT_ERR_INVALID_UTF8,
+        DecodeError::InvalidTopic => MQTT_ERR_INVALID_TOPIC_NAME,
+        DecodeError::ZeroPacketId => MQTT_ERR_ZERO_PACKET_ID,
+        DecodeError::UnsupportedProtocol => MQTT_ERR_UNSUPPORTED_PROTOCOL,
+        DecodeError::InvalidReturnCode => MQTT_ERR_INVALID_RETURN_CODE,
+        DecodeError::EmptyPayload => MQTT_ERR_EMPTY_PAYLOAD,
+    }
+}
+
+fn to_status(result: Result<(), Error>) -> mqtt_status_t {
     match result {
         Ok(()) => MQTT_OK,
         Err(error) => status(error),
@@ -264,7 +340,7 @@ fn to_status(result: Result<(), Error>) -> c_int {
 
 /// # Safety
 /// `session` is null or points to memory set up by `mqtt_session_init`.
-unsafe fn session_mut<'a>(session: *mut c_void) -> Option<&'a mut Session> {
+unsafe fn session_mut<'a>(session: *mut mqtt_session_t) -> Option<&'a mut Session> {
     let session = session.cast::<Session>();
     if session.is_null() || !session.is_aligned() {
         return None;
@@ -291,11 +367,11 @@ unsafe fn link<'a>(transport: *const mqtt_transport_t, session: &Session, now_ms
 /// # Safety
 /// As for [`session_mut`] and [`link`].
 unsafe fn with_link(
-    session: *mut c_void,
+    session: *mut mqtt_session_t,
     transport: *const mqtt_transport_t,
     now_ms: u32,
     step: impl FnOnce(&mut Session, &mut Link<'_>) -> Result<(), Error>,
-) -> c_int {
+) -> mqtt_status_t {
     // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     let Some(session) = (unsafe { session_mut(session) }) else {
         return MQTT_ERR_INVALID_ARGUMENT;
@@ -319,7 +395,7 @@ unsafe fn slice<'a>(bytes: mqtt_bytes_t) -> Option<&'a [u8]> {
 
 /// # Safety
 /// As for [`slice`].
-unsafe fn text<'a>(bytes: mqtt_bytes_t) -> Result<Option<&'a str>, c_int> {
+unsafe fn text<'a>(bytes: mqtt_bytes_t) -> Result<Option<&'a str>, mqtt_status_t> {
     // SAFETY: `bytes.data` is null or valid for `bytes.len` bytes (the caller's promise).
     match unsafe { slice(bytes) } {
         None => Ok(None),
@@ -327,7 +403,7 @@ unsafe fn text<'a>(bytes: mqtt_bytes_t) -> Result<Option<&'a str>, c_int> {
     }
 }
 
-fn qos(value: u8) -> Result<QoS, c_int> {
+fn qos(value: u8) -> Result<QoS, mqtt_status_t> {
     QoS::from_bits(value).ok_or(MQTT_ERR_INVALID_ARGUMENT)
 }
 
@@ -338,41 +414,67 @@ fn ticket_out(ticket: Ticket) -> mqtt_ticket_t {
     }
 }
 
+/// The alignment, in bytes, that session memory has at least.
+pub const MQTT_SESSION_ALIGN: usize = 8;
+
+const _: () = assert!(align_of::<Session>() <= MQTT_SESSION_ALIGN);
+
 /// Bytes of memory a session needs.
 #[unsafe(no_mangle)]
 pub extern "C" fn mqtt_session_size() -> size_t {
     size_of::<Session>()
 }
 
-/// Alignment, in bytes, the session's memory needs.
-#[unsafe(no_mangle)]
-pub extern "C" fn mqtt_session_align() -> size_t {
-    align_of::<Session>()
-}
-
-/// Sets up a session in `memory` (`size` bytes, see `mqtt_session_size`
-/// and `mqtt_session_align`). The memory holds no pointers, so it may be
+/// Sets up a session in `memory` (`size` bytes, see `mqtt_session_size`,
+/// aligned to `MQTT_SESSION_ALIGN` bytes) and returns it, or null when the memory does
+/// not fit. `command_timeout_ms` bounds how long an acknowledgement, or the
+/// rest of a started packet, may take; `max_packet_size` is the largest
+/// incoming packet accepted. The memory holds no pointers, so it may be
 /// freed without any call back into the engine.
 ///
 /// # Safety
-/// `memory` is valid for `size` writable bytes; `config` is valid or null.
+/// `memory` is valid for `size` writable bytes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_init(memory: *mut c_void, size: size_t, config: *const mqtt_config_t) -> c_int {
+pub unsafe extern "C" fn mqtt_session_init(
+    memory: *mut c_void,
+    size: size_t,
+    command_timeout_ms: u32,
+    max_packet_size: u32,
+) -> *mut mqtt_session_t {
     let session = memory.cast::<Session>();
-    // SAFETY: the caller promises a valid pointer or null.
-    let Some(config) = (unsafe { config.as_ref() }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
-    };
     if session.is_null() || !session.is_aligned() || size < size_of::<Session>() {
-        return MQTT_ERR_INVALID_ARGUMENT;
+        return core::ptr::null_mut();
     }
     let config = Config {
-        command_timeout_ms: config.command_timeout_ms,
-        max_packet_size: config.max_packet_size,
+        command_timeout_ms,
+        max_packet_size,
     };
     // SAFETY: non-null, aligned and large enough, as checked above.
     unsafe { session.write(Session::new(config)) };
-    MQTT_OK
+    memory.cast()
+}
+
+/// The rule of MQTT that the broker broke, when `status` says it broke
+/// one (`MQTT_ERR_MALFORMED_LENGTH` to `MQTT_ERR_UNEXPECTED_PACKET`), as a
+/// NUL-terminated text; null for any other status.
+#[unsafe(no_mangle)]
+pub extern "C" fn mqtt_broken_rule(status: c_int) -> *const c_char {
+    const RULES: c_int = MQTT_ERR_MALFORMED_LENGTH as c_int - MQTT_ERR_UNEXPECTED_PACKET as c_int + 1;
+    let mut index = (MQTT_ERR_MALFORMED_LENGTH as c_int).wrapping_sub(status);
+    if !(0..RULES).contains(&index) {
+        return core::ptr::null();
+    }
+    for (at, &byte) in BROKEN_RULES.iter().enumerate() {
+        if index == 0 {
+            return BROKEN_RULES
+                .get(at..)
+                .map_or(core::ptr::null(), |rule| rule.as_ptr().cast());
+        }
+        if byte == 0 {
+            index = index.wrapping_sub(1);
+        }
+    }
+    core::ptr::null()
 }
 
 /// Whether the broker accepted the connection and the link is up.
@@ -380,7 +482,7 @@ pub unsafe extern "C" fn mqtt_session_init(memory: *mut c_void, size: size_t, co
 /// # Safety
 /// `session` comes from `mqtt_session_init`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_is_connected(session: *mut c_void) -> bool {
+pub unsafe extern "C" fn mqtt_session_is_connected(session: *mut mqtt_session_t) -> bool {
     // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     unsafe { session_mut(session) }.is_some_and(|session| session.is_connected())
 }
@@ -391,13 +493,13 @@ pub unsafe extern "C" fn mqtt_session_is_connected(session: *mut c_void) -> bool
 /// `session` comes from `mqtt_session_init`; the other pointers are valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_connect(
-    session: *mut c_void,
+    session: *mut mqtt_session_t,
     transport: *const mqtt_transport_t,
     now_ms: u32,
     options: *const mqtt_connect_t,
     ticket: *mut mqtt_ticket_t,
-) -> c_int {
-    let run = || -> Result<(), c_int> {
+) -> mqtt_status_t {
+    let run = || -> Result<(), mqtt_status_t> {
         // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
         let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: `options` is null or valid (the caller's promise).
@@ -446,10 +548,10 @@ pub unsafe extern "C" fn mqtt_session_connect(
 /// `session` comes from `mqtt_session_init`; `transport` is valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_disconnect(
-    session: *mut c_void,
+    session: *mut mqtt_session_t,
     transport: *const mqtt_transport_t,
     now_ms: u32,
-) -> c_int {
+) -> mqtt_status_t {
     // SAFETY: `session` and `transport` are as `with_link` requires (the caller's promise).
     unsafe { with_link(session, transport, now_ms, |session, io| session.disconnect(io)) }
 }
@@ -459,7 +561,7 @@ pub unsafe extern "C" fn mqtt_session_disconnect(
 /// # Safety
 /// `session` comes from `mqtt_session_init`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_link_lost(session: *mut c_void) {
+pub unsafe extern "C" fn mqtt_session_link_lost(session: *mut mqtt_session_t) {
     // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     if let Some(session) = unsafe { session_mut(session) } {
         session.link_lost();
@@ -473,7 +575,7 @@ pub unsafe extern "C" fn mqtt_session_link_lost(session: *mut c_void) {
 /// `session` comes from `mqtt_session_init`; the other pointers are valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_publish(
-    session: *mut c_void,
+    session: *mut mqtt_session_t,
     transport: *const mqtt_transport_t,
     now_ms: u32,
     topic: mqtt_bytes_t,
@@ -481,8 +583,8 @@ pub unsafe extern "C" fn mqtt_session_publish(
     qos_level: u8,
     retain: bool,
     ticket: *mut mqtt_ticket_t,
-) -> c_int {
-    let run = || -> Result<(), c_int> {
+) -> mqtt_status_t {
+    let run = || -> Result<(), mqtt_status_t> {
         // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
         let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: `ticket` is null or valid (the caller's promise).
@@ -537,11 +639,11 @@ impl Kept for KeptByCaller<'_> {
 /// `session` comes from `mqtt_session_init`; the other pointers are valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_resume(
-    session: *mut c_void,
+    session: *mut mqtt_session_t,
     transport: *const mqtt_transport_t,
     now_ms: u32,
     kept: *const mqtt_kept_t,
-) -> c_int {
+) -> mqtt_status_t {
     // SAFETY: the caller promises a valid pointer or null.
     let Some(kept) = (unsafe { kept.as_ref() }) else {
         return MQTT_ERR_INVALID_ARGUMENT;
@@ -560,15 +662,15 @@ pub unsafe extern "C" fn mqtt_session_resume(
 /// `session` comes from `mqtt_session_init`; the other pointers are valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_subscribe(
-    session: *mut c_void,
+    session: *mut mqtt_session_t,
     transport: *const mqtt_transport_t,
     now_ms: u32,
     filter: mqtt_bytes_t,
     qos_level: u8,
     unsubscribe: bool,
     ticket: *mut mqtt_ticket_t,
-) -> c_int {
-    let run = || -> Result<(), c_int> {
+) -> mqtt_status_t {
+    let run = || -> Result<(), mqtt_status_t> {
         // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
         let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: `ticket` is null or valid (the caller's promise).
@@ -588,8 +690,8 @@ pub unsafe extern "C" fn mqtt_session_subscribe(
     run().err().unwrap_or(MQTT_OK)
 }
 
-/// What the caller waiting for the answer to `ticket` does next (the
-/// `MQTT_AWAIT_` constants): `since_ms` is when it began to wait,
+/// What the caller waiting for the answer to `ticket` does next:
+/// `since_ms` is when it began to wait,
 /// `loop_may_reconnect` says that a loop running elsewhere may bring a
 /// lost link back. Sets `*code` when answered.
 ///
@@ -597,17 +699,17 @@ pub unsafe extern "C" fn mqtt_session_subscribe(
 /// `session` comes from `mqtt_session_init`; `code` is valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_await(
-    session: *mut c_void,
+    session: *mut mqtt_session_t,
     ticket: mqtt_ticket_t,
     now_ms: u32,
     since_ms: u32,
     loop_may_reconnect: bool,
     code: *mut u8,
-) -> c_int {
+) -> mqtt_await_t {
     // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now; `code` is
     // null or valid (the caller's promise).
     let (Some(session), Some(code)) = (unsafe { session_mut(session) }, unsafe { code.as_mut() }) else {
-        return MQTT_ERR_INVALID_ARGUMENT;
+        return MQTT_AWAIT_LINK_LOST;
     };
     let ticket = Ticket {
         slot: ticket.slot,
@@ -632,7 +734,7 @@ pub unsafe extern "C" fn mqtt_session_await(
 /// # Safety
 /// `session` comes from `mqtt_session_init`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_command_timeout(session: *mut c_void) -> u32 {
+pub unsafe extern "C" fn mqtt_session_command_timeout(session: *mut mqtt_session_t) -> u32 {
     // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     unsafe { session_mut(session) }.map_or(0, |session| session.command_timeout_ms())
 }
@@ -643,7 +745,7 @@ pub unsafe extern "C" fn mqtt_session_command_timeout(session: *mut c_void) -> u
 /// # Safety
 /// `session` comes from `mqtt_session_init`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_has_input(session: *mut c_void) -> bool {
+pub unsafe extern "C" fn mqtt_session_has_input(session: *mut mqtt_session_t) -> bool {
     // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     unsafe { session_mut(session) }.is_some_and(|session| session.has_input())
 }
@@ -653,7 +755,7 @@ pub unsafe extern "C" fn mqtt_session_has_input(session: *mut c_void) -> bool {
 /// # Safety
 /// `session` comes from `mqtt_session_init`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_session_next_timer(session: *mut c_void, now_ms: u32, limit_ms: u32) -> u32 {
+pub unsafe extern "C" fn mqtt_session_next_timer(session: *mut mqtt_session_t, now_ms: u32, limit_ms: u32) -> u32 {
     // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
     match unsafe { session_mut(session) } {
         Some(session) => session.next_timer(now_ms, limit_ms),
@@ -715,13 +817,13 @@ impl MessageSink for Sink<'_> {
 /// `session` comes from `mqtt_session_init`; the other pointers are valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_step(
-    session: *mut c_void,
+    session: *mut mqtt_session_t,
     transport: *const mqtt_transport_t,
     now_ms: u32,
     sink: *const mqtt_sink_t,
     outcome: *mut mqtt_outcome_t,
-) -> c_int {
-    let run = || -> Result<(), c_int> {
+) -> mqtt_status_t {
+    let run = || -> Result<(), mqtt_status_t> {
         // SAFETY: the caller promises the pointers are valid or null.
         let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: as above.
@@ -764,10 +866,10 @@ pub unsafe extern "C" fn mqtt_session_step(
 /// `session` comes from `mqtt_session_init`; `transport` is valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mqtt_session_finish_message(
-    session: *mut c_void,
+    session: *mut mqtt_session_t,
     transport: *const mqtt_transport_t,
     now_ms: u32,
-) -> c_int {
+) -> mqtt_status_t {
     // SAFETY: `session` and `transport` are as `with_link` requires (the caller's promise).
     unsafe {
         with_link(session, transport, now_ms, |session, io| {
@@ -782,7 +884,7 @@ pub unsafe extern "C" fn mqtt_session_finish_message(
 /// # Safety
 /// `bytes.data` is valid for `bytes.len` bytes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mqtt_topic_check(bytes: mqtt_bytes_t, filter: bool) -> c_int {
+pub unsafe extern "C" fn mqtt_topic_check(bytes: mqtt_bytes_t, filter: bool) -> mqtt_status_t {
     // SAFETY: `bytes.data` is null or valid for `bytes.len` bytes (the caller's promise).
     let raw = unsafe { slice(bytes) }.unwrap_or(&[]);
     let checked = if filter {
@@ -809,6 +911,49 @@ pub unsafe extern "C" fn mqtt_topic_matches(filter: mqtt_bytes_t, topic: mqtt_by
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn rule(status: c_int) -> Option<&'static str> {
+        let text = mqtt_broken_rule(status);
+        // SAFETY: a non-null answer points into BROKEN_RULES, at a NUL-terminated text.
+        (!text.is_null()).then(|| unsafe { core::ffi::CStr::from_ptr(text) }.to_str().unwrap())
+    }
+
+    #[test]
+    fn every_broken_rule_has_its_own_text() {
+        let rules: std::vec::Vec<_> = (MQTT_ERR_UNEXPECTED_PACKET as c_int..=MQTT_ERR_MALFORMED_LENGTH as c_int)
+            .map(|status| rule(status).unwrap())
+            .collect();
+        assert_eq!(rules.len(), 12);
+        assert!(rules.iter().all(|text| !text.is_empty()));
+        let distinct: std::collections::BTreeSet<_> = rules.iter().collect();
+        assert_eq!(distinct.len(), rules.len());
+        assert_eq!(rule(MQTT_ERR_INVALID_FLAGS as c_int), Some("reserved flag bits set"));
+        assert_eq!(
+            rule(status(Error::UnexpectedPacket) as c_int),
+            Some("packet not allowed now")
+        );
+        assert_eq!(
+            rule(status(DecodeError::ZeroPacketId.into()) as c_int),
+            Some("packet id 0")
+        );
+    }
+
+    #[test]
+    fn other_statuses_break_no_rule() {
+        for status in [
+            MQTT_OK,
+            MQTT_ERR_INVALID_TOPIC,
+            MQTT_ERR_NO_MEMORY,
+            MQTT_ERR_PACKET_TOO_LARGE,
+        ] {
+            assert_eq!(rule(status as c_int), None);
+        }
+        for status in [-19, -32, -1000, c_int::MIN, c_int::MAX, 1] {
+            assert_eq!(rule(status), None);
+        }
+    }
+
     /// The committed C header matches what cbindgen makes of this module.
     #[test]
     fn header_is_current() {

@@ -201,3 +201,48 @@ def test_publish_flood_faster_than_callbacks(micropython):
     finally:
         scripted.close()
     assert output.strip() == "True True", output
+
+
+# name: (bytes the broker sends after SUBACK, the rule the exception names)
+BROKEN_RULES = {
+    "remaining length in five bytes": (bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]), "remaining length over 4 bytes"),
+    "packet type 15": (bytes([0xF0, 0x00]), "packet type 0 or 15"),
+    "reserved flags on PUBACK": (bytes([0x41, 0x02, 0x00, 0x01]), "reserved flag bits set"),
+    "QoS 3": (publish(b"t", flags=0b0110), "invalid QoS"),
+    "topic length past the packet": (publish(b"t", topic_length=200), "lengths do not add up"),
+    "topic not UTF-8": (publish(b"\xff\xfe"), "invalid topic name"),
+    "wildcard in the topic": (publish(b"a/#"), "invalid topic name"),
+    "packet id 0": (publish(b"t", qos=1, packet_id=0), "packet id 0"),
+    "CONNACK with code 6": (bytes([0x20, 0x02, 0x00, 0x06]), "undefined return code"),
+    "PINGREQ from the broker": (bytes([0xC0, 0x00]), "packet not allowed now"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_RULES))
+def test_a_protocol_error_names_the_broken_rule(name, micropython):
+    garbage, rule = BROKEN_RULES[name]
+    scripted = ScriptedBroker([hostile(garbage)])
+    try:
+        output = micropython.run(
+            """
+            c = mqtt.Client("victim", command_timeout=2000, max_packet_size=4096)
+            c.connect("127.0.0.1", 30, port=HOSTILE, start_loop=False)
+            def first_failure():
+                try:
+                    # The garbage may come in the same read as the SUBACK.
+                    c.subscribe("t", lambda client, payload, topic: None)
+                    for _ in range(50):
+                        c.cycle()
+                except mqtt.MQTTException as e:
+                    return e
+            e = first_failure()
+            print(e is not None and e.args[0] == mqtt.PROTOCOL_ERROR, c.connected())
+            print(e.args[1])
+            """,
+            HOSTILE=scripted.port,
+            timeout=30,
+        )
+    finally:
+        scripted.close()
+    lines = output.strip().splitlines()
+    assert lines == ["True False", "protocol error: " + rule], output

@@ -145,6 +145,13 @@ build_firmware() {
     # Frozen modules are compiled against the firmware's qstr table but not
     # rebuilt when a module's C source adds a qstr: regenerate them each time.
     rm -f "$build/frozen_content.c"
+    # The qstrs are collected from modmqtt.c as preprocessed, but CMake
+    # reruns that only when modmqtt.c itself changes, not the binding files
+    # it includes: collect them again when one of those is newer.
+    local collected="$build/genhdr/qstr.i.last"
+    if [[ -f $collected && -n $(find "$repo" -maxdepth 1 -name 'mqtt_*' -newer "$collected") ]]; then
+        rm -f "$collected"
+    fi
     # The build's own progress lines go to a log, shown when it fails.
     if ! make -s -C "$build" -j"$jobs" > "$build/make.log" 2>&1; then
         tail -n 40 "$build/make.log" >&2

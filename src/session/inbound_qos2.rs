@@ -30,8 +30,10 @@ impl RecentIds {
         self.ids.get(..usize::from(self.len)).unwrap_or(&[])
     }
 
+    // Not `slice::contains`, which on thumbv6m unrolls into 78 more bytes.
+    #[allow(clippy::manual_contains)]
     pub(super) fn contains(&self, id: u16) -> bool {
-        self.known().contains(&id)
+        self.known().iter().any(|&known| known == id)
     }
 
     pub(super) fn remember(&mut self, id: u16) {
@@ -53,17 +55,42 @@ impl RecentIds {
     /// Removes the id at `index`, moving the younger ones down one place.
     /// (By hand: `Vec::remove` and `rotate_left` bring panic code along.)
     fn remove_at(&mut self, index: usize) {
-        let mut place = index;
-        while let Some(&younger) = self.known().get(place.saturating_add(1)) {
-            if let Some(slot) = self.ids.get_mut(place) {
-                *slot = younger;
+        let mut earlier: Option<&mut u16> = None;
+        for slot in self.ids.get_mut(index..usize::from(self.len)).unwrap_or(&mut []) {
+            if let Some(earlier) = earlier {
+                *earlier = *slot;
             }
-            place = place.saturating_add(1);
+            earlier = Some(slot);
         }
         self.len = self.len.saturating_sub(1);
     }
 
     pub(super) fn clear(&mut self) {
         self.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{INBOUND_QOS2_MAX, RecentIds};
+
+    #[test]
+    fn forgets_the_oldest_only_when_full() {
+        let mut ids = RecentIds::new();
+        for id in 1..=INBOUND_QOS2_MAX as u16 {
+            ids.remember(id);
+        }
+        ids.forget(5);
+        assert!(!ids.contains(5) && ids.contains(4) && ids.contains(6));
+        ids.remember(100);
+        assert!(ids.contains(1), "a free place: nothing is forgotten");
+        ids.remember(101);
+        assert!(!ids.contains(1), "full: the oldest goes");
+        assert!(ids.contains(2) && ids.contains(100) && ids.contains(101));
+        assert_eq!(ids.known().len(), INBOUND_QOS2_MAX);
+        ids.forget(101);
+        ids.forget(2);
+        assert_eq!(ids.known().first(), Some(&3));
+        assert_eq!(ids.known().last(), Some(&100));
     }
 }

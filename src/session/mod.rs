@@ -123,16 +123,17 @@ impl<E> From<ReadExactError<E>> for Error {
 /// Identifies a command waiting for its acknowledgement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ticket {
-    /// Index in the in-flight table, or [`Ticket::CONNECT_SLOT`].
+    /// Index in the in-flight table, or [`CONNECT_SLOT`].
     pub slot: u8,
     pub packet_id: u16,
 }
 
+/// The slot of the ticket for a CONNECT, answered by CONNACK.
+pub(crate) const CONNECT_SLOT: u8 = 0xff;
+
 impl Ticket {
-    /// The slot of the ticket for a CONNECT, answered by CONNACK.
-    pub const CONNECT_SLOT: u8 = 0xff;
     const CONNECT: Ticket = Ticket {
-        slot: Self::CONNECT_SLOT,
+        slot: CONNECT_SLOT,
         packet_id: 0,
     };
 }

@@ -4,7 +4,7 @@
 
 use embedded_io::Write;
 
-use super::{CommandState, Error, Link, Session, Ticket, elapsed};
+use super::{CONNECT_SLOT, CommandState, Error, Link, Session, Ticket, elapsed};
 use crate::codec::{self, PacketType, Publish, QoS};
 use crate::topic;
 
@@ -284,7 +284,7 @@ impl Session {
     /// slot is freed by this call, so ask once it is `Done`.
     pub fn command_state(&mut self, ticket: Ticket, now: u32) -> CommandState {
         let timed_out = |since: u32| elapsed(now, since) >= self.config.command_timeout_ms;
-        if ticket.slot == Ticket::CONNECT_SLOT {
+        if ticket.slot == CONNECT_SLOT {
             return match (self.link, self.last_connack) {
                 (Link::Up, _) => CommandState::Done(0),
                 (Link::AwaitingConnAck { since }, _) if timed_out(since) => CommandState::TimedOut,
@@ -325,7 +325,7 @@ impl Session {
         let out_of_time = publish && elapsed(now, since) >= self.config.command_timeout_ms;
         match state {
             CommandState::Done(code) => Verdict::Answered(code),
-            CommandState::TimedOut if ticket.slot == Ticket::CONNECT_SLOT => Verdict::ConnectTimedOut,
+            CommandState::TimedOut if ticket.slot == CONNECT_SLOT => Verdict::ConnectTimedOut,
             CommandState::TimedOut => {
                 self.forget(ticket);
                 Verdict::TimedOut
@@ -346,7 +346,7 @@ impl Session {
         }
     }
 
-    pub(super) fn find(&self, packet_id: u16, at_stage: impl Fn(Stage) -> bool) -> Option<Ticket> {
+    pub(super) fn find(&self, packet_id: u16, at_stage: fn(Stage) -> bool) -> Option<Ticket> {
         self.inflight.iter().enumerate().find_map(|(slot, entry)| {
             let entry = entry.as_ref()?;
             let found = entry.packet_id == packet_id && at_stage(entry.stage);

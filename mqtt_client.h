@@ -1,0 +1,184 @@
+// The client object, and what the binding's files share (see modmqtt.c).
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <errno.h>
+#include <poll.h>
+#include <sched.h>
+#define MQTT_POSIX_POLL (1)
+#else
+#define MQTT_POSIX_POLL (0)
+#endif
+
+// The loop back-end: how connect(start_loop=True) runs the loop on this
+// port, the way that costs the least heap (each file says more). rp2 and
+// lwIP ports: scheduled turns, woken by socket option 20 and machine.Timer
+// (MQTT_TIMER_LOOP=1 chooses it on any port, as the tests do on unix);
+// the unix port without threads: scheduled turns woken by signals; ports
+// with threads: a thread; the others: none, the application calls cycle().
+#if MICROPY_PY_LWIP || PICO_ON_DEVICE || MQTT_TIMER_LOOP
+#define MQTT_LOOP_FILE "mqtt_loop_timer.c"
+#define MQTT_LOOP_SCHEDULED (1)
+#elif MQTT_POSIX_POLL && !MICROPY_PY_THREAD
+#define MQTT_LOOP_FILE "mqtt_loop_signal.c"
+#define MQTT_LOOP_SCHEDULED (1)
+#define MQTT_WAKE_BY_SIGNAL (1)
+#elif MICROPY_PY_THREAD
+#define MQTT_LOOP_FILE "mqtt_loop_thread.c"
+#define MQTT_LOOP_THREAD (1)
+#else
+#define MQTT_LOOP_FILE "mqtt_loop_cycle.c"
+#endif
+
+// Largest incoming packet accepted unless the Client is told otherwise.
+#define MQTT_DEFAULT_MAX_PACKET (1024 * 1024)
+
+// Codes carried by MQTTException beyond the CONNACK return codes 1-5.
+#define MQTT_EXC_SUBSCRIBE_FAILED (0x80)
+#define MQTT_EXC_TIMEOUT (0x100)
+#define MQTT_EXC_PROTOCOL (0x101)
+
+// Values loop_failure returns.
+#define MQTT_BREAK_LOOP (0)
+#define MQTT_RECOVERED (1)
+
+// What a cycle returns: an engine status, or this when the link was
+// replaced or closed by the application (disconnect() or reconnect() from
+// a callback): not a failure.
+#define MQTT_LINK_REPLACED (1)
+
+enum {
+    LOOP_STOPPED,
+    LOOP_RUNNING,
+    LOOP_STOPPING,
+};
+
+// A Client. Its fields go from the widest to the narrowest, so that no
+// padding wastes heap.
+typedef struct _mp_obj_mqtt_client_t {
+    mp_obj_base_t base;
+    // Connection parameters, kept for reconnect().
+    mp_obj_t client_id;
+    mp_obj_t host;
+    // The optional settings (OPTION_*), allocated when one is first set:
+    // a client that uses none of them saves their room.
+    mp_obj_t *options;
+    mp_obj_t loop_failure;
+    // (filter, callback, filter, callback, ...); replaced, never mutated,
+    // so that a delivery in progress can keep iterating its snapshot.
+    mp_obj_t subscriptions;
+    // Topic and payload of each in-flight QoS 1/2 publish, by slot, kept
+    // for a resend after reconnect; allocated on the first such publish.
+    mp_obj_t *held;
+    // What the session talks to: the socket or its TLS wrapper (closing
+    // that closes the socket too). MP_OBJ_NULL when there is no link.
+    mp_obj_t stream;
+    // What a transport callback caught, raised once the engine returned.
+    mp_obj_t pending_exception;
+    // The thread that reads the link in a cycle (see run_cycle), or NULL.
+    void *volatile reader;
+    // The thread calling message callbacks, if any.
+    void *volatile callback_thread;
+    #if MICROPY_PY_THREAD
+    mp_thread_mutex_t lock;
+    #endif
+    #if MQTT_LOOP_THREAD
+    // The thread running the background loop.
+    struct _mp_state_thread_t *volatile loop_thread;
+    #endif
+    #if MQTT_LOOP_SCHEDULED
+    // What the socket's arrival signal and the timer call: this client's
+    // _wake(), bound. Made on the first connect.
+    mp_obj_t wake;
+    #if !MQTT_WAKE_BY_SIGNAL
+    // The machine.Timer of the scheduled loop, made when first needed.
+    mp_obj_t timer;
+    #endif
+    // The thread holding the client's lock (any non-NULL value without
+    // threads): a turn that the scheduler runs inside such a call, while a
+    // stream's Python method or a wait runs pending callbacks, must not
+    // enter the engine again.
+    void *volatile lock_holder;
+    #endif
+    int sock_fd;
+    uint32_t cycle_timeout_ms;
+    #if MQTT_WAKE_BY_SIGNAL
+    // When the client wants its next scheduled cycle (ticks_ms).
+    uint32_t wake_at;
+    #endif
+    int16_t pending_errno;
+    // Bumped on every new link, so a cycle notices when a callback
+    // disconnected or reconnected under it.
+    uint16_t link_generation;
+    uint16_t port;
+    uint16_t keepalive_s;
+    int8_t return_code;
+    uint8_t will_qos;
+    bool will_retain;
+    bool clean_session;
+    volatile uint8_t loop_state;
+    // The stream is a TLS wrapper that may hold input of its own.
+    bool stream_buffers;
+    // The client opened the link's socket (false for connect(stream=...)),
+    // so it closes it when the link ends.
+    bool owns_stream;
+    // The cycle's wait found input (spares the engine's readiness check).
+    bool input_ready;
+    #if MQTT_LOOP_SCHEDULED
+    // The link's socket signals arriving input; without that (a given
+    // stream) the timer polls every cycle_timeout.
+    bool input_signalled;
+    // A turn of the scheduled loop is running (callbacks included).
+    bool turning;
+    #endif
+    // The engine's session: mqtt_session_size() bytes (see session_of).
+    uint64_t session_memory[];
+} mp_obj_mqtt_client_t;
+
+// The GC's blocks are aligned to at least 8 bytes.
+_Static_assert(offsetof(mp_obj_mqtt_client_t, session_memory) % MQTT_SESSION_ALIGN == 0, "session misaligned");
+
+// The engine's session in the client (mqtt_session_init set it up there).
+static mqtt_session_t *session_of(mp_obj_mqtt_client_t *self) {
+    return (mqtt_session_t *)self->session_memory;
+}
+
+// The optional settings a client keeps for reconnect().
+enum {
+    OPTION_SSL_CTX,
+    OPTION_USERNAME,
+    OPTION_PASSWORD,
+    OPTION_WILL_TOPIC,
+    OPTION_WILL_PAYLOAD,
+    OPTION_BRECONNECT_CB,
+    OPTION_ACONNECT_CB,
+    // A stream the application connected itself (connect(stream=...)).
+    OPTION_STREAM,
+    OPTION_COUNT,
+};
+
+static mp_obj_t option(mp_obj_mqtt_client_t *self, size_t which) {
+    return self->options == NULL ? mp_const_none : self->options[which];
+}
+
+static uint32_t now_ms(void) {
+    return (uint32_t)mp_hal_ticks_ms();
+}
+
+// What the loop back-end (MQTT_LOOP_FILE) provides.
+
+// Starts the loop of a client that has a link (a no-op when it runs).
+static void loop_start(mp_obj_mqtt_client_t *self);
+// Stops it: at once, or within one cycle for a thread.
+static void loop_stop(mp_obj_mqtt_client_t *self);
+// A new link is open on `sock`: have it signal arriving input if it can.
+static void loop_watch_link(mp_obj_mqtt_client_t *self, mp_obj_t sock);
+// A call of the application lost the link: the loop tells loop_failure
+// as if it had found the loss itself.
+static void loop_link_lost(mp_obj_mqtt_client_t *self);
+// Whether the loop runs on a thread other than the caller's: then that
+// thread reads the link and the caller only waits.
+static bool loop_on_other_thread(mp_obj_mqtt_client_t *self);
+// Whether the loop runs outside the caller (on another thread, or as
+// scheduled turns the caller is not one of), so that it may reconnect.
+static bool loop_runs_elsewhere(mp_obj_mqtt_client_t *self);
+// And MQTT_LOOP_NAME: the value of mqtt.LOOP, what connect(start_loop=True) starts.

@@ -1,0 +1,397 @@
+// The cycle: locking, the reader's role, receiving and delivering
+// messages, and waiting for acknowledgements. Part of modmqtt.c's
+// translation unit; the loop back-ends (mqtt_loop_*.c) run these cycles.
+//
+// README.md ("The binding inside: locks and roles") draws who may read the
+// link, who may enter the engine and what a scheduled turn may do.
+
+// ---------------------------------------------------------------------------
+// Locking and thread identity
+
+// Identifies the calling thread (without threads, any non-NULL value).
+static void *current_thread(mp_obj_mqtt_client_t *self) {
+    #if MICROPY_PY_THREAD
+    (void)self;
+    return mp_thread_get_state();
+    #else
+    return self;
+    #endif
+}
+
+static void client_lock(mp_obj_mqtt_client_t *self) {
+    #if MICROPY_PY_THREAD
+    // Never wait for our lock while holding the GIL: its holder may need it.
+    MP_THREAD_GIL_EXIT();
+    mp_thread_mutex_lock(&self->lock, 1);
+    MP_THREAD_GIL_ENTER();
+    #endif
+    #if MQTT_LOOP_SCHEDULED
+    self->lock_holder = current_thread(self);
+    #endif
+    (void)self;
+}
+
+static void client_unlock(mp_obj_mqtt_client_t *self) {
+    #if MQTT_LOOP_SCHEDULED
+    self->lock_holder = NULL;
+    #endif
+    #if MICROPY_PY_THREAD
+    mp_thread_mutex_unlock(&self->lock);
+    #endif
+    (void)self;
+}
+
+// Whether the calling thread is inside a message callback of this client.
+static bool in_callback(mp_obj_mqtt_client_t *self) {
+    return self->callback_thread == current_thread(self);
+}
+
+// Marks the calling thread as inside a message callback (or not); returns
+// the previous mark so that nested deliveries restore it.
+static bool set_in_callback(mp_obj_mqtt_client_t *self, bool active) {
+    bool previous = in_callback(self);
+    self->callback_thread = active ? current_thread(self) : NULL;
+    return previous;
+}
+
+// Waits a little while another thread makes progress: for the first
+// milliseconds only by yielding the processor (an acknowledgement on a
+// good link takes well under a millisecond), then in 1 ms sleeps.
+static void pause_briefly(uint32_t waited_ms) {
+    if (waited_ms >= 2) {
+        mp_hal_delay_ms(1);
+        return;
+    }
+    MP_THREAD_GIL_EXIT();
+    #if MQTT_POSIX_POLL
+    sched_yield();
+    #else
+    mp_hal_delay_us(50);
+    #endif
+    MP_THREAD_GIL_ENTER();
+}
+
+// ---------------------------------------------------------------------------
+// Receiving
+
+// Finds whether `filter` (with `callback`) is still in the current table.
+static bool still_subscribed(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback) {
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_tuple_get(self->subscriptions, &n, &items);
+    for (size_t i = 0; i + 1 < n; i += 2) {
+        if (items[i] == filter && items[i + 1] == callback) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// Calls the callback of every subscription whose filter matches `topic`.
+// Called without the lock.
+static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload) {
+    mp_obj_t snapshot = self->subscriptions;
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_tuple_get(snapshot, &n, &items);
+    mqtt_bytes_t topic_bytes = bytes_of_str(topic, "topic");
+    bool outer = set_in_callback(self, true);
+    for (size_t i = 0; i + 1 < n; i += 2) {
+        if (!mqtt_topic_matches(bytes_of_str(items[i], "filter"), topic_bytes)) {
+            continue;
+        }
+        // An unsubscribe() (maybe by an earlier callback) takes effect at once.
+        if (self->subscriptions != snapshot && !still_subscribed(self, items[i], items[i + 1])) {
+            continue;
+        }
+        mp_obj_t args[3] = { MP_OBJ_FROM_PTR(self), payload, topic };
+        call_and_report(items[i + 1], 3, args);
+    }
+    set_in_callback(self, outer);
+}
+
+// A message read from the link, handed to the callbacks once the lock is
+// released.
+typedef struct _delivery_t {
+    mp_obj_t topic;
+    mp_obj_t payload;
+    uint16_t link_generation;
+    // QoS 1/2: acknowledged once the callbacks returned.
+    bool acknowledge;
+} delivery_t;
+
+// Allocates a vstr of `len` bytes without raising; false when out of memory.
+static bool new_buffer(vstr_t *vstr, size_t len) {
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        vstr_init_len(vstr, len);
+        nlr_pop();
+        return true;
+    }
+    return false;
+}
+
+// The engine's sink (mqtt_sink_t): where a step puts the message it
+// reads. Its callbacks never raise; the engine decides what a lack of
+// memory means. A short topic is read on the C stack, so that a topic the
+// firmware already knows as a qstr (any literal in the program) costs no
+// allocation at all; a long one into a heap buffer that becomes the str.
+#define MQTT_TOPIC_ON_STACK (64)
+
+typedef struct _message_sink_t {
+    mp_obj_mqtt_client_t *client;
+    byte short_topic[MQTT_TOPIC_ON_STACK];
+    size_t topic_len;
+    vstr_t long_topic;
+    vstr_t payload;
+    // Heap buffers the step took and no object owns yet.
+    bool topic_taken;
+    bool payload_taken;
+    mp_obj_t topic_obj;
+    mp_obj_t payload_obj;
+} message_sink_t;
+
+static uint8_t *sink_topic(void *context, size_t len) {
+    message_sink_t *sink = context;
+    sink->topic_len = len;
+    if (len <= MQTT_TOPIC_ON_STACK) {
+        return sink->short_topic;
+    }
+    sink->topic_taken = new_buffer(&sink->long_topic, len);
+    return sink->topic_taken ? (uint8_t *)sink->long_topic.buf : NULL;
+}
+
+static uint8_t *sink_payload(void *context, size_t len) {
+    message_sink_t *sink = context;
+    sink->payload_taken = new_buffer(&sink->payload, len);
+    return sink->payload_taken ? (uint8_t *)sink->payload.buf : NULL;
+}
+
+// Builds the topic str and payload bytes from their buffers.
+static bool sink_message_ready(void *context) {
+    message_sink_t *sink = context;
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) != 0) {
+        return false;
+    }
+    // The engine checked the topic's UTF-8 already.
+    sink->topic_obj = sink->topic_len <= MQTT_TOPIC_ON_STACK
+        ? mp_obj_new_str((const char *)sink->short_topic, sink->topic_len)
+        : mp_obj_new_str_from_vstr(&sink->long_topic);
+    sink->payload_obj = mp_obj_new_bytes_from_vstr(&sink->payload);
+    nlr_pop();
+    // The objects own the buffers now.
+    sink->topic_taken = false;
+    sink->payload_taken = false;
+    return true;
+}
+
+// The publish in `slot` is acknowledged: what was kept to resend it goes.
+static void sink_completed(void *context, uint8_t slot) {
+    mp_obj_mqtt_client_t *self = ((message_sink_t *)context)->client;
+    if (self->held != NULL && slot < MQTT_INFLIGHT_MAX) {
+        self->held[2 * slot] = MP_OBJ_NULL;
+        self->held[2 * slot + 1] = MP_OBJ_NULL;
+    }
+}
+
+// Handles what has arrived, up to the first message to deliver, then runs
+// the timers: one engine step. Called with the lock held. Returns MQTT_OK
+// or an engine error (a link failure).
+static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
+    if (self->stream == MP_OBJ_NULL) {
+        return MQTT_ERR_NOT_CONNECTED;
+    }
+    mqtt_transport_t transport = transport_of(self);
+    message_sink_t message = { .client = self };
+    mqtt_sink_t sink = {
+        .context = &message,
+        .topic = sink_topic,
+        .payload = sink_payload,
+        .message_ready = sink_message_ready,
+        .completed = sink_completed,
+    };
+    mqtt_outcome_t outcome;
+    int status = mqtt_session_step(session_of(self), &transport, now_ms(), &sink, &outcome);
+    // What a step that did not finish its message left behind.
+    if (message.topic_taken) {
+        vstr_clear(&message.long_topic);
+    }
+    if (message.payload_taken) {
+        vstr_clear(&message.payload);
+    }
+    if (status != MQTT_OK) {
+        return status;
+    }
+    if (outcome.kind == MQTT_OUTCOME_CONNACK) {
+        // connect() is waiting for this.
+        self->return_code = outcome.code;
+    } else if (outcome.kind == MQTT_OUTCOME_DROPPED) {
+        mp_printf(MICROPY_ERROR_PRINTER, "mqtt: message of %u bytes dropped: out of memory\n", (unsigned)outcome.payload_len);
+    } else if (outcome.kind == MQTT_OUTCOME_MESSAGE) {
+        delivery->topic = message.topic_obj;
+        delivery->payload = message.payload_obj;
+        delivery->link_generation = self->link_generation;
+        delivery->acknowledge = outcome.acknowledge;
+    }
+    return MQTT_OK;
+}
+
+// Waits for input, handles it and delivers a message that arrived; the
+// body of run_cycle, run by the thread that holds the reader's role.
+static int read_and_deliver(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
+    client_lock(self);
+    mp_obj_t stream = self->stream;
+    int fd = self->sock_fd;
+    bool buffers = self->stream_buffers;
+    // Wake up in time for the keepalive timers; do not wait at all when
+    // the engine holds input it read ahead.
+    wait_ms = mqtt_session_has_input(session_of(self)) ? 0 : mqtt_session_next_timer(session_of(self), now_ms(), wait_ms);
+    client_unlock(self);
+    if (stream == MP_OBJ_NULL) {
+        mp_hal_delay_ms(wait_ms);
+        return MQTT_ERR_NOT_CONNECTED;
+    }
+    // Another thread may close the stream while we wait: the wait then
+    // ends early, and the lock below sees the change.
+    bool ready = wait_ready(stream, fd, MP_STREAM_POLL_RD, wait_ms, buffers);
+    delivery_t delivery = { .topic = MP_OBJ_NULL };
+    client_lock(self);
+    self->input_ready = ready && self->stream == stream;
+    int status = process_input(self, &delivery);
+    self->input_ready = false;
+    if (status != MQTT_OK && self->stream != MP_OBJ_NULL) {
+        drop_link(self);
+    }
+    client_unlock(self);
+    if (delivery.topic == MP_OBJ_NULL) {
+        return status;
+    }
+    deliver(self, delivery.topic, delivery.payload);
+    if (!delivery.acknowledge || status != MQTT_OK) {
+        // QoS 0 needs nothing more from the link: no lock to take (a
+        // publisher woken by the callback is likely waiting for it).
+        return status;
+    }
+    client_lock(self);
+    if (self->link_generation != delivery.link_generation || self->stream == MP_OBJ_NULL) {
+        // A callback disconnected or reconnected: that link is gone.
+        status = MQTT_LINK_REPLACED;
+    } else {
+        mqtt_transport_t transport = transport_of(self);
+        status = mqtt_session_finish_message(session_of(self), &transport, now_ms());
+        if (status != MQTT_OK) {
+            drop_link(self);
+        }
+    }
+    client_unlock(self);
+    return status;
+}
+
+// One cycle: waits up to `wait_ms` for input (without the lock), handles
+// it, and calls the callbacks of a message that arrived (without the
+// lock). A failed link is closed before this returns its status.
+//
+// One thread at a time reads the link, from its wait to the end of the
+// message it delivers: messages reach the callbacks one at a time, in
+// order, and no other thread waits on or reads the socket meanwhile.
+// Another thread that wants a cycle then just lets the reader work.
+static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
+    void *me = current_thread(self);
+    client_lock(self);
+    void *outer = self->reader;
+    bool busy = outer != NULL && outer != me;
+    if (!busy) {
+        self->reader = me;
+    }
+    client_unlock(self);
+    if (busy) {
+        pause_briefly(0);
+        return MQTT_OK;
+    }
+    // An exception (a KeyboardInterrupt while a board's wait runs pending
+    // events) must not leave the reader's role taken.
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) != 0) {
+        self->reader = outer;
+        nlr_jump(nlr.ret_val);
+    }
+    int status = read_and_deliver(self, wait_ms);
+    nlr_pop();
+    self->reader = outer;
+    return status;
+}
+
+// ---------------------------------------------------------------------------
+// Waiting for acknowledgements
+
+static NORETURN void raise_still_in_flight(const char *why) {
+    raise_mqtt(MQTT_EXC_TIMEOUT, why, NULL);
+}
+
+// Waits until the command behind `ticket` is answered; returns its code
+// (CONNACK or SUBACK return code). Runs cycles itself unless the loop runs
+// on another thread. What an answer that does not come means (a timeout,
+// a lost link, waiting for a loop that may reconnect) is the engine's
+// verdict; this raises it: MQTTException(TIMEOUT) for a publish, which
+// stays in flight and goes again after a reconnect; OSError otherwise.
+static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket) {
+    uint32_t since = now_ms();
+    // The status of a cycle of ours that lost the link, if one did.
+    int failure = MQTT_OK;
+    for (;;) {
+        uint8_t code = 0;
+        client_lock(self);
+        int verdict = mqtt_session_await(session_of(self), ticket, now_ms(), since, loop_runs_elsewhere(self), &code);
+        client_unlock(self);
+        switch (verdict) {
+            case MQTT_AWAIT_ANSWERED:
+                return code;
+            case MQTT_AWAIT_CONNECT_TIMED_OUT:
+                // A broker that does not answer CONNECT counts as unreachable.
+                mp_raise_OSError(MP_ETIMEDOUT);
+            case MQTT_AWAIT_TIMED_OUT:
+                raise_still_in_flight("timeout: no acknowledgement within command_timeout");
+            case MQTT_AWAIT_LINK_LOST_IN_FLIGHT:
+                clear_pending(self);
+                raise_still_in_flight("link lost: the message stays in flight");
+            case MQTT_AWAIT_LINK_LOST:
+                if (failure != MQTT_OK) {
+                    // What broke the link says more than ENOTCONN.
+                    raise_status(self, failure);
+                }
+                mp_raise_OSError(MP_ENOTCONN);
+            case MQTT_AWAIT_RECONNECT:
+                // A loop runs elsewhere and may reconnect (in loop_failure);
+                // a scheduled loop's turns run meanwhile.
+                clear_pending(self);
+                pause_briefly(now_ms() - since);
+                continue;
+            default:
+                break;
+        }
+        if (loop_on_other_thread(self)) {
+            pause_briefly(now_ms() - since);
+            continue;
+        }
+        int status = run_cycle(self, self->cycle_timeout_ms);
+        if (status != MQTT_OK && status != MQTT_LINK_REPLACED) {
+            loop_link_lost(self);
+            failure = status;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The loop
+
+// After a failed cycle: calls loop_failure(client) and tells whether it
+// returned RECOVERED (anything else, an exception, or no callback: no).
+static bool loop_failure_recovers(mp_obj_mqtt_client_t *self) {
+    if (self->loop_failure == mp_const_none) {
+        return false;
+    }
+    mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
+    mp_obj_t verdict = call_and_report(self->loop_failure, 1, &self_obj);
+    return verdict != MP_OBJ_NULL && mp_obj_is_small_int(verdict) && MP_OBJ_SMALL_INT_VALUE(verdict) == MQTT_RECOVERED;
+}
