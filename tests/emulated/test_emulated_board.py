@@ -155,7 +155,7 @@ def test_session_at_every_qos_with_a_peer(boards, broker):
 # before the first reading, so they are not counted.
 MQTT_HEAP = """
 import gc
-mqtt = client = grown = None
+mqtt = client = grown = client_alone = imported = None
 
 def on_message(client, payload, topic):
     pass
@@ -164,14 +164,18 @@ print(BRIDGE)
 gc.collect()
 before = gc.mem_alloc()
 import mqtt
+gc.collect()
+imported = gc.mem_alloc()
 client = mqtt.Client("emulated-board")
+gc.collect()
+client_alone = gc.mem_alloc() - imported
 client.connect("broker", 60, stream=uart, start_loop=False)
 client.subscribe("emu/heap", on_message, qos=0)
 gc.collect()
 grown = gc.mem_alloc() - before
 client.disconnect()
 uart.drain()
-result(grown)
+result((grown, client_alone))
 """
 
 # umqtt.simple opens its own socket: socket_standin.py gives it the UART.
@@ -203,7 +207,7 @@ result(grown)
 
 def test_heap_after_import_client_connect_subscribe(boards, broker, capsys):
     board = boards()
-    mqtt_grown = run_for_result(board, MQTT_HEAP, broker_port=broker.port)
+    mqtt_grown, client_alone = run_for_result(board, MQTT_HEAP, broker_port=broker.port)
     umqtt = "umqtt.simple not measured (set MQTT_UMQTT_DIR)"
     if UMQTT_DIR:
         source = (Path(UMQTT_DIR) / "umqtt" / "simple.py").read_text()
@@ -214,6 +218,6 @@ def test_heap_after_import_client_connect_subscribe(boards, broker, capsys):
     with capsys.disabled():
         print(
             f"\nemulated {board.name} heap after import+Client+connect+subscribe: "
-            f"mqtt {mqtt_grown} B, {umqtt}"
+            f"mqtt {mqtt_grown} B (the Client object alone {client_alone} B), {umqtt}"
         )
-    assert 0 < mqtt_grown < 4096
+    assert 0 < client_alone < mqtt_grown < 4096
