@@ -54,23 +54,33 @@ suite_apt() {
     apt-get -qq "${options[@]}" "$@" >&2
 }
 
-# Prints the folder of Debian's micropython 1.25 source package (Debian 12
-# has none), fetching it once. Debian's tree ships MicroPython's lib/
-# submodules empty and makes the unix port use the system's mbedtls.
+# Prints the folder of a Debian suite's micropython source package,
+# fetching it once: trixie's (1.25, the default; Debian 12 has none) or
+# sid's (whatever version unstable carries, 1.26.1 at the time of
+# writing). Debian's tree ships MicroPython's lib/ submodules empty and
+# makes the unix port use the system's mbedtls.
 micropython_source() {
+    local suite=${1:-trixie}
     local cache="$work/micropython-source"
+    [[ $suite == trixie ]] || cache="$cache-$suite"
     local tree
-    tree=$(find "$cache" -maxdepth 1 -type d -name 'micropython-1.25*' 2>/dev/null | head -n 1)
+    tree=$(find "$cache" -maxdepth 1 -type d -name 'micropython-[0-9]*' 2>/dev/null | sort -V | tail -n 1)
     if [[ -z "$tree" ]]; then
-        echo "Fetching Debian's micropython 1.25 source package..." >&2
+        echo "Fetching Debian $suite's micropython source package..." >&2
         mkdir -p "$cache"
-        (cd "$cache" && suite_apt trixie source micropython) || return 1
-        tree=$(find "$cache" -maxdepth 1 -type d -name 'micropython-1.25*' | head -n 1)
+        (cd "$cache" && suite_apt "$suite" source micropython) || return 1
+        tree=$(find "$cache" -maxdepth 1 -type d -name 'micropython-[0-9]*' | sort -V | tail -n 1)
     fi
     if [[ -z "$tree" || ! -f "$tree/py/mpconfig.h" ]]; then
-        echo "Debian's micropython 1.25 source tree is not under $cache" \
+        echo "Debian $suite's micropython source tree is not under $cache" \
              "(delete that folder to fetch it again)." >&2
         return 1
     fi
     echo "$tree"
+}
+
+# The version of the MicroPython source tree in folder $1 (1.25.0, say).
+micropython_version() {
+    awk '/#define MICROPY_VERSION_(MAJOR|MINOR|MICRO) / { v = v (v ? "." : "") $3 } END { print v }' \
+        "$1/py/mpconfig.h"
 }

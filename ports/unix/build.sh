@@ -4,9 +4,10 @@
 #   ports/unix/build.sh [MICROPYTHON_DIR]
 #
 # MICROPYTHON_DIR (or the MICROPY_DIR environment variable) is a MicroPython
-# source tree of your own. Without one, Debian's micropython 1.25 source
-# package is fetched once into .build/ (needs apt-get and dpkg-dev).
-# The firmware lands in .build/unix/micropython; its path is printed.
+# source tree of your own (1.25 or 1.26); the firmware then lands in
+# .build/unix-mpVERSION/. Without one, Debian's micropython 1.25 source
+# package is fetched once into .build/ (needs apt-get and dpkg-dev) and the
+# firmware lands in .build/unix/micropython. Its path is printed.
 #
 # The variants below combine: each adds its suffix to the build folder (for
 # example MQTT_SANITIZE=1 MQTT_TIMER_LOOP=1 builds .build/unix-sanitize-timer).
@@ -32,9 +33,10 @@ work="$repo/.build"
 # shellcheck source=ports/debian.sh
 source "$repo/ports/debian.sh"
 micropython=${1:-${MICROPY_DIR:-}}
-
+own_tree=1
 if [[ -z "$micropython" ]]; then
     micropython=$(micropython_source)
+    own_tree=0
 fi
 micropython=$(cd "$micropython" && pwd)
 
@@ -44,6 +46,11 @@ mkdir -p "$work/usermod"
 ln -sfn "$repo" "$work/usermod/mqtt"
 
 build="$work/unix"
+# Another tree than Debian's 1.25 builds in a folder of its own, named by
+# its version (.build/unix-mp1.26.1, say).
+if (( own_tree )); then
+    build="$build-mp$(micropython_version "$micropython")"
+fi
 manifest="$repo/ports/unix/manifest.py"
 cflags=""
 options=()
