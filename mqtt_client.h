@@ -1,6 +1,9 @@
 // The client object, and what the binding's files share (see modmqtt.c).
 
-#if defined(__unix__) || defined(__APPLE__)
+// Waiting for a socket: POSIX poll() on unix, without the interpreter
+// lock; elsewhere the stream's poll and short sleeps (see sleep_a_little).
+// MQTT_ESP32_PATH=1 makes a unix firmware wait the esp32 way.
+#if (defined(__unix__) || defined(__APPLE__)) && !MQTT_ESP32_PATH
 #include <errno.h>
 #include <poll.h>
 #include <sched.h>

@@ -59,7 +59,7 @@ static bool set_in_callback(mp_obj_mqtt_client_t *self, bool active) {
 // good link takes well under a millisecond), then in 1 ms sleeps.
 static void pause_briefly(uint32_t waited_ms) {
     if (waited_ms >= 2) {
-        mp_hal_delay_ms(1);
+        sleep_a_little();
         return;
     }
     MP_THREAD_GIL_EXIT();
@@ -249,7 +249,9 @@ static int read_and_deliver(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
     wait_ms = mqtt_session_has_input(session_of(self)) ? 0 : mqtt_session_next_timer(session_of(self), now_ms(), wait_ms);
     client_unlock(self);
     if (stream == MP_OBJ_NULL) {
-        mp_hal_delay_ms(wait_ms);
+        for (uint32_t start = now_ms(); now_ms() - start < wait_ms;) {
+            sleep_a_little();
+        }
         return MQTT_ERR_NOT_CONNECTED;
     }
     // Another thread may close the stream while we wait: the wait then

@@ -25,6 +25,25 @@ static mp_uint_t stream_poll(mp_obj_t stream, mp_uint_t events, int *errcode) {
     return MP_STREAM_ERROR;
 }
 
+// Sleeps about a millisecond after running pending events. With the
+// interpreter lock (esp32), mp_hal_delay_ms would spin holding it, and
+// starve the other threads: sleep the way select.poll waits there instead,
+// the lock released.
+static void sleep_a_little(void) {
+    #if MICROPY_PY_THREAD_GIL
+    mp_handle_pending(true);
+    MP_THREAD_GIL_EXIT();
+    #ifdef ESP_PLATFORM
+    ulTaskNotifyTake(pdFALSE, 1);
+    #else
+    mp_hal_delay_us(1000);
+    #endif
+    MP_THREAD_GIL_ENTER();
+    #else
+    mp_hal_delay_ms(1);
+    #endif
+}
+
 // Waits up to `timeout_ms` for the stream (whose socket has descriptor
 // `fd`, or -1) to be ready for `events`. Returns false when the time ran
 // out. Never raises on POSIX ports.
@@ -66,7 +85,7 @@ static bool wait_ready(mp_obj_t stream, int fd, mp_uint_t events, uint32_t timeo
         if (now_ms() - start >= timeout_ms) {
             return false;
         }
-        mp_hal_delay_ms(1);
+        sleep_a_little();
     }
 }
 
@@ -153,22 +172,13 @@ static int transport_readable(void *context) {
     }
     int errcode = 0;
     mp_uint_t ready = stream_poll(self->stream, MP_STREAM_POLL_RD, &errcode);
-    if (ready == MP_STREAM_ERROR) {
-        // Let the read find out what is wrong.
-        return 1;
-    }
-    return (ready & (MP_STREAM_POLL_RD | MP_STREAM_POLL_ERR | MP_STREAM_POLL_HUP)) ? 1 : 0;
+    // On an error, let the read find out what is wrong.
+    return ready == MP_STREAM_ERROR || (ready & (MP_STREAM_POLL_RD | MP_STREAM_POLL_ERR | MP_STREAM_POLL_HUP));
 }
 
 // Not inlined: one copy of the code that fills it, not one per engine call.
 static MP_NOINLINE mqtt_transport_t transport_of(mp_obj_mqtt_client_t *self) {
-    mqtt_transport_t transport = {
-        .context = self,
-        .read = transport_read,
-        .write = transport_write,
-        .readable = transport_readable,
-    };
-    return transport;
+    return (mqtt_transport_t) { .context = self, .read = transport_read, .write = transport_write, .readable = transport_readable };
 }
 
 // ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Not a test: it prints figures and ratios, and asserts nothing about them.
 
 import argparse
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -101,6 +102,31 @@ while time.ticks_diff(time.ticks_ms(), last_at) < 2000 and count[0] < FLOOD:
         last = count[0]; last_at = time.ticks_ms()
 print("flood_received", count[0])
 print("flood_rate", count[0] * 1000 / max(1, time.ticks_diff(last_at, first_at or last_at)))
+client.disconnect()
+"""
+
+# Round trips and QoS 1 publishes from a thread that blocks on a lock while
+# it waits, as a threaded application does: what the loop thread and the
+# application make of the interpreter lock (on esp32) shows here.
+WAITING_SCRIPT = """
+import _thread, time, mqtt
+arrived = _thread.allocate_lock()
+arrived.acquire()
+def on_message(client, payload, topic):
+    arrived.release()
+client = mqtt.Client("bench-waiting")
+client.connect("127.0.0.1", 60, port=PORT)
+client.subscribe("bench/waiting", on_message)
+payload = b"x" * PAYLOAD
+start = time.ticks_us()
+for i in range(ROUND_TRIPS):
+    client.publish("bench/waiting", payload)
+    arrived.acquire()
+print("waiting_rate", ROUND_TRIPS * 1000000 / max(1, time.ticks_diff(time.ticks_us(), start)))
+start = time.ticks_us()
+for i in range(QOS1):
+    client.publish("bench/waiting/q1", payload, qos=1)
+print("waiting_qos1_rate", QOS1 * 1000000 / max(1, time.ticks_diff(time.ticks_us(), start)))
 client.disconnect()
 """
 
@@ -419,10 +445,48 @@ def print_table(results, counts):
             print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
 
 
-def build(freeze=None):
+def waiting_figures(firmware, port, count):
+    """QoS 0 round trips and QoS 1 publishes per second, and the CPU time of
+    each (the process's, less that of a run without them)."""
+
+    def run(round_trips, qos1):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        counts = {"PORT": port, "ROUND_TRIPS": round_trips, "QOS1": qos1, "PAYLOAD": PAYLOAD}
+        figures = run_micropython(firmware, WAITING_SCRIPT, counts, lambda: None)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return figures, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+    _, idle = run(0, 0)
+    round_trips, round_trips_cpu = run(count, 0)
+    publishes, publishes_cpu = run(0, count)
+    return [
+        round_trips["waiting_rate"],
+        (round_trips_cpu - idle) / count * 1e6,
+        publishes["waiting_qos1_rate"],
+        (publishes_cpu - idle) / count * 1e6,
+    ]
+
+
+def print_waiting_table(default, esp32, count):
+    print(f"\nthe esp32 path: {count:,} QoS 0 round trips, then {count:,} QoS 1 publishes, from a thread"
+          " that blocks on a lock while it waits\n")
+    labels = ["QoS 0 round trips per second", "CPU time per QoS 0 round trip (us)",
+              "QoS 1 publishes per second", "CPU time per QoS 1 publish (us)"]
+    lines = [["figure", "unix (no interpreter lock, POSIX poll)", "esp32 path (interpreter lock, no POSIX poll)"]]
+    lines += [[label, cell(ours), cell(theirs)] for label, ours, theirs in zip(labels, default, esp32)]
+    widths = [max(len(line[i]) for line in lines) for i in range(3)]
+    for index, line in enumerate(lines):
+        print("| " + " | ".join(text.ljust(widths[i]) if i == 0 else text.rjust(widths[i]) for i, text in enumerate(line)) + " |")
+        if index == 0:
+            print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+
+
+def build(freeze=None, esp32_path=False):
     environment = dict(os.environ)
     if freeze:
         environment["MQTT_FREEZE_PACKAGE"] = f"{freeze}:umqtt"
+    if esp32_path:
+        environment["MQTT_ESP32_PATH"] = "1"
     output = subprocess.run(
         [str(REPO / "ports" / "unix" / "build.sh")], env=environment, check=True, stdout=subprocess.PIPE, text=True
     )
@@ -440,7 +504,9 @@ def main():
         counts = {"ROUND_TRIPS": 20000, "QOS1": 10000, "FLOOD": 100000, "SOAK": 1000000, "PAYLOAD": PAYLOAD}
 
     firmware = build()
+    esp32_firmware = build(esp32_path=True)
     umqtt_firmware = build(options.umqtt) if options.umqtt else None
+    waiting = 200 if options.quick else 5000
     results = {}
     with tempfile.TemporaryDirectory() as directory:
         broker = Broker(directory)
@@ -456,12 +522,14 @@ def main():
             results["paho"] = paho_peer(port, counts)
             results["raw"] = raw_socket_peer(port, counts)
             results["raw"].update(raw_socket_flood(port, counts))
+            waits = [waiting_figures(build_firmware, port, waiting) for build_firmware in (firmware, esp32_firmware)]
         finally:
             broker.stop()
     for figures in results.values():
         if "flood_received" in figures:
             figures["flood_lost"] = counts["FLOOD"] - figures["flood_received"]
     print_table(results, counts)
+    print_waiting_table(*waits, waiting)
 
 
 if __name__ == "__main__":

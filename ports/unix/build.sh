@@ -23,6 +23,11 @@
 # threads (MICROPY_PY_THREAD=0), like ESP8266-class boards: the client's
 # loop then runs as scheduled cycles on the interpreter's thread.
 #
+# MQTT_ESP32_PATH=1 builds .build/unix-esp32/micropython instead, which runs
+# the module the way esp32 does: the interpreter lock on (the variant in
+# ports/unix/gil), the loop on a thread, and no POSIX poll: the binding
+# waits with the stream's poll and short sleeps that release the lock.
+#
 # MQTT_TIMER_LOOP=1 builds .build/unix-timer/micropython instead, whose loop
 # is scheduled as on the rp2 and lwIP boards: by a socket's option 20 and a
 # machine.Timer (tests/test_timer_loop.py gives it stand-ins for both).
@@ -71,6 +76,11 @@ fi
 if [[ "${MQTT_THREAD:-1}" == 0 ]]; then
     build="$build-nothread"
     options+=(MICROPY_PY_THREAD=0)
+fi
+if [[ -n "${MQTT_ESP32_PATH:-}" ]]; then
+    build="$build-esp32"
+    options+=(VARIANT_DIR="$repo/ports/unix/gil")
+    cflags="$cflags -DMQTT_ESP32_PATH=1"
 fi
 if [[ -n "${MQTT_TIMER_LOOP:-}" ]]; then
     build="$build-timer"
