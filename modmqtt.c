@@ -1,17 +1,10 @@
-// The MicroPython binding of the `mqtt` module: one translation unit, in
-// files by concern, so that the compiler sees it whole (and its flash
-// size does not grow):
-// - modmqtt.c (this file): the Python API: the Client class, its
-//   arguments, connecting, the module.
-// - mqtt_client.h: the client object; which loop back-end this port uses.
-// - mqtt_link.c: the engine's transport over a MicroPython stream, opening
-//   the link, and what engine statuses mean as exceptions.
-// - mqtt_cycle.c: locking, the reader's role, receiving and waiting for
-//   acknowledgements (README.md draws the locks and roles).
-// - mqtt_loop_*.c: the loop back-ends, one of which the port compiles in.
-//
-// The binding knows Python, not MQTT: every protocol decision is made by
-// the Rust engine (src/, mqtt_engine.h).
+// The MicroPython binding of the `mqtt` module: the Python API (the Client
+// class, its arguments, connecting, the module). It includes the binding's
+// other files, so that the compiler sees one translation unit: the client
+// object and the port's loop back-end (mqtt_client.h), the link
+// (mqtt_link.c), the cycle (mqtt_cycle.c) and the loop (mqtt_loop_*.c).
+// README.md ("For contributors") says more. The binding knows Python, not
+// MQTT: every protocol decision is made by the Rust engine (src/).
 
 #include <string.h>
 

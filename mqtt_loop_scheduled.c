@@ -108,7 +108,6 @@ static mp_obj_t client_wake(mp_obj_t self_in, mp_obj_t arg) {
 }
 static MP_DEFINE_CONST_FUN_OBJ_2(client_wake_obj, client_wake);
 
-
 static void loop_start(mp_obj_mqtt_client_t *self) {
     if (self->loop_state != LOOP_RUNNING) {
         start_scheduled(self);
