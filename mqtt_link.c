@@ -299,11 +299,15 @@ static mp_obj_t open_socket(mp_obj_mqtt_client_t *self) {
         mp_obj_t timeout = mp_obj_new_float((mp_float_t)mqtt_session_command_timeout(session_of(self)) / 1000);
         call_method(sock, MP_QSTR_settimeout, 1, &timeout);
         call_method(sock, MP_QSTR_connect, 1, &fields[n_fields - 1]);
-        // TCP_NODELAY (IPPROTO_TCP 6, option 1 on Linux and lwIP) so a small
-        // packet leaves at once; ports without it just keep Nagle.
+        // TCP_NODELAY (at IPPROTO_TCP, 6), so that a small packet leaves at
+        // once: the socket module's number for it (lwIP's is 0x40), or Linux's
+        // where it names none; ports without the option just keep Nagle.
         nlr_buf_t nodelay;
         if (nlr_push(&nodelay) == 0) {
-            mp_obj_t option[3] = { MP_OBJ_NEW_SMALL_INT(6), MP_OBJ_NEW_SMALL_INT(1), MP_OBJ_NEW_SMALL_INT(1) };
+            mp_obj_t found[2];
+            mp_load_method_maybe(socket_module, MP_QSTR_TCP_NODELAY, found);
+            mp_obj_t tcp_nodelay = found[0] != MP_OBJ_NULL ? found[0] : MP_OBJ_NEW_SMALL_INT(1);
+            mp_obj_t option[3] = { MP_OBJ_NEW_SMALL_INT(6), tcp_nodelay, MP_OBJ_NEW_SMALL_INT(1) };
             call_method(sock, MP_QSTR_setsockopt, 3, option);
             nlr_pop();
         }

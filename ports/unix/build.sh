@@ -28,6 +28,12 @@
 # ports/unix/gil), the loop on a thread, and no POSIX poll: the binding
 # waits with the stream's poll and short sleeps that release the lock.
 #
+# MQTT_LWIP=1 builds .build/unix-lwip/micropython instead, whose `socket`
+# module is MicroPython's own lwIP binding (extmod/modlwip.c) over Debian
+# 13's lwIP 2.2.1, as on the Pico W and the other lwIP boards; the glue
+# (ports/unix/lwip/) runs its Ethernet interface over a Linux TAP device,
+# named by MQTT_LWIP_TAP when the firmware starts (tests/lwip_network.py).
+#
 # MQTT_TIMER_LOOP=1 builds .build/unix-timer/micropython instead, whose loop
 # is scheduled as on the rp2 and lwIP boards: by a socket's option 20 and a
 # machine.Timer (tests/test_timer_loop.py gives it stand-ins for both).
@@ -47,8 +53,35 @@ micropython=$(cd "$micropython" && pwd)
 
 # USER_C_MODULES takes every */micropython.mk of the folder it names, so
 # name a private folder that holds only a link to this repository.
-mkdir -p "$work/usermod"
-ln -sfn "$repo" "$work/usermod/mqtt"
+usermod="$work/usermod"
+mkdir -p "$usermod"
+ln -sfn "$repo" "$usermod/mqtt"
+
+# A copy of the MicroPython tree whose empty lib/lwip is a link to
+# Debian 13's lwIP source (extmod.mk expects lwIP there), so that the tree
+# the other builds use stays untouched.
+tree_with_lwip() {
+    local source=$1
+    local copy="$work/unix-lwip-src/micropython-$(micropython_version "$source")"
+    local lwip
+    lwip=$(find "$work/lwip-source" -maxdepth 1 -type d -name 'lwip-2*' 2>/dev/null | head -n 1)
+    if [[ -z "$lwip" ]]; then
+        echo "Fetching Debian 13's lwip source package..." >&2
+        mkdir -p "$work/lwip-source"
+        (cd "$work/lwip-source" && suite_apt trixie source lwip) || exit 1
+        lwip=$(find "$work/lwip-source" -maxdepth 1 -type d -name 'lwip-2*' | head -n 1)
+    fi
+    if [[ ! -f "$copy/.copied-from" || $(cat "$copy/.copied-from") != "$source" ]]; then
+        echo "Copying $source to $copy..." >&2
+        rm -rf "$copy"
+        mkdir -p "$copy"
+        tar -C "$source" --exclude=./mpy-cross/build --exclude='./ports/*/build*' -cf - . | tar -C "$copy" -xf -
+        echo "$source" > "$copy/.copied-from"
+        rm -rf "$copy/lib/lwip"
+        ln -s "$lwip" "$copy/lib/lwip"
+    fi
+    echo "$copy"
+}
 
 build="$work/unix"
 # Another tree than Debian's 1.25 builds in a folder of its own, named by
@@ -82,6 +115,15 @@ if [[ -n "${MQTT_ESP32_PATH:-}" ]]; then
     options+=(VARIANT_DIR="$repo/ports/unix/gil")
     cflags="$cflags -DMQTT_ESP32_PATH=1"
 fi
+if [[ -n "${MQTT_LWIP:-}" ]]; then
+    build="$build-lwip"
+    micropython=$(tree_with_lwip "$micropython")
+    usermod="$work/usermod-lwip"
+    mkdir -p "$usermod"
+    ln -sfn "$repo" "$usermod/mqtt"
+    ln -sfn "$repo/ports/unix/lwip" "$usermod/lwip"
+    options+=(MICROPY_PY_SOCKET=0 MICROPY_PY_LWIP=1)
+fi
 if [[ -n "${MQTT_TIMER_LOOP:-}" ]]; then
     build="$build-timer"
     cflags="$cflags -DMQTT_TIMER_LOOP=1"
@@ -101,7 +143,7 @@ log="$build/make.log"
 if ! { make -s -C "$micropython/mpy-cross" -j"$jobs" &&
        make -s -C "$micropython/ports/unix" -j"$jobs" \
            BUILD="$build" \
-           USER_C_MODULES="$work/usermod" \
+           USER_C_MODULES="$usermod" \
            FROZEN_MANIFEST="$manifest" \
            MICROPY_SSL_AXTLS=0 MICROPY_SSL_MBEDTLS=1 MICROPY_PY_BTREE=0 "${options[@]}"; } > "$log" 2>&1; then
     tail -n 40 "$log" >&2

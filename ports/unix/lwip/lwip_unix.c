@@ -1,0 +1,145 @@
+// lwIP under the unix firmware that stands in for MicroPython's lwIP boards
+// (Pico W, ESP8266...): its `socket` module is extmod/modlwip.c over a real
+// lwIP, whose Ethernet interface is a Linux TAP device (tap_linux.c).
+//
+// A thread stands in for the boards' network interrupt: it feeds lwIP the
+// frames that arrive and runs lwIP's timers, inside the lock the boards
+// take around lwIP (MICROPY_PY_LWIP_ENTER/EXIT), so that the sockets'
+// callbacks (option 20) fire from that context, as they do on a board.
+//
+// The interface comes up when the firmware starts, if the environment says
+// how: MQTT_LWIP_TAP=NAME,ADDRESS,GATEWAY (tap0,10.0.0.2,10.0.0.1, say;
+// the netmask is 255.255.255.0). The TAP device must exist; the tests make
+// one inside a network namespace of their own.
+
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "py/mphal.h"
+#include "lwip/etharp.h"
+#include "lwip/init.h"
+#include "lwip/netif.h"
+#include "lwip/pbuf.h"
+#include "lwip/timeouts.h"
+#include "netif/ethernet.h"
+
+int tap_open(const char *name);
+
+// modlwip.c's DNS lookups ask for it; MicroPython's network module (not
+// built here) defines it on the boards.
+int mp_mod_network_prefer_dns_use_ip_version = 4;
+
+static pthread_mutex_t lwip_mutex;
+static struct netif tap_netif;
+static int tap_fd = -1;
+
+#define FRAME_MAX (1514)
+
+void lwip_unix_lock(void) {
+    pthread_mutex_lock(&lwip_mutex);
+}
+
+void lwip_unix_unlock(void) {
+    pthread_mutex_unlock(&lwip_mutex);
+}
+
+u32_t sys_now(void) {
+    return (u32_t)mp_hal_ticks_ms();
+}
+
+static err_t tap_output(struct netif *netif, struct pbuf *frame) {
+    (void)netif;
+    uint8_t bytes[FRAME_MAX];
+    u16_t len = pbuf_copy_partial(frame, bytes, sizeof(bytes), 0);
+    return write(tap_fd, bytes, len) == len ? ERR_OK : ERR_IF;
+}
+
+static err_t tap_netif_init(struct netif *netif) {
+    netif->name[0] = 't';
+    netif->name[1] = 'p';
+    netif->output = etharp_output;
+    netif->linkoutput = tap_output;
+    netif->mtu = 1500;
+    netif->hwaddr_len = ETH_HWADDR_LEN;
+    static const uint8_t address[ETH_HWADDR_LEN] = { 0x02, 0x00, 0x00, 0x00, 0x00, 0x02 };
+    memcpy(netif->hwaddr, address, ETH_HWADDR_LEN);
+    netif->flags = NETIF_FLAG_BROADCAST | NETIF_FLAG_ETHARP | NETIF_FLAG_ETHERNET;
+    return ERR_OK;
+}
+
+// The boards' network interrupt: frames in, timers run, under the lock.
+static void *service(void *unused) {
+    (void)unused;
+    for (;;) {
+        struct pollfd ready = { .fd = tap_fd, .events = POLLIN };
+        if (poll(&ready, 1, 10) > 0) {
+            uint8_t bytes[FRAME_MAX];
+            ssize_t len = read(tap_fd, bytes, sizeof(bytes));
+            if (len > 0) {
+                lwip_unix_lock();
+                struct pbuf *frame = pbuf_alloc(PBUF_RAW, (u16_t)len, PBUF_POOL);
+                if (frame != NULL) {
+                    pbuf_take(frame, bytes, (u16_t)len);
+                    if (tap_netif.input(frame, &tap_netif) != ERR_OK) {
+                        pbuf_free(frame);
+                    }
+                }
+                lwip_unix_unlock();
+            }
+        }
+        lwip_unix_lock();
+        sys_check_timeouts();
+        lwip_unix_unlock();
+    }
+    return NULL;
+}
+
+static int parse_address(const char *text, ip4_addr_t *address) {
+    return ip4addr_aton(text, address);
+}
+
+// Brings the TAP interface up as MQTT_LWIP_TAP says, before the program runs.
+__attribute__((constructor)) static void lwip_unix_start(void) {
+    const char *setting = getenv("MQTT_LWIP_TAP");
+    pthread_mutexattr_t attributes;
+    pthread_mutexattr_init(&attributes);
+    pthread_mutexattr_settype(&attributes, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&lwip_mutex, &attributes);
+    // Each run its own local ports, as on a board that was reset.
+    srand((unsigned)time(NULL) ^ (unsigned)getpid());
+    lwip_init();
+    if (setting == NULL) {
+        return;
+    }
+    char name[32], address_text[32], gateway_text[32];
+    ip4_addr_t address, netmask, gateway;
+    if (sscanf(setting, "%31[^,],%31[^,],%31s", name, address_text, gateway_text) != 3
+        || !parse_address(address_text, &address) || !parse_address(gateway_text, &gateway)) {
+        fprintf(stderr, "MQTT_LWIP_TAP must be NAME,ADDRESS,GATEWAY, not %s\n", setting);
+        exit(2);
+    }
+    tap_fd = tap_open(name);
+    if (tap_fd < 0) {
+        fprintf(stderr, "cannot open the TAP device %s\n", name);
+        exit(2);
+    }
+    IP4_ADDR(&netmask, 255, 255, 255, 0);
+    netif_add(&tap_netif, &address, &netmask, &gateway, NULL, tap_netif_init, ethernet_input);
+    netif_set_default(&tap_netif);
+    netif_set_up(&tap_netif);
+    netif_set_link_up(&tap_netif);
+    // Signals are for the interpreter's thread (Ctrl-C, the GC's).
+    sigset_t blocked, previous;
+    sigfillset(&blocked);
+    pthread_sigmask(SIG_BLOCK, &blocked, &previous);
+    pthread_t thread;
+    pthread_create(&thread, NULL, service, NULL);
+    pthread_detach(thread);
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+}
