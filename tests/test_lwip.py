@@ -93,3 +93,55 @@ def test_messages_at_every_qos_and_size_reach_an_independent_peer(network, tmp_p
     rest, _ = peer.communicate(timeout=10)
     topics = sorted(line.split()[0].decode() for line in rest.split(b"\n") if line.startswith(b"lwip/"))
     assert topics == sorted(f"lwip/{qos}/{size}" for qos in (0, 1, 2) for size in (10, 5000)), rest
+
+
+def test_the_scheduled_loop_runs_on_option_20_and_the_soft_timer(network, tmp_path):
+    """The boards' loop for real: woken by modlwip.c's option 20 callback
+    when a message arrives, and by machine.Timer (MicroPython's soft timer)
+    for the keepalive, while the program only sleeps."""
+    port = free_port()
+    network.start_broker(port)
+    firmware = network.start(
+        str(Path(FIRMWARE).resolve()),
+        "-c",
+        textwrap.dedent(
+            f"""
+            import machine, mqtt, sys, time
+            got = []
+            c = mqtt.Client("lwip-loop")
+            c.connect("{HOST}", 2, port={port})
+            c.subscribe("lwip/loop", lambda client, payload, topic: got.append(payload))
+            print(mqtt.LOOP, type(machine.Timer(-1)).__name__)
+            print("ready")
+            # Idle for three keepalive periods: only the timer's pings keep the
+            # link. (sleep_ms runs what is scheduled meanwhile, as on a board;
+            # the unix port's time.sleep() would not.)
+            time.sleep_ms(6000)
+            print("connected", c.connected())
+            print("ready")
+            start = time.ticks_ms()
+            while not got and time.ticks_diff(time.ticks_ms(), start) < 5000:
+                time.sleep_ms(50)
+            print("got", got)
+            c.disconnect()
+            """
+        ),
+        env=network.firmware_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for expected_ready in range(2):
+        while True:
+            line = firmware.stdout.readline()
+            assert line, "".join(lines)
+            if line.strip() == "ready":
+                break
+            lines.append(line)
+    # The message arrives while the program sleeps.
+    subprocess.run(network.command("mosquitto_pub", "-h", HOST, "-p", str(port), "-t", "lwip/loop", "-m", "woken", "-q", "1"),
+                   check=True, timeout=10)
+    rest, _ = firmware.communicate(timeout=15)
+    output = "".join(lines) + rest
+    assert output.split("\n")[:3] == ["scheduled Timer", "connected True", "got [b'woken']"], output

@@ -30,9 +30,10 @@
 #
 # MQTT_LWIP=1 builds .build/unix-lwip/micropython instead, whose `socket`
 # module is MicroPython's own lwIP binding (extmod/modlwip.c) over Debian
-# 13's lwIP 2.2.1, as on the Pico W and the other lwIP boards; the glue
-# (ports/unix/lwip/) runs its Ethernet interface over a Linux TAP device,
-# named by MQTT_LWIP_TAP when the firmware starts (tests/lwip_network.py).
+# 13's lwIP 2.2.1, as on the Pico W and the other lwIP boards, and whose
+# machine.Timer is MicroPython's soft timer. The variant in ports/unix/lwip/
+# runs lwIP's Ethernet interface over a Linux TAP device, named by
+# MQTT_LWIP_TAP when the firmware starts (tests/lwip_network.py).
 #
 # MQTT_TIMER_LOOP=1 builds .build/unix-timer/micropython instead, whose loop
 # is scheduled as on the rp2 and lwIP boards: by a socket's option 20 and a
@@ -118,11 +119,7 @@ fi
 if [[ -n "${MQTT_LWIP:-}" ]]; then
     build="$build-lwip"
     micropython=$(tree_with_lwip "$micropython")
-    usermod="$work/usermod-lwip"
-    mkdir -p "$usermod"
-    ln -sfn "$repo" "$usermod/mqtt"
-    ln -sfn "$repo/ports/unix/lwip" "$usermod/lwip"
-    options+=(MICROPY_PY_SOCKET=0 MICROPY_PY_LWIP=1)
+    options+=(VARIANT_DIR="$repo/ports/unix/lwip" MICROPY_PY_SOCKET=0 MICROPY_PY_LWIP=1)
 fi
 if [[ -n "${MQTT_TIMER_LOOP:-}" ]]; then
     build="$build-timer"

@@ -2,10 +2,11 @@
 // (Pico W, ESP8266...): its `socket` module is extmod/modlwip.c over a real
 // lwIP, whose Ethernet interface is a Linux TAP device (tap_linux.c).
 //
-// A thread stands in for the boards' network interrupt: it feeds lwIP the
-// frames that arrive and runs lwIP's timers, inside the lock the boards
-// take around lwIP (MICROPY_PY_LWIP_ENTER/EXIT), so that the sockets'
-// callbacks (option 20) fire from that context, as they do on a board.
+// A thread stands in for the boards' interrupts: it feeds lwIP the frames
+// that arrive, runs lwIP's timers and machine.Timer's soft timer, inside
+// the lock the boards take around lwIP (MICROPY_PY_LWIP_ENTER/EXIT, and
+// the soft timer's PendSV level), so that the sockets' callbacks (option
+// 20) and the timers' fire from that context, as they do on a board.
 //
 // The interface comes up when the firmware starts, if the environment says
 // how: MQTT_LWIP_TAP=NAME,ADDRESS,GATEWAY (tap0,10.0.0.2,10.0.0.1, say;
@@ -22,6 +23,7 @@
 #include <unistd.h>
 
 #include "py/mphal.h"
+#include "shared/runtime/softtimer.h"
 #include "lwip/etharp.h"
 #include "lwip/init.h"
 #include "lwip/netif.h"
@@ -38,6 +40,12 @@ int mp_mod_network_prefer_dns_use_ip_version = 4;
 static pthread_mutex_t lwip_mutex;
 static struct netif tap_netif;
 static int tap_fd = -1;
+// Written to when the soft timer's next expiry moves: the service thread
+// then works out its wait again.
+static int wake_pipe[2] = { -1, -1 };
+// When the soft timer wants soft_timer_handler() run (ticks_ms), if it does.
+static uint32_t soft_timer_due;
+static bool soft_timer_pending;
 
 #define FRAME_MAX (1514)
 
@@ -51,6 +59,33 @@ void lwip_unix_unlock(void) {
 
 u32_t sys_now(void) {
     return (u32_t)mp_hal_ticks_ms();
+}
+
+uint32_t soft_timer_get_ms(void) {
+    return (uint32_t)mp_hal_ticks_ms();
+}
+
+// Called under the lock, by the soft timer.
+void soft_timer_schedule_at_ms(uint32_t ticks_ms) {
+    soft_timer_due = ticks_ms;
+    soft_timer_pending = true;
+    if (wake_pipe[1] >= 0) {
+        ssize_t written = write(wake_pipe[1], "", 1);
+        (void)written;
+    }
+}
+
+// How long the service thread may wait: lwIP's timers want it every 10 ms
+// or so; the soft timer, when its next expiry is due.
+static int wait_ms(void) {
+    lwip_unix_lock();
+    int32_t wait = 10;
+    if (soft_timer_pending) {
+        int32_t left = soft_timer_ticks_diff(soft_timer_due, soft_timer_get_ms());
+        wait = left < 0 ? 0 : left < wait ? left : wait;
+    }
+    lwip_unix_unlock();
+    return (int)wait;
 }
 
 static err_t tap_output(struct netif *netif, struct pbuf *frame) {
@@ -73,12 +108,19 @@ static err_t tap_netif_init(struct netif *netif) {
     return ERR_OK;
 }
 
-// The boards' network interrupt: frames in, timers run, under the lock.
+// The boards' interrupts: frames in, lwIP's timers and the soft timer run,
+// under the lock.
 static void *service(void *unused) {
     (void)unused;
     for (;;) {
-        struct pollfd ready = { .fd = tap_fd, .events = POLLIN };
-        if (poll(&ready, 1, 10) > 0) {
+        struct pollfd ready[2] = { { .fd = tap_fd, .events = POLLIN }, { .fd = wake_pipe[0], .events = POLLIN } };
+        poll(ready, 2, wait_ms());
+        if (ready[1].revents & POLLIN) {
+            char drained[64];
+            ssize_t got = read(wake_pipe[0], drained, sizeof(drained));
+            (void)got;
+        }
+        if (ready[0].revents & POLLIN) {
             uint8_t bytes[FRAME_MAX];
             ssize_t len = read(tap_fd, bytes, sizeof(bytes));
             if (len > 0) {
@@ -95,6 +137,10 @@ static void *service(void *unused) {
         }
         lwip_unix_lock();
         sys_check_timeouts();
+        if (soft_timer_pending && soft_timer_ticks_diff(soft_timer_due, soft_timer_get_ms()) <= 0) {
+            soft_timer_pending = false;
+            soft_timer_handler();
+        }
         lwip_unix_unlock();
     }
     return NULL;
@@ -125,7 +171,7 @@ __attribute__((constructor)) static void lwip_unix_start(void) {
         exit(2);
     }
     tap_fd = tap_open(name);
-    if (tap_fd < 0) {
+    if (tap_fd < 0 || pipe(wake_pipe) != 0) {
         fprintf(stderr, "cannot open the TAP device %s\n", name);
         exit(2);
     }
