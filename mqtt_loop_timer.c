@@ -3,7 +3,10 @@
 // when input arrives (lwIP's socket option 20) and by a machine.Timer.
 // Part of modmqtt.c's translation unit.
 
-#define MQTT_LONGEST_SLEEP_MS (60000)
+// lwIP does not call a socket's option 20 callback when the link fails
+// with a reset (modlwip.c's error callback does not): wake up at least
+// this often whatever the timers say, so that such a link is noticed soon.
+#define MQTT_LONGEST_SLEEP_MS (1000)
 
 #include "mqtt_loop_scheduled.c"
 

@@ -145,3 +145,50 @@ def test_the_scheduled_loop_runs_on_option_20_and_the_soft_timer(network, tmp_pa
     rest, _ = firmware.communicate(timeout=15)
     output = "".join(lines) + rest
     assert output.split("\n")[:3] == ["scheduled Timer", "connected True", "got [b'woken']"], output
+
+
+RESETTING_BROKER = """
+import socket, struct, sys, time
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind((sys.argv[1], int(sys.argv[2])))
+server.listen(1)
+print("listening", flush=True)
+client, _ = server.accept()
+client.recv(1024)
+client.sendall(bytes([0x20, 0x02, 0x00, 0x00]))
+time.sleep(1)
+# A zero linger time makes close() reset the connection.
+client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+client.close()
+print("reset", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_reset_link_is_noticed_soon(network, tmp_path):
+    """lwIP reports a reset only through its error callback, which never
+    calls option 20: the scheduled loop must still find the dead link
+    soon, long before a keepalive ping would."""
+    port = free_port()
+    broker = network.start("python3", "-c", RESETTING_BROKER, HOST, str(port), stdout=subprocess.PIPE, text=True)
+    assert broker.stdout.readline().strip() == "listening"
+    result = run_firmware(
+        network,
+        tmp_path,
+        f"""
+        import mqtt, time
+        failed_at = []
+        def failed(client):
+            failed_at.append(time.ticks_ms())
+            return mqtt.BREAK_LOOP
+        c = mqtt.Client("lwip-reset")
+        c.connect("{HOST}", 60, port={port}, loop_failure=failed)
+        connected_at = time.ticks_ms()
+        while not failed_at and time.ticks_diff(time.ticks_ms(), connected_at) < 10000:
+            time.sleep_ms(10)
+        # The reset comes 1 s after CONNACK.
+        print(bool(failed_at) and time.ticks_diff(failed_at[0], connected_at) < 3000, c.connected())
+        """,
+    )
+    assert result.stdout.split() == ["True", "False"], result.stdout + result.stderr
