@@ -1,10 +1,8 @@
-// The MicroPython binding of the `mqtt` module: the Python API (the Client
-// class, its arguments, connecting, the module). It includes the binding's
-// other files, so that the compiler sees one translation unit: the client
-// object and the port's loop back-end (mqtt_client.h), the link
-// (mqtt_link.c), the cycle (mqtt_cycle.c) and the loop (mqtt_loop_*.c).
-// README.md ("For contributors") says more. The binding knows Python, not
-// MQTT: every protocol decision is made by the Rust engine (src/).
+// The MicroPython binding of the `mqtt` module: the Python API. It includes
+// the binding's other files, one translation unit: mqtt_client.h (the client
+// object, the port's loop back-end), mqtt_link.c, mqtt_cycle.c and the loop
+// (mqtt_loop_*.c); README.md says more. The binding knows Python, not MQTT:
+// every protocol decision is made by the Rust engine (src/).
 
 #include <string.h>
 

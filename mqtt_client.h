@@ -97,9 +97,8 @@ typedef struct _mp_obj_mqtt_client_t {
     mp_obj_t timer;
     #endif
     // The thread holding the client's lock (any non-NULL value without
-    // threads): a turn that the scheduler runs inside such a call, while a
-    // stream's Python method or a wait runs pending callbacks, must not
-    // enter the engine again.
+    // threads): a turn the scheduler runs inside such a call (in a Python
+    // stream's method, or a wait) must not enter the engine again.
     void *volatile lock_holder;
     #endif
     int sock_fd;

@@ -1,9 +1,6 @@
-// The cycle: locking, the reader's role, receiving and delivering
-// messages, and waiting for acknowledgements. Part of modmqtt.c's
-// translation unit; the loop back-ends (mqtt_loop_*.c) run these cycles.
-//
-// README.md ("The binding inside: locks and roles") draws who may read the
-// link, who may enter the engine and what a scheduled turn may do.
+// The cycle: locking, the reader's role, receiving, and waiting for
+// acknowledgements (README.md, "The binding inside: locks and roles",
+// draws them). Part of modmqtt.c's translation unit.
 
 // ---------------------------------------------------------------------------
 // Locking and thread identity
@@ -131,11 +128,10 @@ static bool new_buffer(vstr_t *vstr, size_t len) {
     return false;
 }
 
-// The engine's sink (mqtt_sink_t): where a step puts the message it
-// reads. Its callbacks never raise; the engine decides what a lack of
-// memory means. A short topic is read on the C stack, so that a topic the
-// firmware already knows as a qstr (any literal in the program) costs no
-// allocation at all; a long one into a heap buffer that becomes the str.
+// The engine's sink (mqtt_sink_t): where a step puts the message it reads.
+// Its callbacks never raise. A short topic is read on the C stack, so that
+// a topic the firmware knows as a qstr (any literal in the program) costs
+// no allocation at all; a long one into a heap buffer that becomes the str.
 #define MQTT_TOPIC_ON_STACK (64)
 
 typedef struct _message_sink_t {
@@ -292,12 +288,10 @@ static int read_and_deliver(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
 
 // One cycle: waits up to `wait_ms` for input (without the lock), handles
 // it, and calls the callbacks of a message that arrived (without the
-// lock). A failed link is closed before this returns its status.
-//
-// One thread at a time reads the link, from its wait to the end of the
-// message it delivers: messages reach the callbacks one at a time, in
-// order, and no other thread waits on or reads the socket meanwhile.
-// Another thread that wants a cycle then just lets the reader work.
+// lock). A failed link is closed before this returns its status. One
+// thread at a time reads the link, from its wait to the end of the message
+// it delivers, so messages reach the callbacks one at a time and in order;
+// another thread that wants a cycle meanwhile just lets the reader work.
 static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
     void *me = current_thread(self);
     client_lock(self);

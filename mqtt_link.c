@@ -1,10 +1,8 @@
 // The link: the engine's transport over a MicroPython stream (socket or
-// TLS), opening and closing the stream, and what engine statuses mean as
-// Python exceptions. Part of modmqtt.c's translation unit.
-//
-// Exceptions: MicroPython raises by longjmp, which must never cross Rust
-// frames. The transport callbacks catch with nlr_push and stash what they
-// caught on the client; the binding raises it after the engine returned.
+// TLS), opening and closing it, and what engine statuses mean as Python
+// exceptions. Part of modmqtt.c's translation unit. MicroPython raises by
+// longjmp, which must never cross Rust frames: the transport callbacks
+// catch with nlr_push and stash it; the binding raises it afterwards.
 
 // ---------------------------------------------------------------------------
 // The transport: the engine's view of the stream
@@ -26,9 +24,8 @@ static mp_uint_t stream_poll(mp_obj_t stream, mp_uint_t events, int *errcode) {
 }
 
 // Sleeps about a millisecond after running pending events. With the
-// interpreter lock (esp32), mp_hal_delay_ms would spin holding it, and
-// starve the other threads: sleep the way select.poll waits there instead,
-// the lock released.
+// interpreter lock (esp32), mp_hal_delay_ms would spin holding it, starving
+// the other threads: sleep as select.poll waits there, the lock released.
 static void sleep_a_little(void) {
     #if MICROPY_PY_THREAD_GIL
     mp_handle_pending(true);

@@ -3,26 +3,35 @@
 // when input arrives (lwIP's socket option 20) and by a machine.Timer.
 // Part of modmqtt.c's translation unit.
 
-// lwIP does not call a socket's option 20 callback when the link fails
-// with a reset (modlwip.c's error callback does not): wake up at least
-// this often whatever the timers say, so that such a link is noticed soon.
+// lwIP calls no option 20 callback for a reset link (modlwip.c's error
+// callback does not): wake up this often anyway, to notice such a link.
 #define MQTT_LONGEST_SLEEP_MS (1000)
 
 #include "mqtt_loop_scheduled.c"
 
+// The timer's shortest period; a turn wanted sooner is also scheduled now.
+#define MQTT_SHORTEST_PERIOD_MS (10)
+
+// The timer is periodic, and each turn sets it anew: when the scheduler's
+// queue is full, the soft timer (and option 20) drop their call, and a
+// one-shot timer would then never wake the loop again.
 static void wake_up_in(mp_obj_mqtt_client_t *self, uint32_t delay_ms) {
     if (self->timer == MP_OBJ_NULL) {
         mp_obj_t machine = mp_import_name(MP_QSTR_machine, mp_const_none, MP_OBJ_NEW_SMALL_INT(0));
         mp_obj_t virtual_timer = MP_OBJ_NEW_SMALL_INT(-1);
         self->timer = mp_call_function_n_kw(mp_load_attr(machine, MP_QSTR_Timer), 1, 0, &virtual_timer);
     }
-    // timer.init(mode=Timer.ONE_SHOT, period=delay_ms, callback=wake)
+    if (delay_ms < MQTT_SHORTEST_PERIOD_MS) {
+        mp_sched_schedule(self->wake, mp_const_none);
+        delay_ms = MQTT_SHORTEST_PERIOD_MS;
+    }
+    // timer.init(mode=Timer.PERIODIC, period=delay_ms, callback=wake)
     mp_obj_t call[2 + 6];
     mp_load_method(self->timer, MP_QSTR_init, call);
     call[2] = MP_OBJ_NEW_QSTR(MP_QSTR_mode);
-    call[3] = mp_load_attr(self->timer, MP_QSTR_ONE_SHOT);
+    call[3] = mp_load_attr(self->timer, MP_QSTR_PERIODIC);
     call[4] = MP_OBJ_NEW_QSTR(MP_QSTR_period);
-    call[5] = mp_obj_new_int_from_uint(delay_ms > 0 ? delay_ms : 1);
+    call[5] = mp_obj_new_int_from_uint(delay_ms);
     call[6] = MP_OBJ_NEW_QSTR(MP_QSTR_callback);
     call[7] = self->wake;
     mp_call_method_n_kw(0, 3, call);

@@ -192,3 +192,51 @@ def test_a_reset_link_is_noticed_soon(network, tmp_path):
         """,
     )
     assert result.stdout.split() == ["True", "False"], result.stdout + result.stderr
+
+
+def test_a_wake_up_lost_to_a_full_scheduler_queue_comes_again(network, tmp_path):
+    """modlwip.c's option 20 callback and the soft timer drop their call
+    when the scheduler's queue is full (the stand-ins retry): the loop's
+    timer must still come back, or a quiet link gets no keepalive ping and
+    the broker closes it."""
+    port = free_port()
+    network.start_broker(port, "allow_anonymous true\nlog_type all\n")
+    result = run_firmware(
+        network,
+        tmp_path,
+        f"""
+        import micropython, mqtt, time
+        c = mqtt.Client("lwip-lost-wake")
+        c.connect("{HOST}", 4, port={port})
+        def noop(unused):
+            pass
+        def hog(unused):
+            # Nothing scheduled runs during a scheduled callback: fill the
+            # queue, and keep it full for 1.2 s, over the loop's next
+            # timer expiry (it wakes at least every second).
+            try:
+                while True:
+                    micropython.schedule(noop, None)
+            except RuntimeError:
+                pass
+            start = time.ticks_ms()
+            while time.ticks_diff(time.ticks_ms(), start) < 1200:
+                pass
+        time.sleep_ms(500)
+        micropython.schedule(hog, None)
+        # Beyond one keepalive period: a ping is due.
+        time.sleep_ms(6500)
+        try:
+            c.publish("lwip/alive", "yes", qos=1)
+            print("alive")
+        except Exception as e:
+            print("dead", repr(e))
+        c.disconnect()
+        """,
+    )
+    assert result.stdout.split() == ["alive"], result.stdout + result.stderr
+    # The broker saw the loop's ping while the program slept, before the
+    # publish (which runs a cycle of its own).
+    log = (tmp_path / f"mosquitto-{port}.log").read_text()
+    pinged = log.find("Received PINGREQ from lwip-lost-wake")
+    assert 0 <= pinged < log.find("Received PUBLISH from lwip-lost-wake"), log

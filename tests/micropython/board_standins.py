@@ -25,6 +25,7 @@ class Timer:
     def __init__(self, id=-1):
         assert id == -1, "the client asks for a virtual timer"
         self.deadline = None
+        self.period = None
         self.callback = None
         # A board's timer is armed and fires atomically: without the lock,
         # init() could re-arm it between the watcher's check and its reset.
@@ -32,9 +33,10 @@ class Timer:
         _thread.start_new_thread(self._watch, ())
 
     def init(self, *, mode=1, period=-1, callback=None):
-        assert mode == Timer.ONE_SHOT and period > 0 and callback is not None
+        assert mode in (Timer.ONE_SHOT, Timer.PERIODIC) and period > 0 and callback is not None
         with self.lock:
             self.callback = callback
+            self.period = period if mode == Timer.PERIODIC else None
             self.deadline = time.ticks_add(time.ticks_ms(), period)
 
     def deinit(self):
@@ -46,7 +48,7 @@ class Timer:
             with self.lock:
                 expired = self.deadline is not None and time.ticks_diff(time.ticks_ms(), self.deadline) >= 0
                 if expired:
-                    self.deadline = None
+                    self.deadline = None if self.period is None else time.ticks_add(self.deadline, self.period)
                     callback = self.callback
             if expired:
                 schedule_soon(callback, self)

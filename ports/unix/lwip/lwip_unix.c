@@ -150,7 +150,29 @@ static int parse_address(const char *text, ip4_addr_t *address) {
     return ip4addr_aton(text, address);
 }
 
-// Brings the TAP interface up as MQTT_LWIP_TAP says, before the program runs.
+// Brings the TAP interface up: `setting` is NAME,ADDRESS,GATEWAY.
+static void bring_up(const char *setting) {
+    char name[32], address_text[32], gateway_text[32];
+    ip4_addr_t address, netmask, gateway;
+    if (sscanf(setting, "%31[^,],%31[^,],%31s", name, address_text, gateway_text) != 3
+        || !parse_address(address_text, &address) || !parse_address(gateway_text, &gateway)) {
+        fprintf(stderr, "MQTT_LWIP_TAP must be NAME,ADDRESS,GATEWAY, not %s\n", setting);
+        exit(2);
+    }
+    tap_fd = tap_open(name);
+    if (tap_fd < 0) {
+        fprintf(stderr, "cannot open the TAP device %s\n", name);
+        exit(2);
+    }
+    IP4_ADDR(&netmask, 255, 255, 255, 0);
+    netif_add(&tap_netif, &address, &netmask, &gateway, NULL, tap_netif_init, ethernet_input);
+    netif_set_default(&tap_netif);
+    netif_set_up(&tap_netif);
+    netif_set_link_up(&tap_netif);
+}
+
+// Sets lwIP and the service thread up before the program runs; the TAP
+// interface too, when MQTT_LWIP_TAP says how.
 __attribute__((constructor)) static void lwip_unix_start(void) {
     const char *setting = getenv("MQTT_LWIP_TAP");
     pthread_mutexattr_t attributes;
@@ -160,26 +182,14 @@ __attribute__((constructor)) static void lwip_unix_start(void) {
     // Each run its own local ports, as on a board that was reset.
     srand((unsigned)time(NULL) ^ (unsigned)getpid());
     lwip_init();
-    if (setting == NULL) {
-        return;
-    }
-    char name[32], address_text[32], gateway_text[32];
-    ip4_addr_t address, netmask, gateway;
-    if (sscanf(setting, "%31[^,],%31[^,],%31s", name, address_text, gateway_text) != 3
-        || !parse_address(address_text, &address) || !parse_address(gateway_text, &gateway)) {
-        fprintf(stderr, "MQTT_LWIP_TAP must be NAME,ADDRESS,GATEWAY, not %s\n", setting);
+    if (pipe(wake_pipe) != 0) {
+        fprintf(stderr, "lwip_unix: no pipe\n");
         exit(2);
     }
-    tap_fd = tap_open(name);
-    if (tap_fd < 0 || pipe(wake_pipe) != 0) {
-        fprintf(stderr, "cannot open the TAP device %s\n", name);
-        exit(2);
+    // Without a TAP device the service thread runs only the timers.
+    if (setting != NULL) {
+        bring_up(setting);
     }
-    IP4_ADDR(&netmask, 255, 255, 255, 0);
-    netif_add(&tap_netif, &address, &netmask, &gateway, NULL, tap_netif_init, ethernet_input);
-    netif_set_default(&tap_netif);
-    netif_set_up(&tap_netif);
-    netif_set_link_up(&tap_netif);
     // Signals are for the interpreter's thread (Ctrl-C, the GC's).
     sigset_t blocked, previous;
     sigfillset(&blocked);
