@@ -79,6 +79,21 @@ micropython_source() {
     echo "$tree"
 }
 
+# Copies the MicroPython tree in folder $1 to folder $2, unless $2 is a
+# copy of it already. Builds that link Debian's sources into the copy's
+# empty lib/ submodules so leave the original tree untouched. Build
+# products of the original (mpy-cross, unix builds) stay behind.
+copy_micropython_tree() {
+    local source=$1 copy=$2
+    if [[ ! -f "$copy/.copied-from" || $(cat "$copy/.copied-from") != "$source" ]]; then
+        echo "Copying $source to $copy..." >&2
+        rm -rf "$copy"
+        mkdir -p "$copy"
+        tar -C "$source" --exclude=./mpy-cross/build --exclude='./ports/*/build*' -cf - . | tar -C "$copy" -xf -
+        echo "$source" > "$copy/.copied-from"
+    fi
+}
+
 # The version of the MicroPython source tree in folder $1 (1.25.0, say).
 micropython_version() {
     awk '/#define MICROPY_VERSION_(MAJOR|MINOR|MICRO) / { v = v (v ? "." : "") $3 } END { print v }' \

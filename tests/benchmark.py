@@ -438,7 +438,12 @@ def print_table(results, counts):
             theirs = results.get(peer, {}).get(key)
             row.append(f"{ours / theirs:.2f}" if ours is not None and theirs else "-")
         lines.append(row)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    print_rows(lines)
+
+
+def print_rows(lines):
+    """A Markdown table: the first line is the header; figures align right."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for index, line in enumerate(lines):
         print("| " + " | ".join(text.ljust(widths[i]) if i == 0 else text.rjust(widths[i]) for i, text in enumerate(line)) + " |")
         if index == 0:
@@ -474,11 +479,7 @@ def print_waiting_table(default, esp32, count):
               "QoS 1 publishes per second", "CPU time per QoS 1 publish (us)"]
     lines = [["figure", "unix (no interpreter lock, POSIX poll)", "esp32 path (interpreter lock, no POSIX poll)"]]
     lines += [[label, cell(ours), cell(theirs)] for label, ours, theirs in zip(labels, default, esp32)]
-    widths = [max(len(line[i]) for line in lines) for i in range(3)]
-    for index, line in enumerate(lines):
-        print("| " + " | ".join(text.ljust(widths[i]) if i == 0 else text.rjust(widths[i]) for i, text in enumerate(line)) + " |")
-        if index == 0:
-            print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    print_rows(lines)
 
 
 def build(freeze=None, esp32_path=False):

@@ -73,16 +73,8 @@ has_rp2_submodules() {
 # Debian's sources. The rp2 port finds them relative to its own folder, so
 # the original tree (which ports/unix/build.sh uses) stays untouched.
 private_tree() {
-    local source=$1
     local copy="$work/rp2-src/micropython"
-    if [[ ! -f "$copy/.copied-from" || $(cat "$copy/.copied-from") != "$source" ]]; then
-        echo "Copying $source to $copy..." >&2
-        rm -rf "$copy"
-        mkdir -p "$copy"
-        # Build products of the original (mpy-cross, unix builds) stay behind.
-        tar -C "$source" --exclude=./mpy-cross/build --exclude='./ports/*/build*' -cf - . | tar -C "$copy" -xf -
-        echo "$source" > "$copy/.copied-from"
-    fi
+    copy_micropython_tree "$1" "$copy"
     local name tree
     for name in pico-sdk tinyusb mbedtls; do
         if [[ ! -L "$copy/lib/$name" ]]; then

@@ -72,12 +72,8 @@ tree_with_lwip() {
         (cd "$work/lwip-source" && suite_apt trixie source lwip) || exit 1
         lwip=$(find "$work/lwip-source" -maxdepth 1 -type d -name 'lwip-2*' | head -n 1)
     fi
-    if [[ ! -f "$copy/.copied-from" || $(cat "$copy/.copied-from") != "$source" ]]; then
-        echo "Copying $source to $copy..." >&2
-        rm -rf "$copy"
-        mkdir -p "$copy"
-        tar -C "$source" --exclude=./mpy-cross/build --exclude='./ports/*/build*' -cf - . | tar -C "$copy" -xf -
-        echo "$source" > "$copy/.copied-from"
+    copy_micropython_tree "$source" "$copy"
+    if [[ ! -L "$copy/lib/lwip" ]]; then
         rm -rf "$copy/lib/lwip"
         ln -s "$lwip" "$copy/lib/lwip"
     fi

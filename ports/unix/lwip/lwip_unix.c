@@ -146,16 +146,12 @@ static void *service(void *unused) {
     return NULL;
 }
 
-static int parse_address(const char *text, ip4_addr_t *address) {
-    return ip4addr_aton(text, address);
-}
-
 // Brings the TAP interface up: `setting` is NAME,ADDRESS,GATEWAY.
 static void bring_up(const char *setting) {
     char name[32], address_text[32], gateway_text[32];
     ip4_addr_t address, netmask, gateway;
     if (sscanf(setting, "%31[^,],%31[^,],%31s", name, address_text, gateway_text) != 3
-        || !parse_address(address_text, &address) || !parse_address(gateway_text, &gateway)) {
+        || !ip4addr_aton(address_text, &address) || !ip4addr_aton(gateway_text, &gateway)) {
         fprintf(stderr, "MQTT_LWIP_TAP must be NAME,ADDRESS,GATEWAY, not %s\n", setting);
         exit(2);
     }
