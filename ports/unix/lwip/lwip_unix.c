@@ -23,8 +23,10 @@
 #include <unistd.h>
 
 #include "py/mphal.h"
+#include "py/mpstate.h"
 #include "shared/runtime/softtimer.h"
 #include "lwip/etharp.h"
+#include "lwip_hooks.h"
 #include "lwip/init.h"
 #include "lwip/netif.h"
 #include "lwip/pbuf.h"
@@ -38,6 +40,10 @@ int tap_open(const char *name);
 int mp_mod_network_prefer_dns_use_ip_version = 4;
 
 static pthread_mutex_t lwip_mutex;
+// The thread that runs the program, and the signal that interrupts its
+// waits when a callback is scheduled (MICROPY_SCHED_HOOK_SCHEDULED).
+static pthread_t interpreter_thread;
+#define WAKE_SIGNAL SIGUSR2
 static struct netif tap_netif;
 static int tap_fd = -1;
 // Written to when the soft timer's next expiry moves: the service thread
@@ -57,8 +63,29 @@ void lwip_unix_unlock(void) {
     pthread_mutex_unlock(&lwip_mutex);
 }
 
+void lwip_unix_wake_interpreter(void) {
+    pthread_kill(interpreter_thread, WAKE_SIGNAL);
+}
+
+// The signal's only work is to end the wait it interrupts (EINTR).
+static void woken(int signal) {
+    (void)signal;
+}
+
 u32_t sys_now(void) {
     return (u32_t)mp_hal_ticks_ms();
+}
+
+// Four-microsecond steps of the host's monotonic clock, shared by every
+// process: later connections start higher (lwipopts.h says why).
+u32_t lwip_unix_tcp_isn(const ip_addr_t *local_ip, u16_t local_port, const ip_addr_t *remote_ip, u16_t remote_port) {
+    (void)local_ip;
+    (void)local_port;
+    (void)remote_ip;
+    (void)remote_port;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (u32_t)((uint64_t)now.tv_sec * 250000u + (uint64_t)now.tv_nsec / 4000u);
 }
 
 uint32_t soft_timer_get_ms(void) {
@@ -142,6 +169,13 @@ static void *service(void *unused) {
             soft_timer_handler();
         }
         lwip_unix_unlock();
+        // A board's sleeps run what is scheduled at every tick. The unix
+        // port's time.sleep() runs one callback per interruption, and a
+        // wake sent while the interpreter was not waiting interrupts
+        // nothing: so interrupt it again while callbacks wait.
+        if (MP_STATE_VM(sched_state) == MP_SCHED_PENDING) {
+            lwip_unix_wake_interpreter();
+        }
     }
     return NULL;
 }
@@ -186,7 +220,11 @@ __attribute__((constructor)) static void lwip_unix_start(void) {
     if (setting != NULL) {
         bring_up(setting);
     }
-    // Signals are for the interpreter's thread (Ctrl-C, the GC's).
+    interpreter_thread = pthread_self();
+    struct sigaction wake = { .sa_handler = woken };
+    sigemptyset(&wake.sa_mask);
+    sigaction(WAKE_SIGNAL, &wake, NULL);
+    // Signals are for the interpreter's thread (Ctrl-C, the GC's, the wake).
     sigset_t blocked, previous;
     sigfillset(&blocked);
     pthread_sigmask(SIG_BLOCK, &blocked, &previous);

@@ -8,9 +8,14 @@
 
 void lwip_unix_lock(void);
 void lwip_unix_unlock(void);
+void lwip_unix_wake_interpreter(void);
 
 #define MICROPY_PY_MACHINE_TIMER (1)
 #define MICROPY_PY_MACHINE_EXTRA_GLOBALS \
     { MP_ROM_QSTR(MP_QSTR_Timer), MP_ROM_PTR(&machine_timer_type) },
 #define MICROPY_PY_PENDSV_ENTER lwip_unix_lock()
 #define MICROPY_PY_PENDSV_EXIT lwip_unix_unlock()
+// A board's sleeps run scheduled callbacks as they come; the unix port's
+// time.sleep() runs them only when a signal interrupts it. So a scheduling
+// interrupts the interpreter's thread (lwip_unix.c).
+#define MICROPY_SCHED_HOOK_SCHEDULED lwip_unix_wake_interpreter()
