@@ -9,6 +9,11 @@ import subprocess
 import time
 from pathlib import Path
 
+# Where the brokers listen and the scripts connect: loopback, or the
+# address of a network namespace's own link when the suite runs inside one
+# (lwip_network.py, for the firmware whose sockets are lwIP's).
+HOST = os.environ.get("MQTT_TEST_HOST", "127.0.0.1")
+
 
 def ephemeral_ports():
     """The kernel's range for the local ports of outgoing connections."""
@@ -22,7 +27,7 @@ def ephemeral_ports():
 def free_port():
     """A loopback port that is free now and outside the ephemeral range.
 
-    A port the kernel hands out for bind(("127.0.0.1", 0)) comes from the
+    A port the kernel hands out for bind((HOST, 0)) comes from the
     ephemeral range, where every outgoing connection (a peer's, a script's,
     another broker's probe) also takes its local port: between the moment a
     test picks a port and the moment mosquitto binds it, a connection could
@@ -34,7 +39,7 @@ def free_port():
         port = random.randrange(first, low)
         with socket.socket() as probe:
             try:
-                probe.bind(("127.0.0.1", port))
+                probe.bind((HOST, port))
             except OSError:
                 continue
             return port
@@ -47,7 +52,7 @@ def wait_for_port(port, process, timeout=10.0):
         if process.poll() is not None:
             raise RuntimeError(f"broker exited early with code {process.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((HOST, port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.02)
@@ -55,8 +60,8 @@ def wait_for_port(port, process, timeout=10.0):
 
 
 class Broker:
-    """A mosquitto process on 127.0.0.1, stopped by its PID at the end.
-    `settings` may add listeners of its own (`listener PORT 127.0.0.1`)."""
+    """A mosquitto process on HOST, stopped by its PID at the end.
+    `settings` may add listeners of its own (`listener PORT HOST`)."""
 
     def __init__(self, directory, settings="allow_anonymous true\n"):
         self.directory = Path(directory)
@@ -65,7 +70,7 @@ class Broker:
         # Started as root, mosquitto would switch to its own user, which
         # cannot read the tests' temporary files; "user root" keeps it as is.
         identity = "user root\n" if os.geteuid() == 0 else ""
-        self.config.write_text(f"{identity}listener {self.port} 127.0.0.1\n{settings}")
+        self.config.write_text(f"{identity}listener {self.port} {HOST}\n{settings}")
         self.listeners = [int(port) for port in re.findall(r"^listener (\d+)", self.config.read_text(), re.M)]
         self.log = open(self.directory / "mosquitto.log", "ab")
         self.start()

@@ -1,9 +1,11 @@
 """Certificates made with openssl at test time: a CA, a server certificate
-for 127.0.0.1, one for another host name, a client certificate, and a
+for the brokers' address, one for another host name, a client certificate, and a
 second CA that signed none of them."""
 
 import subprocess
 from pathlib import Path
+
+from broker import HOST
 
 
 def openssl(*args, cwd):
@@ -45,7 +47,7 @@ class Certificates:
         make_ca("other-ca", cwd)
         # No subjectAltName: mbedtls 2.28 ignores IP address entries there,
         # and with the extension present it would not look at the CN.
-        make_signed("server", "127.0.0.1", "ca", cwd)
+        make_signed("server", HOST, "ca", cwd)
         make_signed("wrong-host", "wrong.example", "ca", cwd)
         make_signed("client", "firmware-client", "ca", cwd)
         for name in ("ca", "other-ca", "client"):
@@ -57,7 +59,7 @@ class Certificates:
     def listener(self, port, server="server", require_certificate=False):
         """mosquitto configuration lines for a TLS listener."""
         return (
-            f"listener {port} 127.0.0.1\n"
+            f"listener {port} {HOST}\n"
             f"cafile {self.path('ca.pem')}\n"
             f"certfile {self.path(server + '.pem')}\n"
             f"keyfile {self.path(server + '.key')}\n"

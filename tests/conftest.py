@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 FIRMWARE = Path(os.environ.get("MQTT_FIRMWARE", REPO / ".build" / "unix" / "micropython"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from broker import Broker, free_port  # noqa: E402 (found through the path above)
+from broker import HOST, Broker, free_port  # noqa: E402 (found through the path above)
 from certificates import Certificates  # noqa: E402
 
 # MicroPython modules the scripts may import (a stream written in Python,
@@ -22,18 +22,36 @@ from certificates import Certificates  # noqa: E402
 MICROPYTHON_HELPERS = Path(__file__).resolve().parent / "micropython"
 
 
-def firmware_loop():
-    """What connect(start_loop=True) starts in the firmware under test:
-    'thread', 'scheduled' (a firmware without threads) or 'cycle'."""
+def firmware_facts():
+    """What connect(start_loop=True) starts in the firmware under test
+    ('thread', 'scheduled' or 'cycle'), and the name of its socket module
+    ('socket', or 'lwip' for MicroPython's lwIP binding)."""
     if not FIRMWARE.exists():
-        return "unknown"
+        return "unknown", "unknown"
     result = subprocess.run(
-        [str(FIRMWARE), "-c", "import mqtt; print(mqtt.LOOP)"], capture_output=True, text=True, timeout=30
+        [str(FIRMWARE), "-c", "import mqtt, socket; print(mqtt.LOOP, socket.__name__)"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
-    return result.stdout.strip()
+    loop, sockets = result.stdout.split()
+    return loop, sockets
 
 
-LOOP = firmware_loop()
+LOOP, SOCKETS = firmware_facts()
+
+# A firmware killed mid-connection: the kernel closes a unix socket at
+# once, and the broker hears of it; lwIP's connections die with the
+# process without a word, as on a board that loses power, and only the
+# keepalive tells the broker (after 1.5 periods). Tests that kill a
+# firmware and wait for the broker to notice use this keepalive.
+KILLED_KEEPALIVE = 2 if SOCKETS == "lwip" else 60
+
+# How long the firmware's loop may take to notice a link that the broker
+# reset: the unix sockets report it at once; lwIP's error callback calls
+# no socket callback (modlwip.c), and the scheduled loop's timer, which
+# wakes it at least every second, finds the reset link.
+RESET_NOTICE_S = 1.0 if SOCKETS == "lwip" else 0.0
 
 
 def pytest_configure(config):
@@ -98,8 +116,8 @@ def wait_until(condition, timeout_ms=5000):
 
 
 class Script:
-    """Runs MicroPython code in the firmware, with `PORT` and other
-    parameters defined at the top of the script, after a prelude that
+    """Runs MicroPython code in the firmware, with `HOST` (the brokers'
+    address), `PORT` and other parameters defined at the top of the script, after a prelude that
     imports mqtt and time and defines wait_until(condition, timeout_ms)."""
 
     def __init__(self, firmware, directory):
@@ -111,6 +129,7 @@ class Script:
             shutil.copy(helper, self.directory)
 
     def source(self, code, **params):
+        params = {"HOST": HOST, **params}
         header = "".join(f"{name} = {value!r}\n" for name, value in params.items())
         return header + PRELUDE + textwrap.dedent(code)
 
@@ -147,6 +166,16 @@ class Script:
         if expect_ok:
             assert process.returncode == 0, f"script failed ({process.returncode}):\n{output}"
         return output
+
+
+def expect_line(process, expected):
+    """Reads a started script's next line; when it is not `expected`,
+    fails with everything else the script printed (a traceback, say)."""
+    line = process.stdout.readline().strip()
+    if line != expected:
+        process.kill()
+        rest, _ = process.communicate()
+        raise AssertionError(f"the script printed {line!r}, not {expected!r}; then:\n{rest}")
 
 
 @pytest.fixture

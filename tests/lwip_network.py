@@ -3,10 +3,16 @@ ports/unix/build.sh`): a network namespace holding a TAP device. The
 namespace's side of the link is 10.0.0.1, where the brokers listen; the
 firmware's lwIP is 10.0.0.2 on the other side. Every process that must
 see the link runs inside the namespace; no packet leaves it. Needs root
-(ip netns, /dev/net/tun)."""
+(ip netns, /dev/net/tun).
+
+Run as a script, it runs a command inside a namespace of its own, as
+tests/run runs the whole suite on the lwIP firmware:
+    python3 tests/lwip_network.py python3 -m pytest tests"""
 
 import os
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,3 +80,22 @@ class LwipNetwork:
                     process.wait()
         self.processes = []
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
+
+
+def main(arguments):
+    """Runs a command (the whole suite, say) inside a fresh namespace, with
+    MQTT_TEST_HOST and the firmware's interface settings in its
+    environment, and deletes the namespace after."""
+    with tempfile.TemporaryDirectory() as directory:
+        network = LwipNetwork(directory)
+        try:
+            environment = dict(network.firmware_environment(), MQTT_TEST_HOST=HOST)
+            return subprocess.run(network.command(*arguments), env=environment).returncode
+        finally:
+            network.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(f"usage: {sys.argv[0]} COMMAND [ARGUMENT...]: runs COMMAND inside a namespace of its own")
+    sys.exit(main(sys.argv[1:]))

@@ -6,6 +6,8 @@ import time
 
 import paho.mqtt.client as paho
 
+from broker import HOST
+
 
 class Peer:
     """Connected (CONNACK received) when the constructor returns."""
@@ -25,7 +27,7 @@ class Peer:
             connected.set()
 
         self.client.on_connect = on_connect
-        self.client.connect("127.0.0.1", port)
+        self.client.connect(HOST, port)
         self.client.loop_start()
         # paho's connect() returns once CONNECT is sent: a test that relies
         # on the peer's session (a message queued for it, its will) must not

@@ -5,13 +5,15 @@ client on Wi-Fi sees it), to cut every connection, or to forward again."""
 import socket
 import threading
 
+from broker import HOST
+
 
 class Proxy:
     def __init__(self, target_port):
         self.target_port = target_port
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind((HOST, 0))
         self.listener.listen(8)
         self.port = self.listener.getsockname()[1]
         self.swallowing = threading.Event()
@@ -27,7 +29,7 @@ class Proxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                upstream = socket.create_connection((HOST, self.target_port))
             except OSError:
                 client.close()
                 continue

@@ -5,6 +5,8 @@ so a test can see exactly what went over the wire."""
 import socket
 import threading
 
+from broker import HOST
+
 
 class Packet:
     def __init__(self, first, body):
@@ -87,7 +89,7 @@ class ScriptedBroker:
         self.errors = []
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind((HOST, 0))
         self.listener.listen(4)
         self.port = self.listener.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)

@@ -3,6 +3,7 @@ reaches the exception and get_return_code(), and no socket stays open."""
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -19,8 +20,28 @@ def password_broker(tmp_path):
 
 
 def open_sockets(pid):
+    """The kernel sockets a firmware holds (none ever on the lwIP firmware,
+    whose sockets live in the process: see unclosed_connections)."""
     fd_dir = f"/proc/{pid}/fd"
     return sum(1 for fd in os.listdir(fd_dir) if os.readlink(os.path.join(fd_dir, fd)).startswith("socket:"))
+
+
+def unclosed_connections(port, timeout=3.0):
+    """The broker's ends of connections to `port` that the other side has
+    not closed, seen from the kernel: a client that closed its socket leaves
+    the broker's end in TIME-WAIT, one that did not leaves it open. Waits
+    up to `timeout` seconds for the closing handshakes to finish."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = subprocess.run(
+            ["ss", "-Htn", "state", "established", "state", "close-wait", "state", "fin-wait-1",
+             "state", "fin-wait-2", f"( sport = :{port} )"],
+            capture_output=True, text=True, check=True,
+        )
+        lines = result.stdout.splitlines()
+        if not lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 def test_right_credentials_connect(password_broker, micropython):
@@ -29,7 +50,7 @@ def test_right_credentials_connect(password_broker, micropython):
         got = []
         c = mqtt.Client("device-1")
         c.set_username_pw("device", "s3cret")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("auth/t", lambda client, payload, topic: got.append(payload), qos=1)
         c.publish("auth/t", "authenticated", qos=1)
         print(wait_until(lambda: got), got, c.get_return_code())
@@ -48,7 +69,7 @@ def test_wrong_credentials_are_refused_and_nothing_stays_open(password_broker, m
         if CREDENTIALS:
             c.set_username_pw(*CREDENTIALS)
         try:
-            c.connect("127.0.0.1", 30, port=PORT)
+            c.connect(HOST, 30, port=PORT)
             print("connected: WRONG")
         except mqtt.MQTTException as e:
             print(e.args[0], e.args[1])
@@ -66,6 +87,7 @@ def test_wrong_credentials_are_refused_and_nothing_stays_open(password_broker, m
         assert first == "5 connection refused: not authorized"
         assert second == "5 False 5 False"
         assert open_sockets(process.pid) == 0
+        assert unclosed_connections(password_broker.port) == []
     finally:
         process.kill()
         process.communicate()
@@ -78,7 +100,7 @@ def test_broker_rejecting_the_client_id_gives_its_code(tmp_path, micropython):
             """
             c = mqtt.Client("")
             try:
-                c.connect("127.0.0.1", 30, port=PORT)
+                c.connect(HOST, 30, port=PORT)
             except mqtt.MQTTException as e:
                 print(e.args[0] == mqtt.CONNECTION_REFUSED_IDENTIFIER_REJECTED, e.args[1])
             print(c.get_return_code(), c.connected())

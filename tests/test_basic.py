@@ -15,7 +15,7 @@ def test_round_trip_through_the_broker(broker, micropython):
         import mqtt, time
         got = []
         c = mqtt.Client("fw1")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("demo/echo", lambda client, payload, topic: got.append((client is c, payload, topic)))
         c.publish("demo/echo", "hello")
         t0 = time.ticks_ms()

@@ -4,6 +4,7 @@ connected() tells the truth throughout."""
 
 import pytest
 
+from conftest import expect_line
 from proxy import Proxy
 
 KEEPALIVE_S = 2
@@ -26,7 +27,7 @@ def test_dead_link_is_found_within_one_and_a_half_keepalive(proxy, micropython):
             failures.append((time.ticks_ms(), client.connected()))
             return mqtt.BREAK_LOOP
         c = mqtt.Client("silent", command_timeout=10000)
-        c.connect("127.0.0.1", KEEPALIVE, port=PORT, loop_failure=failed)
+        c.connect(HOST, KEEPALIVE, port=PORT, loop_failure=failed)
         print("connected", c.connected())
         sys.stdin.readline()
         swallowed = time.ticks_ms()
@@ -41,7 +42,7 @@ def test_dead_link_is_found_within_one_and_a_half_keepalive(proxy, micropython):
         PORT=proxy.port,
         KEEPALIVE=KEEPALIVE_S,
     )
-    assert process.stdout.readline().strip() == "connected True"
+    expect_line(process, "connected True")
     proxy.swallow()
     output, _ = process.communicate("go\n", timeout=30)
     lines = output.strip().splitlines()
@@ -59,7 +60,7 @@ def test_no_call_hangs_on_a_dead_link(proxy, micropython):
             failures.append(client.connected())
             return mqtt.BREAK_LOOP
         c = mqtt.Client("stuck", command_timeout=1000)
-        c.connect("127.0.0.1", 30, port=PORT, loop_failure=failed)
+        c.connect(HOST, 30, port=PORT, loop_failure=failed)
         print("connected")
         sys.stdin.readline()
         def attempt(name, call):
@@ -82,7 +83,7 @@ def test_no_call_hangs_on_a_dead_link(proxy, micropython):
         """,
         PORT=proxy.port,
     )
-    assert process.stdout.readline().strip() == "connected"
+    expect_line(process, "connected")
     proxy.swallow()
     output, _ = process.communicate("go\n", timeout=30)
     assert output.strip().splitlines() == [
@@ -121,7 +122,7 @@ def test_loop_failure_reconnects_and_the_loop_goes_on(proxy, micropython):
                     events.append("reconnect raised")
                 time.sleep_ms(100)
         c = mqtt.Client("phoenix")
-        c.connect("127.0.0.1", 30, port=PORT, breconnect_cb=before, aconnect_cb=after, loop_failure=failed)
+        c.connect(HOST, 30, port=PORT, breconnect_cb=before, aconnect_cb=after, loop_failure=failed)
         print("connected")
         sys.stdin.readline()
         wait_until(lambda: "reconnect returned 0" in events, 10000)
@@ -134,7 +135,7 @@ def test_loop_failure_reconnects_and_the_loop_goes_on(proxy, micropython):
         """,
         PORT=proxy.port,
     )
-    assert process.stdout.readline().strip() == "connected"
+    expect_line(process, "connected")
     proxy.cut()
     output, _ = process.communicate("go\n", timeout=30)
     assert output.strip().splitlines() == [

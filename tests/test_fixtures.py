@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from broker import Broker, ephemeral_ports, free_port
+from broker import HOST, Broker, ephemeral_ports, free_port
 from certificates import Certificates
 
 
@@ -37,17 +37,17 @@ def test_broker_is_ready_on_every_listener(tmp_path):
     tls_port, last_port = free_port(), free_port()
     settings = (
         "allow_anonymous true\n"
-        f"listener {tls_port} 127.0.0.1\n"
+        f"listener {tls_port} {HOST}\n"
         f"cafile {certificates.path('ca.pem')}\n"
         f"certfile {late_certificate}\n"
         f"keyfile {certificates.path('server.key')}\n"
-        f"listener {last_port} 127.0.0.1\n"
+        f"listener {last_port} {HOST}\n"
     )
     broker = Broker(tmp_path, settings=settings)
     try:
         assert broker.listeners == [broker.port, tls_port, last_port]
         for port in broker.listeners:
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            socket.create_connection((HOST, port), timeout=2).close()
     finally:
         broker.stop()
         if feeder.is_alive():

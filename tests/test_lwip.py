@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from broker import free_port
+from conftest import expect_line
 from lwip_network import HOST, LwipNetwork
 
 FIRMWARE = os.environ.get("MQTT_LWIP_FIRMWARE")
@@ -172,7 +173,7 @@ def test_a_reset_link_is_noticed_soon(network, tmp_path):
     soon, long before a keepalive ping would."""
     port = free_port()
     broker = network.start("python3", "-c", RESETTING_BROKER, HOST, str(port), stdout=subprocess.PIPE, text=True)
-    assert broker.stdout.readline().strip() == "listening"
+    expect_line(broker, "listening")
     result = run_firmware(
         network,
         tmp_path,

@@ -91,7 +91,7 @@ def test_garbage_from_the_broker(name, broker, micropython):
                 failures.append(client.connected())
                 return mqtt.BREAK_LOOP
             c = mqtt.Client("victim", command_timeout=2000, max_packet_size=4096)
-            c.connect("127.0.0.1", 30, port=HOSTILE, loop_failure=failed)
+            c.connect(HOST, 30, port=HOSTILE, loop_failure=failed)
             try:
                 c.subscribe("t", lambda client, payload, topic: got.append(payload))
             except OSError as e:
@@ -104,7 +104,7 @@ def test_garbage_from_the_broker(name, broker, micropython):
             print("failure" if reported else "ignored", c.connected(), got)
             c.disconnect()
             # The same client then works with a healthy broker.
-            c.connect("127.0.0.1", 30, port=HEALTHY)
+            c.connect(HOST, 30, port=HEALTHY)
             c.subscribe("t", lambda client, payload, topic: got.append(payload), qos=1)
             c.publish("t", "healthy", qos=1)
             print(wait_until(lambda: got), got)
@@ -149,7 +149,7 @@ def test_byte_at_a_time_stream_is_read_whole(micropython):
             """
             got = []
             c = mqtt.Client("patient", command_timeout=3000)
-            c.connect("127.0.0.1", 30, port=PORT)
+            c.connect(HOST, 30, port=PORT)
             c.subscribe("slow/#", lambda client, payload, topic: got.append((topic, payload)), qos=1)
             print(wait_until(lambda: got, 5000), got)
             c.disconnect()
@@ -185,7 +185,7 @@ def test_publish_flood_faster_than_callbacks(micropython):
                 state["next"] += 1
                 time.sleep_ms(1)
             c = mqtt.Client("flooded")
-            c.connect("127.0.0.1", 30, port=PORT)
+            c.connect(HOST, 30, port=PORT)
             gc.collect(); before = gc.mem_alloc()
             c.subscribe("flood", slow)
             wait_until(lambda: state["next"] == COUNT, 30000)
@@ -226,7 +226,7 @@ def test_a_protocol_error_names_the_broken_rule(name, micropython):
         output = micropython.run(
             """
             c = mqtt.Client("victim", command_timeout=2000, max_packet_size=4096)
-            c.connect("127.0.0.1", 30, port=HOSTILE, start_loop=False)
+            c.connect(HOST, 30, port=HOSTILE, start_loop=False)
             def first_failure():
                 try:
                     # The garbage may come in the same read as the SUBACK.

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import needs_threads
+from broker import HOST, Broker
+from conftest import KILLED_KEEPALIVE, expect_line, needs_threads
 from peer import Peer
 
 SIZES = [0, 1, 64, 10 * 1024, 200 * 1024]
@@ -35,7 +36,7 @@ def test_firmware_publishes_every_size_as_str_and_bytes(broker, micropython, qos
         PATTERN_MP
         + """
         c = mqtt.Client("publisher")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         for size in SIZES:
             c.publish("out/bytes/%d" % size, pattern(size, QOS), qos=QOS)
             c.publish("out/str/%d" % size, "s" * size, qos=QOS)
@@ -65,7 +66,7 @@ def test_firmware_receives_every_size(broker, micropython, qos):
         def on_message(client, payload, topic):
             got.append((topic, len(payload), binascii.hexlify(hashlib.sha256(payload).digest()).decode(), type(payload).__name__, type(topic).__name__))
         c = mqtt.Client("receiver")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("in/#", on_message, qos=2)
         print("ready")
         wait_until(lambda: len(got) == COUNT, 20000)
@@ -76,7 +77,7 @@ def test_firmware_receives_every_size(broker, micropython, qos):
         PORT=broker.port,
         COUNT=len(SIZES),
     )
-    assert process.stdout.readline().strip() == "ready"
+    expect_line(process, "ready")
     peer = Peer(broker.port)
     for size in SIZES:
         peer.publish(f"in/{size}", pattern(size, 3), qos=qos)
@@ -94,7 +95,7 @@ def test_round_trip_at_every_qos_to_own_subscription(broker, micropython):
         + """
         got = []
         c = mqtt.Client("self")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("loop/+", lambda client, payload, topic: got.append((topic, payload)), qos=2)
         expected = []
         for qos in (0, 1, 2):
@@ -117,13 +118,13 @@ def test_connect_disconnect_and_state(broker, micropython):
         """
         c = mqtt.Client("states")
         print(c.connected(), c.get_return_code())
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         print(c.connected(), c.get_return_code())
         c.disconnect()
         print(c.connected())
         c.disconnect()
         print(c.connected())
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         print(c.connected())
         c.disconnect(1000)
         print(c.connected())
@@ -140,7 +141,7 @@ def test_retained_message(broker, micropython):
         """
         got = []
         c = mqtt.Client("retain")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("state/#", lambda client, payload, topic: got.append((topic, payload)))
         print(wait_until(lambda: got), got)
         c.publish("state/door", "open", qos=1, retain=True)
@@ -164,7 +165,7 @@ def test_wildcards_and_dollar_topics(broker, micropython):
         def recorder(name):
             return lambda client, payload, topic: got.append((name, topic))
         c = mqtt.Client("wild")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("sport/+/player1", recorder("plus"))
         c.subscribe("sport/#", recorder("hash"))
         c.subscribe("#", recorder("all"))
@@ -201,7 +202,7 @@ def test_overlapping_subscriptions_deliver_once_per_subscription(broker, micropy
         def shared(client, payload, topic):
             calls.append("shared")
         c = mqtt.Client("overlap")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         print(c.subscribe("a/#", first, qos=1), c.subscribe("a/b", shared), c.subscribe("+/b", shared, qos=2))
         c.publish("a/b", "x", qos=1)
         wait_until(lambda: len(calls) >= 3)
@@ -228,7 +229,7 @@ def test_unsubscribe_stops_the_callback(broker, micropython):
         """
         got = []
         c = mqtt.Client("unsub")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("u/1", lambda client, payload, topic: got.append(payload))
         c.publish("u/1", "before", qos=1)
         wait_until(lambda: got)
@@ -251,7 +252,7 @@ def test_will_is_published_on_abrupt_close_only(broker, micropython):
         """
         c = mqtt.Client("clean-leaver")
         c.set_will("wills/clean", "gone", qos=1)
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.disconnect()
         print("done")
         """,
@@ -262,13 +263,14 @@ def test_will_is_published_on_abrupt_close_only(broker, micropython):
         """
         c = mqtt.Client("abrupt-leaver")
         c.set_will("wills/abrupt", b"lost", qos=1, retain=False)
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, KEEPALIVE, port=PORT)
         print("connected")
         time.sleep(30)
         """,
         PORT=broker.port,
+        KEEPALIVE=KILLED_KEEPALIVE,
     )
-    assert abrupt.stdout.readline().strip() == "connected"
+    expect_line(abrupt, "connected")
     abrupt.kill()
     abrupt.communicate()
     messages = peer.wait_for(1)
@@ -288,7 +290,7 @@ def test_publish_from_inside_a_callback(broker, micropython):
             client.publish("reply/%d" % qos, payload + b"!", qos=qos)
             seen.append(qos)
         c = mqtt.Client("echo")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("ask/#", echo, qos=2)
         for qos in (0, 1, 2):
             c.publish("ask/%d" % qos, "q%d" % qos, qos=qos)
@@ -308,7 +310,20 @@ def test_publish_from_inside_a_callback(broker, micropython):
     peer.close()
 
 
-def test_publishing_from_main_thread_while_messages_stream_in(broker, micropython):
+@pytest.fixture
+def unqueued_broker(tmp_path):
+    """A broker that queues any number of messages for a client: mosquitto
+    drops what exceeds its 1000 per client (after the 20 in flight) while
+    the client is slow to read."""
+    server = Broker(tmp_path, settings="allow_anonymous true\nmax_queued_messages 0\n")
+    yield server
+    server.stop()
+
+
+def test_publishing_from_main_thread_while_messages_stream_in(unqueued_broker, micropython):
+    # The 2000 arrive at once, while the script publishes (and the lwIP
+    # firmware reads more slowly meanwhile than the unix one).
+    broker = unqueued_broker
     count = 2000
     # The peer listens before the script starts publishing.
     peer = Peer(broker.port)
@@ -317,7 +332,7 @@ def test_publishing_from_main_thread_while_messages_stream_in(broker, micropytho
         """
         got = []
         c = mqtt.Client("busy")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("stream", lambda client, payload, topic: got.append(int(payload)), qos=1)
         print("ready")
         sent = 0
@@ -332,7 +347,7 @@ def test_publishing_from_main_thread_while_messages_stream_in(broker, micropytho
         PORT=broker.port,
         COUNT=count,
     )
-    assert process.stdout.readline().strip() == "ready"
+    expect_line(process, "ready")
     for i in range(count):
         peer.client.publish("stream", str(i), qos=1)
     output, _ = process.communicate(timeout=60)
@@ -351,7 +366,7 @@ def test_cooperative_cycle_without_a_thread(broker, micropython):
         """
         got = []
         c = mqtt.Client("coop")
-        c.connect("127.0.0.1", 30, port=PORT, start_loop=False)
+        c.connect(HOST, 30, port=PORT, start_loop=False)
         c.subscribe("coop/in", lambda client, payload, topic: got.append(payload), qos=1)
         print("ready")
         start = time.ticks_ms()
@@ -363,7 +378,7 @@ def test_cooperative_cycle_without_a_thread(broker, micropython):
         """,
         PORT=broker.port,
     )
-    assert process.stdout.readline().strip() == "ready"
+    expect_line(process, "ready")
     for i in range(3):
         peer.publish("coop/in", f"m{i}", qos=1)
     output, _ = process.communicate(timeout=30)
@@ -379,7 +394,7 @@ def test_cycle_from_an_asyncio_task(broker, micropython):
         import asyncio
         got = []
         c = mqtt.Client("aio", cycle_timeout=0)
-        c.connect("127.0.0.1", 30, port=PORT, start_loop=False)
+        c.connect(HOST, 30, port=PORT, start_loop=False)
         c.subscribe("aio/#", lambda client, payload, topic: got.append(payload))
 
         async def pump():
@@ -408,7 +423,7 @@ def test_loop_can_be_restarted_and_is_a_noop_while_running(broker, micropython):
         """
         got = []
         c = mqtt.Client("restart")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.loop()
         c.subscribe("r", lambda client, payload, topic: got.append(payload))
         try:
@@ -416,7 +431,7 @@ def test_loop_can_be_restarted_and_is_a_noop_while_running(broker, micropython):
         except OSError as e:
             print("cycle while looping", e.errno == 16)
         c.disconnect(2000)
-        c.connect("127.0.0.1", 30, port=PORT, start_loop=False)
+        c.connect(HOST, 30, port=PORT, start_loop=False)
         c.subscribe("r", lambda client, payload, topic: got.append(payload))
         c.loop()
         c.publish("r", "again", qos=1)
@@ -438,7 +453,7 @@ def test_callback_exception_is_printed_and_loop_goes_on(broker, micropython):
                 raise ValueError("callback bug")
             got.append(payload)
         c = mqtt.Client("faulty")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("f", faulty)
         c.publish("f", "boom")
         c.publish("f", "fine")
@@ -457,7 +472,7 @@ def test_qos2_messages_arrive_exactly_once(broker, micropython):
         """
         got = []
         c = mqtt.Client("exact")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("once", lambda client, payload, topic: got.append(int(payload)), qos=2)
         print("ready")
         wait_until(lambda: len(got) >= COUNT, 20000)
@@ -468,7 +483,7 @@ def test_qos2_messages_arrive_exactly_once(broker, micropython):
         PORT=broker.port,
         COUNT=count,
     )
-    assert process.stdout.readline().strip() == "ready"
+    expect_line(process, "ready")
     peer = Peer(broker.port)
     for i in range(count):
         peer.client.publish("once", str(i), qos=2)
@@ -498,7 +513,7 @@ def test_mosquitto_sub_sees_what_the_firmware_publishes(broker, micropython):
     # With -d, mosquitto_sub reports its SUBACK (line-buffered by stdbuf):
     # the firmware publishes only once the subscription is in place.
     listener = subprocess.Popen(
-        ["stdbuf", "-oL", "mosquitto_sub", "-d", "-h", "127.0.0.1", "-p", str(broker.port),
+        ["stdbuf", "-oL", "mosquitto_sub", "-d", "-h", HOST, "-p", str(broker.port),
          "-t", "cli/#", "-C", "3", "-v", "-q", "1"],
         stdout=subprocess.PIPE,
     )
@@ -507,7 +522,7 @@ def test_mosquitto_sub_sees_what_the_firmware_publishes(broker, micropython):
         micropython.run(
             """
             c = mqtt.Client("to-cli")
-            c.connect("127.0.0.1", 30, port=PORT)
+            c.connect(HOST, 30, port=PORT)
             for qos in (0, 1, 2):
                 c.publish("cli/%d" % qos, "value %d" % qos, qos=qos)
             c.disconnect()
@@ -538,7 +553,7 @@ def test_objects_survive_garbage_collection_while_messages_flow(broker, micropyt
             return lambda client, payload, topic: got.append(prefix + payload.decode())
 
         c = mqtt.Client("gc-" + "stress")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("g/" + "x", make_callback(), qos=1)
         gc.collect()
         for i in range(300):
@@ -568,7 +583,7 @@ def test_subscribe_and_unsubscribe_from_inside_a_callback(broker, micropython):
                 client.unsubscribe("late")
             got.append(("control", payload))
         c = mqtt.Client("nested")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("control", control, qos=1)
         c.publish("control", "subscribe", qos=1)
         wait_until(lambda: len(got) == 1)
@@ -598,7 +613,7 @@ def test_disconnect_waits_for_the_loop_only_as_long_as_asked(broker, micropython
             entered.append(1)
             time.sleep_ms(1500)
         c = mqtt.Client("slow")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("slow", slow)
         c.publish("slow", "x")
         wait_until(lambda: entered)
@@ -609,13 +624,13 @@ def test_disconnect_waits_for_the_loop_only_as_long_as_asked(broker, micropython
         waited = time.ticks_diff(time.ticks_ms(), start)
         print(250 <= waited < 1000, c.connected())
         # Without a loop there is nothing to wait for (cycle_timeout is 500 ms).
-        c.connect("127.0.0.1", 30, port=PORT, start_loop=False)
+        c.connect(HOST, 30, port=PORT, start_loop=False)
         start = time.ticks_ms()
         c.disconnect()
         print(time.ticks_diff(time.ticks_ms(), start) < 400, c.connected())
         # Once the callback returns, the old loop ends; loop() starts a new one.
         time.sleep_ms(1500)
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("slow", slow)
         c.publish("slow", "y")
         wait_until(lambda: len(entered) == 2)
@@ -638,7 +653,7 @@ def test_a_qos0_message_without_memory_is_dropped_reported_and_the_client_goes_o
         import gc, sys
         got = []
         c = mqtt.Client("squeezed")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("fill/#", lambda client, payload, topic: got.append((topic, len(payload))))
         gc.collect()
         hog = bytearray(gc.mem_free() - 30000)
@@ -649,7 +664,7 @@ def test_a_qos0_message_without_memory_is_dropped_reported_and_the_client_goes_o
         """,
         PORT=broker.port,
     )
-    assert process.stdout.readline().strip() == "ready"
+    expect_line(process, "ready")
     peer = Peer(broker.port)
     peer.publish("fill/big", b"x" * 100_000)
     peer.publish("fill/small", b"after")

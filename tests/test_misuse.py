@@ -12,7 +12,7 @@ def test_two_threads_publish_at_once(broker, micropython):
         got = []
         done = []
         c = mqtt.Client("twins")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("twins/#", lambda client, payload, topic: got.append(payload), qos=2)
         def worker(name):
             for i in range(200):
@@ -37,7 +37,7 @@ def test_callbacks_that_disconnect_or_reconnect(broker, micropython):
             events.append("disconnect in callback")
             client.disconnect()
         c = mqtt.Client("impatient")
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("bye", disconnecting)
         c.publish("bye", "now")
         wait_until(lambda: events, 5000)
@@ -47,7 +47,7 @@ def test_callbacks_that_disconnect_or_reconnect(broker, micropython):
         def reconnecting(client, payload, topic):
             events.append("reconnect returned %d" % client.reconnect())
             client.subscribe("again", reconnecting)
-        c.connect("127.0.0.1", 30, port=PORT)
+        c.connect(HOST, 30, port=PORT)
         c.subscribe("again", reconnecting)
         c.publish("again", "1")
         wait_until(lambda: len(events) == 2, 5000)
@@ -71,14 +71,14 @@ def test_client_dropped_while_its_loop_runs(broker, micropython):
         got = []
         def start():
             c = mqtt.Client("orphaned")
-            c.connect("127.0.0.1", 30, port=PORT)
+            c.connect(HOST, 30, port=PORT)
             c.subscribe("orphan", lambda client, payload, topic: got.append(payload))
         start()
         for i in range(5):
             gc.collect()
         # The loop keeps its client alive and still delivers.
         other = mqtt.Client("sender")
-        other.connect("127.0.0.1", 30, port=PORT, start_loop=False)
+        other.connect(HOST, 30, port=PORT, start_loop=False)
         other.publish("orphan", "still here")
         print(wait_until(lambda: got), got)
         other.disconnect()
@@ -102,8 +102,8 @@ def test_calls_in_the_wrong_state(broker, micropython):
         attempt("cycle before connect", c.cycle)
         attempt("loop before connect", c.loop)
         attempt("disconnect before connect", c.disconnect)
-        c.connect("127.0.0.1", 30, port=PORT)
-        attempt("connect while looping", lambda: c.connect("127.0.0.1", 30, port=PORT))
+        c.connect(HOST, 30, port=PORT)
+        attempt("connect while looping", lambda: c.connect(HOST, 30, port=PORT))
         attempt("loop twice", c.loop)
         attempt("disconnect", lambda: c.disconnect(1000))
         attempt("disconnect again", c.disconnect)
@@ -147,7 +147,7 @@ def test_two_threads_running_cycles_without_a_loop(broker, micropython):
             inside[0] -= 1
         done = []
         c = mqtt.Client("no-loop")
-        c.connect("127.0.0.1", 30, port=PORT, start_loop=False)
+        c.connect(HOST, 30, port=PORT, start_loop=False)
         c.subscribe("seq", on_message, qos=1)
         def worker(name):
             for i in range(100):

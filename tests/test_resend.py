@@ -21,7 +21,7 @@ def run_publish(micropython, broker, qos):
         RECONNECTING
         + """
         c = mqtt.Client("resender", clean_session=False, command_timeout=5000)
-        c.connect("127.0.0.1", 30, port=PORT, loop_failure=recover)
+        c.connect(HOST, 30, port=PORT, loop_failure=recover)
         c.publish("in/flight", b"precious", qos=QOS)
         print("acknowledged", c.connected())
         c.disconnect()

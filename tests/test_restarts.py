@@ -8,11 +8,16 @@ import time
 import pytest
 
 from broker import Broker
+from conftest import RESET_NOTICE_S, expect_line
 from peer import Peer
 
 RESTARTS = 10
+# Between two restarts: time for the firmware to notice the lost link and
+# reconnect, so that each restart hits a live link.
+RESTART_PAUSE = 0.4 + RESET_NOTICE_S
 
-# About 30 s in all: once per kind of loop (conftest.py's "long").
+# About 30 s in all (a minute on lwIP): once per kind of loop (conftest.py's
+# "long").
 pytestmark = pytest.mark.long
 
 # The firmware's side: reconnect until the broker answers, then go on.
@@ -45,9 +50,9 @@ def link_failures(output):
     return int(output.split("link failures")[1].split()[0])
 
 
-def restart_repeatedly(broker, stop, pause=0.4):
+def restart_repeatedly(broker, stop):
     for _ in range(RESTARTS):
-        if stop.wait(pause):
+        if stop.wait(RESTART_PAUSE):
             break
         broker.restart()
 
@@ -60,7 +65,7 @@ def test_firmware_receives_every_number_through_restarts(persistent_broker, micr
         + """
         got = []
         c = mqtt.Client("sink-%d" % QOS, clean_session=False)
-        c.connect("127.0.0.1", 5, port=PORT, loop_failure=recover)
+        c.connect(HOST, 5, port=PORT, loop_failure=recover)
         c.subscribe("numbers", lambda client, payload, topic: got.append(int(payload)), qos=QOS)
         print("ready")
         wait_until(lambda: len(set(got)) >= COUNT, 60000)
@@ -73,7 +78,7 @@ def test_firmware_receives_every_number_through_restarts(persistent_broker, micr
         QOS=qos,
         COUNT=count,
     )
-    assert process.stdout.readline().strip() == "ready"
+    expect_line(process, "ready")
     source = Peer(persistent_broker.port, client_id=f"source-{qos}", clean_session=False)
     source.client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)
     stop = threading.Event()
@@ -82,7 +87,8 @@ def test_firmware_receives_every_number_through_restarts(persistent_broker, micr
     try:
         for number in range(count):
             source.client.publish("numbers", str(number), qos=qos)
-            time.sleep(0.01)
+            # Paced to last as long as the restarts.
+            time.sleep(RESTARTS * RESTART_PAUSE / count)
         restarter.join()
         output, _ = process.communicate(timeout=90)
     finally:
@@ -100,8 +106,9 @@ def test_firmware_receives_every_number_through_restarts(persistent_broker, micr
 
 @pytest.mark.parametrize("qos", [1, 2])
 def test_subscriber_gets_every_number_the_firmware_publishes_through_restarts(persistent_broker, micropython, qos):
-    # Paced to outlast the restarts: about 7 s of publishing.
+    # Paced to outlast the restarts: half as long again (7 s on unix).
     count = 500
+    pace_ms = round(1500 * RESTARTS * RESTART_PAUSE / count)
     sink = Peer(persistent_broker.port, client_id="persistent-sink", clean_session=False)
     sink.client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)
     sink.subscribe("numbers", qos=qos)
@@ -110,7 +117,7 @@ def test_subscriber_gets_every_number_the_firmware_publishes_through_restarts(pe
         + """
         import sys
         c = mqtt.Client("source", clean_session=False, command_timeout=3000)
-        c.connect("127.0.0.1", 5, port=PORT, loop_failure=recover)
+        c.connect(HOST, 5, port=PORT, loop_failure=recover)
         print("ready")
         sys.stdin.readline()
         number = 0
@@ -127,7 +134,7 @@ def test_subscriber_gets_every_number_the_firmware_publishes_through_restarts(pe
             except OSError:
                 # Not taken (no link, or the in-flight table is full): retry.
                 time.sleep_ms(20)
-            time.sleep_ms(12)
+            time.sleep_ms(PACE_MS)
         print("published", in_flight_errors)
         print("link failures", len(failures))
         wait_until(lambda: False, 3000)
@@ -136,8 +143,9 @@ def test_subscriber_gets_every_number_the_firmware_publishes_through_restarts(pe
         PORT=persistent_broker.port,
         COUNT=count,
         QOS=qos,
+        PACE_MS=pace_ms,
     )
-    assert process.stdout.readline().strip() == "ready"
+    expect_line(process, "ready")
     stop = threading.Event()
     restarter = threading.Thread(target=restart_repeatedly, args=(persistent_broker, stop))
     try:

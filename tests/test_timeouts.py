@@ -6,6 +6,8 @@ import threading
 
 import pytest
 
+from broker import HOST
+
 CONNACK = bytes([0x20, 2, 0, 0])
 
 
@@ -16,7 +18,7 @@ class MuteBroker:
     def __init__(self, then=b""):
         self.then = then
         self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind((HOST, 0))
         self.listener.listen(1)
         self.port = self.listener.getsockname()[1]
         self.received = bytearray()
@@ -53,7 +55,7 @@ def test_unanswered_commands_time_out_and_the_client_stays_usable(micropython):
         output = micropython.run(
             """
             c = mqtt.Client("patient", command_timeout=700)
-            c.connect("127.0.0.1", 0, port=PORT)
+            c.connect(HOST, 0, port=PORT)
             for call in (lambda: c.publish("t", "x", qos=1), lambda: c.publish("t", "x", qos=2),
                          lambda: c.subscribe("t", print), lambda: c.unsubscribe("t")):
                 start = time.ticks_ms()
@@ -79,7 +81,7 @@ def test_unanswered_commands_time_out_and_the_client_stays_usable(micropython):
 
 def test_connack_that_never_comes_times_out(micropython):
     listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+    listener.bind((HOST, 0))
     listener.listen(1)
     try:
         output = micropython.run(
@@ -87,7 +89,7 @@ def test_connack_that_never_comes_times_out(micropython):
             c = mqtt.Client("waiting", command_timeout=500)
             start = time.ticks_ms()
             try:
-                c.connect("127.0.0.1", 30, port=PORT)
+                c.connect(HOST, 30, port=PORT)
             except OSError as e:
                 print(e.errno == 110, time.ticks_diff(time.ticks_ms(), start) < 2000)
             print(c.connected())
@@ -113,7 +115,7 @@ def test_packet_stalled_midway_fails_the_link_within_command_timeout(micropython
                 failures.append(time.ticks_diff(time.ticks_ms(), start))
                 return mqtt.BREAK_LOOP
             c = mqtt.Client("stalled", command_timeout=800)
-            c.connect("127.0.0.1", 0, port=PORT, loop_failure=failed)
+            c.connect(HOST, 0, port=PORT, loop_failure=failed)
             print(wait_until(lambda: failures, 10000), c.connected())
             print(700 <= failures[0] < 3000)
             """,
@@ -136,7 +138,7 @@ def test_silent_broker_is_detected_by_keepalive(micropython):
                 failures.append((time.ticks_ms(), client.connected()))
                 return mqtt.BREAK_LOOP
             c = mqtt.Client("pinger")
-            c.connect("127.0.0.1", 1, port=PORT, loop_failure=failed)
+            c.connect(HOST, 1, port=PORT, loop_failure=failed)
             connected = time.ticks_ms()
             print(wait_until(lambda: failures, 10000), failures[0][1])
             # Keepalive 1 s: PINGREQ after 1 s of quiet, dead after half a
@@ -182,7 +184,7 @@ def test_a_packet_split_between_read_ahead_and_socket_costs_no_wait(micropython)
             """
             from relay import Relay
             c = mqtt.Client("split", command_timeout=1500)
-            c.connect(None, 30, stream=Relay(PORT), start_loop=False)
+            c.connect(None, 30, stream=Relay(HOST, PORT), start_loop=False)
             start = time.ticks_ms()
             c.publish("t", "x", qos=1)
             print(time.ticks_diff(time.ticks_ms(), start) < 1000, c.connected())

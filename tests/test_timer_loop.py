@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Script
+from conftest import Script, expect_line
 from peer import Peer
 
 FIRMWARE = os.environ.get("MQTT_TIMER_FIRMWARE")
@@ -67,8 +67,8 @@ def test_data_and_keepalive_drive_the_loop_without_a_thread(broker, timer_firmwa
         ),
         PORT=broker.port,
     )
-    assert process.stdout.readline().strip() == "loop scheduled"
-    assert process.stdout.readline().strip() == "ready"
+    expect_line(process, "loop scheduled")
+    expect_line(process, "ready")
     for qos in (0, 1, 2):
         peer.publish("board/in", b"qos %d" % qos, qos=qos)
     output, _ = process.communicate(timeout=60)
@@ -100,7 +100,7 @@ def test_a_stream_without_arrival_signal_is_polled_by_the_timer(broker, timer_fi
         ),
         PORT=broker.port,
     )
-    assert process.stdout.readline().strip() == "ready"
+    expect_line(process, "ready")
     peer.publish("board/in", b"polled", qos=1)
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
@@ -130,7 +130,7 @@ def test_a_lost_link_reaches_loop_failure(broker, timer_firmware):
         ),
         PORT=broker.port,
     )
-    assert process.stdout.readline().strip() == "ready"
+    expect_line(process, "ready")
     broker.terminate()
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output

@@ -20,7 +20,7 @@ def test_publish_and_receive_over_tls(tls_broker, certificates, micropython):
         + """
         got = []
         c = mqtt.Client("tls-client")
-        c.connect("127.0.0.1", 30, port=PORT, ssl_ctx=context(CA))
+        c.connect(HOST, 30, port=PORT, ssl_ctx=context(CA))
         print(c.connected())
         c.subscribe("secure/#", lambda client, payload, topic: got.append((topic, payload)), qos=2)
         big = bytes(range(256)) * 400
@@ -62,7 +62,7 @@ def test_untrusted_server_is_refused_quickly(tls_broker, certificates, micropyth
         c = mqtt.Client("careful", command_timeout=5000)
         start = time.ticks_ms()
         try:
-            c.connect("127.0.0.1", 30, port=PORT, ssl_ctx=context(CA))
+            c.connect(HOST, 30, port=PORT, ssl_ctx=context(CA))
             print("connected: WRONG")
         except ValueError as e:
             # What the tls module raises: mbedtls's verification report.
@@ -84,14 +84,14 @@ def test_mutual_tls_with_a_client_certificate(tls_broker, certificates, micropyt
         + """
         got = []
         c = mqtt.Client("mutual")
-        c.connect("127.0.0.1", 30, port=PORT, ssl_ctx=context(CA, CLIENT))
+        c.connect(HOST, 30, port=PORT, ssl_ctx=context(CA, CLIENT))
         c.subscribe("m", lambda client, payload, topic: got.append(payload), qos=1)
         c.publish("m", "with client certificate", qos=1)
         print(wait_until(lambda: got), got)
         c.disconnect()
         anonymous = mqtt.Client("no-certificate", command_timeout=5000)
         try:
-            anonymous.connect("127.0.0.1", 30, port=PORT, ssl_ctx=context(CA))
+            anonymous.connect(HOST, 30, port=PORT, ssl_ctx=context(CA))
             print("connected: WRONG")
         except OSError as e:
             print("refused without a certificate:", type(e).__name__)

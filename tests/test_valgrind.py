@@ -20,7 +20,7 @@ def test_session_under_memcheck(broker, micropython, tmp_path):
             got = []
             c = mqtt.Client("memcheck")
             c.set_will("m/will", b"gone")
-            c.connect("127.0.0.1", 30, port=PORT)
+            c.connect(HOST, 30, port=PORT)
             c.subscribe("m/#", lambda client, payload, topic: got.append((topic, len(payload))), qos=2)
             for qos in (0, 1, 2):
                 c.publish("m/%d" % qos, b"x" * (1000 * qos), qos=qos)

@@ -4,9 +4,9 @@
 import io, socket
 
 class Relay(io.IOBase):
-    def __init__(self, port):
+    def __init__(self, host, port):
         self.sock = socket.socket()
-        self.sock.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+        self.sock.connect(socket.getaddrinfo(host, port)[0][-1])
         self.sock.setblocking(False)
         self.sent = 0
         self.closed = False
