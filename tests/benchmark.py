@@ -30,7 +30,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from broker import Broker  # noqa: E402
+from broker import Broker, free_port  # noqa: E402
+from lwip_network import HOST as LwipHost  # noqa: E402
+from lwip_network import LwipNetwork  # noqa: E402
 
 PAYLOAD = 64
 
@@ -38,7 +40,9 @@ PAYLOAD = 64
 # MicroPython side: each script prints "name value" lines, and "ready" when
 # it waits (on stdin) for the flood to be published.
 
-MQTT_SCRIPT = """
+# The start of MQTT_SCRIPT, up to the heap figure once connected: alone, it
+# gives that figure for the table that compares firmwares.
+CONNECTED_HEAP_SCRIPT = """
 import gc, micropython, sys, time
 count = [0]
 def on_message(client, payload, topic):
@@ -48,9 +52,12 @@ gc.collect(); base = gc.mem_alloc()
 import mqtt
 gc.collect(); print("heap_import", gc.mem_alloc() - base)
 client = mqtt.Client("bench-mqtt")
-client.connect("127.0.0.1", 60, port=PORT)
+client.connect(HOST, 60, port=PORT)
 client.subscribe("bench/mqtt/rt", on_message)
 gc.collect(); print("heap_connected", gc.mem_alloc() - base)
+"""
+
+MQTT_SCRIPT = CONNECTED_HEAP_SCRIPT + """
 
 def round_trips(n):
     for i in range(n):
@@ -115,7 +122,7 @@ arrived.acquire()
 def on_message(client, payload, topic):
     arrived.release()
 client = mqtt.Client("bench-waiting")
-client.connect("127.0.0.1", 60, port=PORT)
+client.connect(HOST, 60, port=PORT)
 client.subscribe("bench/waiting", on_message)
 payload = b"x" * PAYLOAD
 start = time.ticks_us()
@@ -139,7 +146,7 @@ payload = b"x" * PAYLOAD
 gc.collect(); base = gc.mem_alloc()
 from umqtt.simple import MQTTClient
 gc.collect(); print("heap_import", gc.mem_alloc() - base)
-client = MQTTClient("bench-umqtt", "127.0.0.1", port=PORT, keepalive=60)
+client = MQTTClient("bench-umqtt", HOST, port=PORT, keepalive=60)
 client.set_callback(on_message)
 client.connect()
 client.subscribe(b"bench/umqtt/rt")
@@ -186,13 +193,20 @@ print("flood_rate", count[0] * 1000 / max(1, time.ticks_diff(last_at, first_at o
 """
 
 
-def run_micropython(firmware, script, counts, flood):
-    """Runs a benchmark script; publishes the flood when it is ready."""
+def run_micropython(firmware, script, counts, flood, network=None):
+    """Runs a benchmark script; publishes the flood when it is ready. With
+    `network` (an LwipNetwork), the firmware runs inside its namespace."""
+    counts = dict(counts, HOST=LwipHost if network else "127.0.0.1")
     source = "".join(f"{name} = {value!r}\n" for name, value in counts.items()) + textwrap.dedent(script)
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
         file.write(source)
+    command = [str(firmware), file.name]
+    environment = None
+    if network:
+        command = network.command(*command)
+        environment = network.firmware_environment()
     process = subprocess.Popen(
-        [str(firmware), file.name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
     )
     results = {}
     try:
@@ -482,14 +496,59 @@ def print_waiting_table(default, esp32, count):
     print_rows(lines)
 
 
-def build(freeze=None, esp32_path=False):
+def heap_figures(firmwares, port):
+    """heap_connected of each firmware (name: path), against the broker on
+    `port`; the lwIP firmware's against a broker inside a namespace of its
+    own (root only: else "-")."""
+    figures = {}
+    counts = {"PORT": port, "PAYLOAD": PAYLOAD}
+    for name, firmware in firmwares.items():
+        if "lwIP" not in name:
+            figures[name] = run_micropython(firmware, CONNECTED_HEAP_SCRIPT, counts, lambda: None)["heap_connected"]
+        elif os.geteuid() == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                network = LwipNetwork(directory)
+                try:
+                    lwip_port = free_port()
+                    network.start_broker(lwip_port)
+                    figures[name] = run_micropython(
+                        firmware, CONNECTED_HEAP_SCRIPT, dict(counts, PORT=lwip_port), lambda: None, network
+                    )["heap_connected"]
+                finally:
+                    network.close()
+    return figures
+
+
+def print_heap_table(figures, firmwares):
+    print("\nheap after import + Client() + connect() + subscribe(), per firmware (B)\n")
+    lines = [["firmware", "heap"]]
+    lines += [[name, cell(figures.get(name))] for name in firmwares]
+    print_rows(lines)
+
+
+def newest_micropython():
+    """The newest MicroPython source tree Debian has (unstable's), as
+    tests/run builds it, and its version."""
+    script = 'work="$PWD/.build" && source ports/debian.sh && tree=$(micropython_source sid) && echo "$tree" && micropython_version "$tree"'
+    output = subprocess.run(["bash", "-c", script], cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
+    tree, version = output.stdout.strip().splitlines()[-2:]
+    return tree, version
+
+
+def build(freeze=None, esp32_path=False, lwip=False, tree=None):
     environment = dict(os.environ)
     if freeze:
         environment["MQTT_FREEZE_PACKAGE"] = f"{freeze}:umqtt"
     if esp32_path:
         environment["MQTT_ESP32_PATH"] = "1"
+    if lwip:
+        environment["MQTT_LWIP"] = "1"
     output = subprocess.run(
-        [str(REPO / "ports" / "unix" / "build.sh")], env=environment, check=True, stdout=subprocess.PIPE, text=True
+        [str(REPO / "ports" / "unix" / "build.sh")] + ([tree] if tree else []),
+        env=environment,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     return Path(output.stdout.strip().splitlines()[-1])
 
@@ -506,6 +565,13 @@ def main():
 
     firmware = build()
     esp32_firmware = build(esp32_path=True)
+    newest, newest_version = newest_micropython()
+    firmwares = {
+        "unix (MicroPython 1.25, POSIX sockets, loop thread)": firmware,
+        "esp32 path (interpreter lock, no POSIX poll)": esp32_firmware,
+        f"unix, MicroPython {newest_version} (Debian unstable)": build(tree=newest),
+        "lwIP sockets (modlwip.c over lwIP 2.2.1, scheduled loop)": build(lwip=True),
+    }
     umqtt_firmware = build(options.umqtt) if options.umqtt else None
     waiting = 200 if options.quick else 5000
     results = {}
@@ -524,6 +590,7 @@ def main():
             results["raw"] = raw_socket_peer(port, counts)
             results["raw"].update(raw_socket_flood(port, counts))
             waits = [waiting_figures(build_firmware, port, waiting) for build_firmware in (firmware, esp32_firmware)]
+            heaps = heap_figures(firmwares, port)
         finally:
             broker.stop()
     for figures in results.values():
@@ -531,6 +598,7 @@ def main():
             figures["flood_lost"] = counts["FLOOD"] - figures["flood_received"]
     print_table(results, counts)
     print_waiting_table(*waits, waiting)
+    print_heap_table(heaps, firmwares)
 
 
 if __name__ == "__main__":
