@@ -15,7 +15,7 @@
 // The loop back-end: how connect(start_loop=True) runs the loop on this
 // port, the way that costs the least heap (each file says more). rp2 and
 // lwIP ports: scheduled turns, woken by socket option 20 and machine.Timer
-// (MQTT_TIMER_LOOP=1 chooses it on any port, as the tests do on unix);
+// (-DMQTT_TIMER_LOOP=1 chooses it on any port that has machine.Timer);
 // the unix port without threads: scheduled turns woken by signals; ports
 // with threads: a thread; the others: none, the application calls cycle().
 #if MICROPY_PY_LWIP || PICO_ON_DEVICE || MQTT_TIMER_LOOP

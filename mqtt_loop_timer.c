@@ -1,5 +1,5 @@
-// The scheduled loop back-end of lwIP ports and rp2 (and of the unix
-// firmware built with MQTT_TIMER_LOOP=1): turns are woken by the socket
+// The scheduled loop back-end of lwIP ports and rp2 (and of the unix lwIP
+// firmware, MQTT_LWIP=1 ports/unix/build.sh): turns are woken by the socket
 // when input arrives (lwIP's socket option 20) and by a machine.Timer.
 // Part of modmqtt.c's translation unit.
 

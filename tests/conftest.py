@@ -18,7 +18,7 @@ from broker import HOST, Broker, free_port  # noqa: E402 (found through the path
 from certificates import Certificates  # noqa: E402
 
 # MicroPython modules the scripts may import (a stream written in Python,
-# the boards' stand-ins, the TLS context): copied beside each script.
+# the TLS context): copied beside each script.
 MICROPYTHON_HELPERS = Path(__file__).resolve().parent / "micropython"
 
 

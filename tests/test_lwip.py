@@ -197,7 +197,7 @@ def test_a_reset_link_is_noticed_soon(network, tmp_path):
 
 def test_a_wake_up_lost_to_a_full_scheduler_queue_comes_again(network, tmp_path):
     """modlwip.c's option 20 callback and the soft timer drop their call
-    when the scheduler's queue is full (the stand-ins retry): the loop's
+    when the scheduler's queue is full (a stand-in would rather retry): the loop's
     timer must still come back, or a quiet link gets no keepalive ping and
     the broker closes it."""
     port = free_port()

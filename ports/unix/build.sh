@@ -10,7 +10,7 @@
 # firmware lands in .build/unix/micropython. Its path is printed.
 #
 # The variants below combine: each adds its suffix to the build folder (for
-# example MQTT_SANITIZE=1 MQTT_TIMER_LOOP=1 builds .build/unix-sanitize-timer).
+# example MQTT_SANITIZE=1 MQTT_LWIP=1 builds .build/unix-sanitize-lwip).
 #
 # MQTT_FREEZE_PACKAGE=DIR:NAME also freezes the Python package DIR/NAME into
 # a second firmware, .build/unix-NAME/micropython (the benchmark uses it to
@@ -34,10 +34,6 @@
 # machine.Timer is MicroPython's soft timer. The variant in ports/unix/lwip/
 # runs lwIP's Ethernet interface over a Linux TAP device, named by
 # MQTT_LWIP_TAP when the firmware starts (tests/lwip_network.py).
-#
-# MQTT_TIMER_LOOP=1 builds .build/unix-timer/micropython instead, whose loop
-# is scheduled as on the rp2 and lwIP boards: by a socket's option 20 and a
-# machine.Timer (tests/test_timer_loop.py gives it stand-ins for both).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -116,10 +112,6 @@ if [[ -n "${MQTT_LWIP:-}" ]]; then
     build="$build-lwip"
     micropython=$(tree_with_lwip "$micropython")
     options+=(VARIANT_DIR="$repo/ports/unix/lwip" MICROPY_PY_SOCKET=0 MICROPY_PY_LWIP=1)
-fi
-if [[ -n "${MQTT_TIMER_LOOP:-}" ]]; then
-    build="$build-timer"
-    cflags="$cflags -DMQTT_TIMER_LOOP=1"
 fi
 if [[ -n "$cflags" ]]; then
     options+=(CFLAGS_EXTRA="${cflags# }")
