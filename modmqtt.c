@@ -393,6 +393,15 @@ static mp_obj_t client_connected(mp_obj_t self_in) {
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(client_connected_obj, client_connected);
 
+// Client.message_flags() -> int or None: inside a message callback, the
+// flags of the message's PUBLISH header (bit 0 retain, bits 1-2 QoS, bit 3
+// DUP); None elsewhere. A small int: nothing is allocated.
+static mp_obj_t client_message_flags(mp_obj_t self_in) {
+    mp_obj_mqtt_client_t *self = client_of(self_in);
+    return in_callback(self) ? MP_OBJ_NEW_SMALL_INT(self->message_flags) : mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(client_message_flags_obj, client_message_flags);
+
 // Client.loop(): start the background loop (a no-op when it runs already)
 static mp_obj_t client_loop(mp_obj_t self_in) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
@@ -692,6 +701,7 @@ static const mp_rom_map_elem_t client_locals_table[] = {
     { MP_ROM_QSTR(MP_QSTR_reconnect), MP_ROM_PTR(&client_reconnect_obj) },
     { MP_ROM_QSTR(MP_QSTR_get_return_code), MP_ROM_PTR(&client_get_return_code_obj) },
     { MP_ROM_QSTR(MP_QSTR_connected), MP_ROM_PTR(&client_connected_obj) },
+    { MP_ROM_QSTR(MP_QSTR_message_flags), MP_ROM_PTR(&client_message_flags_obj) },
     { MP_ROM_QSTR(MP_QSTR_loop), MP_ROM_PTR(&client_loop_obj) },
     { MP_ROM_QSTR(MP_QSTR_cycle), MP_ROM_PTR(&client_cycle_obj) },
     { MP_ROM_QSTR(MP_QSTR_set_username_pw), MP_ROM_PTR(&client_set_username_pw_obj) },

@@ -102,6 +102,11 @@ class Client:
     def connected(self) -> bool:
         """Whether the link is up and the broker accepted the connection."""
 
+    def message_flags(self) -> int | None:
+        """Inside a message callback, the flags of the message's PUBLISH
+        header: bit 0 retain, bits 1-2 QoS, bit 3 DUP (a resend). None
+        outside callbacks. Allocates nothing."""
+
     def loop(self) -> None:
         """Starts the background loop (see LOOP); a no-op while it runs.
         Raises OSError(ENOTCONN) without a connection."""

@@ -125,6 +125,9 @@ typedef struct _mp_obj_mqtt_client_t {
     bool owns_stream;
     // The cycle's wait found input (spares the engine's readiness check).
     bool input_ready;
+    // The PUBLISH header flags of the message whose callbacks run (for
+    // message_flags(); valid on the callback's thread).
+    uint8_t message_flags;
     #if MQTT_LOOP_SCHEDULED
     // The link's socket signals arriving input; without that (a given
     // stream) the timer polls every cycle_timeout.

@@ -84,15 +84,18 @@ static bool still_subscribed(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj
     return false;
 }
 
-// Calls the callback of every subscription whose filter matches `topic`.
-// Called without the lock.
-static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload) {
+// Calls the callback of every subscription whose filter matches `topic`;
+// `flags` are the message's PUBLISH header flags, which message_flags()
+// gives the callbacks. Called without the lock.
+static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload, uint8_t flags) {
     mp_obj_t snapshot = self->subscriptions;
     size_t n;
     mp_obj_t *items;
     mp_obj_tuple_get(snapshot, &n, &items);
     mqtt_bytes_t topic_bytes = bytes_of_str(topic, "topic");
     bool outer = set_in_callback(self, true);
+    uint8_t outer_flags = self->message_flags;
+    self->message_flags = flags;
     for (size_t i = 0; i + 1 < n; i += 2) {
         if (!mqtt_topic_matches(bytes_of_str(items[i], "filter"), topic_bytes)) {
             continue;
@@ -104,6 +107,7 @@ static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload
         mp_obj_t args[3] = { MP_OBJ_FROM_PTR(self), payload, topic };
         call_and_report(items[i + 1], 3, args);
     }
+    self->message_flags = outer_flags;
     set_in_callback(self, outer);
 }
 
@@ -115,6 +119,8 @@ typedef struct _delivery_t {
     uint16_t link_generation;
     // QoS 1/2: acknowledged once the callbacks returned.
     bool acknowledge;
+    // Its PUBLISH header flags: retain, QoS, DUP.
+    uint8_t flags;
 } delivery_t;
 
 // Allocates a vstr of `len` bytes without raising; false when out of memory.
@@ -229,6 +235,7 @@ static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
         delivery->payload = message.payload_obj;
         delivery->link_generation = self->link_generation;
         delivery->acknowledge = outcome.acknowledge;
+        delivery->flags = outcome.flags;
     }
     return MQTT_OK;
 }
@@ -265,7 +272,7 @@ static int read_and_deliver(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
     if (delivery.topic == MP_OBJ_NULL) {
         return status;
     }
-    deliver(self, delivery.topic, delivery.payload);
+    deliver(self, delivery.topic, delivery.payload, delivery.flags);
     if (!delivery.acknowledge || status != MQTT_OK) {
         // QoS 0 needs nothing more from the link: no lock to take (a
         // publisher woken by the callback is likely waiting for it).

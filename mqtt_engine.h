@@ -307,6 +307,11 @@ typedef struct {
   uint8_t code;
   bool session_present;
   bool acknowledge;
+  /**
+   * A message's: the flags of its PUBLISH header (bit 0 retain, bits
+   * 1-2 QoS, bit 3 DUP), as MQTT lays them out.
+   */
+  uint8_t flags;
   uint32_t payload_len;
 } mqtt_outcome_t;
 

@@ -238,6 +238,9 @@ pub struct mqtt_outcome_t {
     pub code: u8,
     pub session_present: bool,
     pub acknowledge: bool,
+    /// A message's: the flags of its PUBLISH header (bit 0 retain, bits
+    /// 1-2 QoS, bit 3 DUP), as MQTT lays them out.
+    pub flags: u8,
     pub payload_len: u32,
 }
 
@@ -837,6 +840,7 @@ pub unsafe extern "C" fn mqtt_session_step(
             code: 0,
             session_present: false,
             acknowledge: false,
+            flags: 0,
             payload_len: 0,
         };
         match session.step(&mut io, now_ms, &mut Sink { sink }).map_err(status)? {
@@ -846,9 +850,10 @@ pub unsafe extern "C" fn mqtt_session_step(
                 outcome.code = code;
                 outcome.session_present = session_present;
             }
-            Outcome::Message { acknowledge } => {
+            Outcome::Message { acknowledge, flags } => {
                 outcome.kind = MQTT_OUTCOME_MESSAGE;
                 outcome.acknowledge = acknowledge;
+                outcome.flags = flags;
             }
             Outcome::Dropped { payload_len } => {
                 outcome.kind = MQTT_OUTCOME_DROPPED;

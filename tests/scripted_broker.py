@@ -79,6 +79,7 @@ class Connection:
 
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, DISCONNECT = 8, 14
 
 
 class ScriptedBroker:

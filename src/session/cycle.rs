@@ -41,8 +41,9 @@ pub enum Outcome {
     /// A message is in the sink, to deliver; the timers ran. For QoS 1/2
     /// (`acknowledge`), call [`Session::finish_message`] once it is
     /// delivered: a message is acknowledged only when the application
-    /// has it.
-    Message { acknowledge: bool },
+    /// has it. `flags` are those of its PUBLISH header (bit 0 retain,
+    /// bits 1-2 QoS, bit 3 DUP), for the application to read.
+    Message { acknowledge: bool, flags: u8 },
     /// A QoS 0 message was dropped: there was no memory for its payload.
     /// Nothing is lost silently: the caller reports it.
     Dropped { payload_len: u32 },
@@ -85,8 +86,12 @@ impl Session {
                     topic_len,
                     payload_len,
                     qos,
-                    ..
-                } => return self.take_message(io, now, sink, usize::from(topic_len), payload_len, qos),
+                    retain,
+                    dup,
+                } => {
+                    let flags = u8::from(retain) | (qos as u8) << 1 | u8::from(dup) << 3;
+                    return self.take_message(io, now, sink, usize::from(topic_len), payload_len, flags);
+                }
             }
         }
         Ok(Outcome::Idle)
@@ -100,12 +105,13 @@ impl Session {
         sink: &mut S,
         topic_len: usize,
         payload_len: u32,
-        qos: QoS,
+        flags: u8,
     ) -> Result<Outcome, Error>
     where
         T: Read + Write + ReadReady,
         S: MessageSink,
     {
+        let qos = QoS::from_bits((flags >> 1) & 0b11).ok_or(Error::WrongState)?;
         // Without room for the topic the message cannot be followed.
         let topic = sink.topic(topic_len).ok_or(Error::OutOfMemory)?;
         let info = self.read_topic_from(io, topic)?;
@@ -123,6 +129,7 @@ impl Session {
         } else if had_room && sink.message_ready() {
             Outcome::Message {
                 acknowledge: qos != QoS::AtMostOnce,
+                flags,
             }
         } else if qos == QoS::AtMostOnce {
             Outcome::Dropped { payload_len }
@@ -137,7 +144,7 @@ impl Session {
         };
         // A message to deliver at QoS 1/2 is acknowledged once delivered;
         // anything else is done with now.
-        if outcome != (Outcome::Message { acknowledge: true }) {
+        if !matches!(outcome, Outcome::Message { acknowledge: true, .. }) {
             self.finish_message(io.io, now)?;
         }
         Ok(outcome)
@@ -147,7 +154,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{PacketType, write_ack};
+    use crate::codec::{PacketType, Publish, write_ack, write_publish};
     use crate::session::CommandState;
     use crate::session::testing::*;
     use std::string::String;
@@ -188,6 +195,29 @@ mod tests {
     }
 
     #[test]
+    fn a_message_carries_the_flags_of_its_header() {
+        let (mut session, mut pipe) = connected(0);
+        let mut sink = Memory::default();
+        let publish = Publish {
+            topic: "kept",
+            packet_id: Some(3),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            dup: true,
+            payload: b"r",
+        };
+        pipe.broker_sends(|b| write_publish(&mut VecWriter(b), &publish).unwrap());
+        // Retain (bit 0), QoS 1 (bits 1-2), DUP (bit 3).
+        assert_eq!(
+            session.step(&mut pipe, 5, &mut sink),
+            Ok(Outcome::Message {
+                acknowledge: true,
+                flags: 0b1011
+            })
+        );
+    }
+
+    #[test]
     fn a_message_is_delivered_and_acknowledged_only_when_asked() {
         for (qos, acknowledgement) in [
             (QoS::AtMostOnce, None),
@@ -198,9 +228,10 @@ mod tests {
             let mut sink = Memory::default();
             broker_publish(&mut pipe, "a/b", b"hello", qos, 9, false);
             let acknowledge = acknowledgement.is_some();
+            let flags = (qos as u8) << 1;
             assert_eq!(
                 session.step(&mut pipe, 5, &mut sink),
-                Ok(Outcome::Message { acknowledge })
+                Ok(Outcome::Message { acknowledge, flags })
             );
             assert_eq!(sink.messages, [(String::from("a/b"), b"hello".to_vec())]);
             // Not acknowledged before the application has the message.
@@ -232,7 +263,10 @@ mod tests {
             sink.no_message = false;
             assert_eq!(
                 session.step(&mut pipe, 5, &mut sink),
-                Ok(Outcome::Message { acknowledge: false })
+                Ok(Outcome::Message {
+                    acknowledge: false,
+                    flags: 0
+                })
             );
             assert_eq!(sink.messages, [(String::from("t"), b"next".to_vec())]);
             assert!(session.is_connected());
@@ -283,9 +317,13 @@ mod tests {
             sink.no_payload = false;
             sink.no_message = false;
             broker_publish(&mut pipe, "t", b"once", QoS::ExactlyOnce, 4, true);
+            // The broker's resend: QoS 2 (bits 1-2) and DUP (bit 3).
             assert_eq!(
                 session.step(&mut pipe, 12, &mut sink),
-                Ok(Outcome::Message { acknowledge: true })
+                Ok(Outcome::Message {
+                    acknowledge: true,
+                    flags: 0b1100
+                })
             );
             assert_eq!(sink.messages, [(String::from("t"), b"once".to_vec())]);
         }
@@ -305,7 +343,7 @@ mod tests {
         loop {
             let outcome = session.step(&mut pipe, 5, &mut sink).unwrap();
             answered.push(pipe.take_sent().len());
-            if outcome == (Outcome::Message { acknowledge: false }) {
+            if matches!(outcome, Outcome::Message { acknowledge: false, .. }) {
                 break;
             }
             assert_eq!(outcome, Outcome::Idle);
