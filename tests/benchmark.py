@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from broker import Broker, free_port  # noqa: E402
+from broker import HOST, Broker, free_port  # noqa: E402
 from lwip_network import HOST as LwipHost  # noqa: E402
 from lwip_network import LwipNetwork  # noqa: E402
 
@@ -196,7 +196,7 @@ print("flood_rate", count[0] * 1000 / max(1, time.ticks_diff(last_at, first_at o
 def run_micropython(firmware, script, counts, flood, network=None):
     """Runs a benchmark script; publishes the flood when it is ready. With
     `network` (an LwipNetwork), the firmware runs inside its namespace."""
-    counts = dict(counts, HOST=LwipHost if network else "127.0.0.1")
+    counts = dict(counts, HOST=LwipHost if network else HOST)
     source = "".join(f"{name} = {value!r}\n" for name, value in counts.items()) + textwrap.dedent(script)
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
         file.write(source)
@@ -497,13 +497,13 @@ def print_waiting_table(default, esp32, count):
 
 
 def heap_figures(firmwares, port):
-    """heap_connected of each firmware (name: path), against the broker on
-    `port`; the lwIP firmware's against a broker inside a namespace of its
-    own (root only: else "-")."""
+    """heap_connected of each firmware (name: (path, whether its sockets are
+    lwIP's)), against the broker on `port`; an lwIP firmware's against a
+    broker inside a namespace of its own (root only: else "-")."""
     figures = {}
     counts = {"PORT": port, "PAYLOAD": PAYLOAD}
-    for name, firmware in firmwares.items():
-        if "lwIP" not in name:
+    for name, (firmware, lwip) in firmwares.items():
+        if not lwip:
             figures[name] = run_micropython(firmware, CONNECTED_HEAP_SCRIPT, counts, lambda: None)["heap_connected"]
         elif os.geteuid() == 0:
             with tempfile.TemporaryDirectory() as directory:
@@ -567,10 +567,10 @@ def main():
     esp32_firmware = build(esp32_path=True)
     newest, newest_version = newest_micropython()
     firmwares = {
-        "unix (MicroPython 1.25, POSIX sockets, loop thread)": firmware,
-        "esp32 path (interpreter lock, no POSIX poll)": esp32_firmware,
-        f"unix, MicroPython {newest_version} (Debian unstable)": build(tree=newest),
-        "lwIP sockets (modlwip.c over lwIP 2.2.1, scheduled loop)": build(lwip=True),
+        "unix (MicroPython 1.25, POSIX sockets, loop thread)": (firmware, False),
+        "esp32 path (interpreter lock, no POSIX poll)": (esp32_firmware, False),
+        f"unix, MicroPython {newest_version} (Debian unstable)": (build(tree=newest), False),
+        "lwIP sockets (modlwip.c over lwIP 2.2.1, scheduled loop)": (build(lwip=True), True),
     }
     umqtt_firmware = build(options.umqtt) if options.umqtt else None
     waiting = 200 if options.quick else 5000

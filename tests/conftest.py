@@ -117,8 +117,9 @@ def wait_until(condition, timeout_ms=5000):
 
 class Script:
     """Runs MicroPython code in the firmware, with `HOST` (the brokers'
-    address), `PORT` and other parameters defined at the top of the script, after a prelude that
-    imports mqtt and time and defines wait_until(condition, timeout_ms)."""
+    address), `PORT` and other parameters defined at the top of the script,
+    after a prelude that imports mqtt and time and defines
+    wait_until(condition, timeout_ms)."""
 
     def __init__(self, firmware, directory):
         self.firmware = firmware
