@@ -120,36 +120,19 @@ static mp_obj_t call_method(mp_obj_t object, qstr method, size_t n_args, const m
 
 #include "mqtt_link.c"
 #include "mqtt_cycle.c"
+#include "mqtt_reconnect.c"
 #include MQTT_LOOP_FILE
 
 // ---------------------------------------------------------------------------
 // Connecting
 
-static mqtt_bytes_t optional_bytes(mp_obj_t object) {
-    return object == mp_const_none ? no_bytes() : bytes_of_buffer(object);
-}
-
-// What the client kept of the publish in flight in `slot` (mqtt_kept_t):
-// the topic str and payload object it published. Never raises.
-static bool kept_publish(void *context, uint8_t slot, mqtt_bytes_t *topic, mqtt_bytes_t *payload) {
-    mp_obj_mqtt_client_t *self = context;
-    mp_buffer_info_t info;
-    // publish() kept a str topic and an object with the buffer protocol.
-    if (self->held == NULL || slot >= MQTT_INFLIGHT_MAX || self->held[2 * slot] == MP_OBJ_NULL
-        || !mp_get_buffer(self->held[2 * slot + 1], &info, MP_BUFFER_READ)) {
-        return false;
-    }
-    size_t len;
-    const char *data = mp_obj_str_get_data(self->held[2 * slot], &len);
-    *topic = (mqtt_bytes_t) { .data = (const uint8_t *)data, .len = len };
-    *payload = (mqtt_bytes_t) { .data = info.buf, .len = info.len };
-    return true;
-}
-
-// Connects with the stored parameters. Returns the CONNACK return code;
-// raises OSError when the broker cannot be reached.
+// Connects with the stored parameters, waiting for the CONNACK. Returns
+// its return code; raises OSError when the broker cannot be reached.
 static int do_connect(mp_obj_mqtt_client_t *self) {
     client_lock(self);
+    // A reconnection under way gives way to this one.
+    self->reconnect_phase = RECONNECT_OFF;
+    end_attempt(self);
     drop_link(self);
     self->link_generation++;
     client_unlock(self);
@@ -158,32 +141,8 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
     mp_obj_t stream = MP_OBJ_NULL;
     open_link(self, &sock, &stream);
     loop_watch_link(self, sock);
-
-    mqtt_connect_t options = {
-        .client_id = bytes_of_str(self->client_id, "client_id"),
-        .username = optional_bytes(option(self, OPTION_USERNAME)),
-        .password = optional_bytes(option(self, OPTION_PASSWORD)),
-        .will_topic = optional_bytes(option(self, OPTION_WILL_TOPIC)),
-        .will_payload = optional_bytes(option(self, OPTION_WILL_PAYLOAD)),
-        .will_qos = self->will_qos,
-        .will_retain = self->will_retain,
-        .clean_session = self->clean_session,
-        .keepalive_s = self->keepalive_s,
-    };
-    client_lock(self);
-    self->stream = stream;
-    self->stream_buffers = stream != sock;
-    self->owns_stream = option(self, OPTION_STREAM) == mp_const_none;
-    self->sock_fd = socket_fd(sock);
-    self->return_code = -1;
-    clear_pending(self);
-    if (self->clean_session && self->held != NULL) {
-        memset(self->held, 0, sizeof(mp_obj_t) * 2 * MQTT_INFLIGHT_MAX);
-    }
-    mqtt_transport_t transport = transport_of(self);
     mqtt_ticket_t ticket;
-    int status = mqtt_session_connect(session_of(self), &transport, now_ms(), &options, &ticket);
-    client_unlock(self);
+    int status = start_session(self, sock, stream, &ticket);
 
     nlr_buf_t nlr;
     bool raised = nlr_push(&nlr) != 0;
@@ -193,11 +152,7 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
         }
         self->return_code = wait_for(self, ticket);
         if (self->return_code == 0) {
-            // Send again what the previous link left unacknowledged.
-            mqtt_kept_t kept = { .context = self, .publish = kept_publish };
-            client_lock(self);
-            status = mqtt_session_resume(session_of(self), &transport, now_ms(), &kept);
-            client_unlock(self);
+            status = session_accepted(self);
             if (status != MQTT_OK) {
                 nlr_raise(exception_for_status(self, status));
             }
@@ -216,12 +171,6 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
     }
     return self->return_code;
 }
-
-// What the CONNACK return codes 1-5 mean.
-static const char *const refusals[] = {
-    "unacceptable protocol version", "identifier rejected", "server unavailable",
-    "bad user name or password", "not authorized",
-};
 
 // Connects, runs aconnect_cb on success, and returns the return code.
 static int connect_and_notify(mp_obj_mqtt_client_t *self) {
@@ -288,10 +237,35 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     return MP_OBJ_FROM_PTR(self);
 }
 
+// Reads connect()'s auto_reconnect: None or False (off), True (the
+// default bounds), or (min_ms, max_ms). Returns whether it is on.
+static bool backoff_of(mp_obj_t value, uint32_t *min_ms, uint32_t *max_ms) {
+    *min_ms = MQTT_RECONNECT_MIN_MS;
+    *max_ms = MQTT_RECONNECT_MAX_MS;
+    if (value == mp_const_none || value == mp_const_false) {
+        return false;
+    }
+    if (value == mp_const_true) {
+        return true;
+    }
+    if (!mp_obj_is_type(value, &mp_type_tuple) && !mp_obj_is_type(value, &mp_type_list)) {
+        mp_raise_TypeError(MP_ERROR_TEXT("auto_reconnect must be True or (min_ms, max_ms)"));
+    }
+    mp_obj_t *bounds;
+    mp_obj_get_array_fixed_n(value, 2, &bounds);
+    *min_ms = non_negative_of(bounds[0], "auto_reconnect");
+    *max_ms = non_negative_of(bounds[1], "auto_reconnect");
+    if (*min_ms == 0 || *min_ms > *max_ms) {
+        mp_raise_ValueError(MP_ERROR_TEXT("auto_reconnect needs 0 < min_ms <= max_ms"));
+    }
+    return true;
+}
+
 // Client.connect(host, keepalive, port=1883, ssl_ctx=None, breconnect_cb=None,
-//                aconnect_cb=None, loop_failure=None, start_loop=True, *, stream=None)
+//                aconnect_cb=None, loop_failure=None, start_loop=True, *,
+//                stream=None, auto_reconnect=None, on_drop=None)
 static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
-    enum { ARG_host, ARG_keepalive, ARG_port, ARG_ssl_ctx, ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure, ARG_start_loop, ARG_stream };
+    enum { ARG_host, ARG_keepalive, ARG_port, ARG_ssl_ctx, ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure, ARG_start_loop, ARG_stream, ARG_auto_reconnect, ARG_on_drop };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_host, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_keepalive, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
@@ -302,6 +276,8 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
         { MP_QSTR_loop_failure, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_start_loop, MP_ARG_BOOL, {.u_bool = true} },
         { MP_QSTR_stream, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_auto_reconnect, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_on_drop, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
     };
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
@@ -331,16 +307,25 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
     if (port < 1 || port > 65535) {
         mp_raise_ValueError(MP_ERROR_TEXT("port must be 1-65535"));
     }
-    const size_t callbacks[] = { ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure };
+    const size_t callbacks[] = { ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure, ARG_on_drop };
     for (size_t i = 0; i < MP_ARRAY_SIZE(callbacks); i++) {
         mp_obj_t callback = args[callbacks[i]].u_obj;
         if (callback != mp_const_none && !mp_obj_is_callable(callback)) {
             mp_raise_TypeError(MP_ERROR_TEXT("callbacks must be callable or None"));
         }
     }
+    uint32_t min_ms, max_ms;
+    bool auto_reconnect = backoff_of(args[ARG_auto_reconnect].u_obj, &min_ms, &max_ms);
     if (loop_runs_elsewhere(self)) {
         mp_raise_OSError(MP_EBUSY);
     }
+    if (auto_reconnect) {
+        // The client id and a fast clock make each device's jitter its own.
+        client_lock(self);
+        mqtt_session_set_backoff(session_of(self), min_ms, max_ms, bytes_of_str(self->client_id, "client_id"), (uint32_t)mp_hal_ticks_us());
+        client_unlock(self);
+    }
+    self->auto_reconnect = auto_reconnect;
     self->host = args[ARG_host].u_obj;
     self->keepalive_s = (uint16_t)keepalive;
     self->port = (uint16_t)port;
@@ -348,6 +333,7 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
     set_option(self, OPTION_BRECONNECT_CB, args[ARG_breconnect_cb].u_obj);
     set_option(self, OPTION_ACONNECT_CB, args[ARG_aconnect_cb].u_obj);
     set_option(self, OPTION_STREAM, stream);
+    set_option(self, OPTION_ON_DROP, args[ARG_on_drop].u_obj);
     self->loop_failure = args[ARG_loop_failure].u_obj;
 
     int code = connect_and_notify(self);
@@ -423,6 +409,10 @@ static mp_obj_t client_cycle(mp_obj_t self_in) {
     if (loop_runs_elsewhere(self)) {
         mp_raise_OSError(MP_EBUSY);
     }
+    if (self->reconnect_phase != RECONNECT_OFF) {
+        reconnect_step(self, self->cycle_timeout_ms);
+        return mp_const_none;
+    }
     int status = run_cycle(self, self->cycle_timeout_ms);
     if (status == MQTT_OK || status == MQTT_LINK_REPLACED) {
         return mp_const_none;
@@ -430,7 +420,7 @@ static mp_obj_t client_cycle(mp_obj_t self_in) {
     // Made before loop_failure runs: a reconnect there clears what the
     // failed link stashed.
     mp_obj_t failure = exception_for_status(self, status);
-    if (loop_failure_recovers(self)) {
+    if (loop_goes_on(self)) {
         return mp_const_none;
     }
     nlr_raise(failure);
@@ -520,6 +510,10 @@ static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t
     mqtt_bytes_t payload_bytes = bytes_of_buffer(payload);
     uint8_t qos = qos_of(args[ARG_qos].u_obj);
     check_topic(topic, false);
+    if (qos > 0) {
+        // Built-in reconnection may bring a lost link back meanwhile.
+        wait_for_link(self);
+    }
     if (qos > 0 && self->held == NULL) {
         mp_obj_t *held = m_new0(mp_obj_t, 2 * MQTT_INFLIGHT_MAX);
         client_lock(self);
@@ -548,41 +542,42 @@ static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t
 static MP_DEFINE_CONST_FUN_OBJ_KW(client_publish_obj, 2, client_publish);
 
 // Returns a copy of the subscription table where `filter` maps to
-// `callback` (in its place, or added at the end), or without `filter`
-// when `callback` is MP_OBJ_NULL (the same table when it has none).
-static mp_obj_t table_with(mp_obj_t table, mp_obj_t filter, mp_obj_t callback) {
+// `callback` and `qos` (in its place, or added at the end), or without
+// `filter` when `callback` is MP_OBJ_NULL (the same table when it has none).
+static mp_obj_t table_with(mp_obj_t table, mp_obj_t filter, mp_obj_t callback, uint8_t qos) {
     size_t n;
     mp_obj_t *items;
     mp_obj_tuple_get(table, &n, &items);
     size_t at = 0;
     while (at < n && !mp_obj_equal(items[at], filter)) {
-        at += 2;
+        at += TABLE_ENTRY;
     }
     if (callback == MP_OBJ_NULL) {
         if (at == n) {
             return table;
         }
-        mp_obj_tuple_t *smaller = MP_OBJ_TO_PTR(mp_obj_new_tuple(n - 2, NULL));
+        mp_obj_tuple_t *smaller = MP_OBJ_TO_PTR(mp_obj_new_tuple(n - TABLE_ENTRY, NULL));
         memcpy(smaller->items, items, at * sizeof(mp_obj_t));
-        memcpy(smaller->items + at, items + at + 2, (n - at - 2) * sizeof(mp_obj_t));
+        memcpy(smaller->items + at, items + at + TABLE_ENTRY, (n - at - TABLE_ENTRY) * sizeof(mp_obj_t));
         return MP_OBJ_FROM_PTR(smaller);
     }
-    mp_obj_tuple_t *copy = MP_OBJ_TO_PTR(mp_obj_new_tuple(at == n ? n + 2 : n, NULL));
+    mp_obj_tuple_t *copy = MP_OBJ_TO_PTR(mp_obj_new_tuple(at == n ? n + TABLE_ENTRY : n, NULL));
     memcpy(copy->items, items, n * sizeof(mp_obj_t));
     copy->items[at] = filter;
     copy->items[at + 1] = callback;
+    copy->items[at + 2] = MP_OBJ_NEW_SMALL_INT(qos);
     return MP_OBJ_FROM_PTR(copy);
 }
 
-// Installs a subscription table where `filter` maps to `callback`, or is
-// absent when `callback` is MP_OBJ_NULL. The table is built outside the
+// Installs a subscription table where `filter` maps to `callback` and
+// `qos`, or is absent when `callback` is MP_OBJ_NULL. The table is built outside the
 // lock (building allocates, which may raise) and installed only if no
 // other thread changed the table meanwhile. Returns the table it replaced;
 // `*installed` is the new one.
-static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, mp_obj_t *installed) {
+static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, uint8_t qos, mp_obj_t *installed) {
     for (;;) {
         mp_obj_t current = self->subscriptions;
-        mp_obj_t next = table_with(current, filter, callback);
+        mp_obj_t next = table_with(current, filter, callback, qos);
         client_lock(self);
         bool unchanged = self->subscriptions == current;
         if (unchanged) {
@@ -629,7 +624,7 @@ static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map
     // The callback is in the table before SUBSCRIBE leaves, so retained
     // messages that follow the SUBACK at once find it.
     mp_obj_t updated;
-    mp_obj_t previous = update_subscriptions(self, filter, function, &updated);
+    mp_obj_t previous = update_subscriptions(self, filter, function, qos, &updated);
 
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
@@ -656,7 +651,7 @@ static mp_obj_t client_unsubscribe(mp_obj_t self_in, mp_obj_t filter) {
     check_topic(filter, true);
     // Off the table first: its callback is never called again.
     mp_obj_t smaller;
-    update_subscriptions(self, filter, MP_OBJ_NULL, &smaller);
+    update_subscriptions(self, filter, MP_OBJ_NULL, 0, &smaller);
     mqtt_ticket_t ticket = send_subscription(self, filter, 0, true);
     if (!in_callback(self)) {
         wait_for(self, ticket);
@@ -676,6 +671,7 @@ static mp_obj_t client_disconnect(size_t n_args, const mp_obj_t *pos_args, mp_ma
     mp_obj_t timeout_obj = args[0].u_obj;
     uint32_t timeout = timeout_obj == mp_const_none ? 0 : non_negative_of(timeout_obj, "timeout");
     loop_stop(self);
+    stop_reconnecting(self);
     client_lock(self);
     if (self->stream != MP_OBJ_NULL) {
         mqtt_transport_t transport = transport_of(self);

@@ -32,6 +32,13 @@
 #define MQTT_LOOP_FILE "mqtt_loop_cycle.c"
 #endif
 
+// Items of one subscription in the client's table: filter, callback, QoS.
+#define TABLE_ENTRY (3)
+
+// Built-in reconnection's bounds for connect(auto_reconnect=True), in ms.
+#define MQTT_RECONNECT_MIN_MS (1000)
+#define MQTT_RECONNECT_MAX_MS (60000)
+
 // Largest incoming packet accepted unless the Client is told otherwise.
 #define MQTT_DEFAULT_MAX_PACKET (1024 * 1024)
 
@@ -48,6 +55,16 @@
 // replaced or closed by the application (disconnect() or reconnect() from
 // a callback): not a failure.
 #define MQTT_LINK_REPLACED (1)
+
+// Where built-in reconnection stands: not reconnecting (the link is up,
+// or the loop ends on a failure); waiting for the next attempt; its TCP
+// connection under way; its CONNECT sent and the CONNACK awaited.
+enum {
+    RECONNECT_OFF,
+    RECONNECT_WAITING,
+    RECONNECT_TCP,
+    RECONNECT_CONNACK,
+};
 
 enum {
     LOOP_STOPPED,
@@ -66,8 +83,9 @@ typedef struct _mp_obj_mqtt_client_t {
     // a client that uses none of them saves their room.
     mp_obj_t *options;
     mp_obj_t loop_failure;
-    // (filter, callback, filter, callback, ...); replaced, never mutated,
-    // so that a delivery in progress can keep iterating its snapshot.
+    // (filter, callback, qos, filter, callback, qos, ...): TABLE_ENTRY
+    // items a subscription; replaced, never mutated, so that a delivery in
+    // progress can keep iterating its snapshot.
     mp_obj_t subscriptions;
     // Topic and payload of each in-flight QoS 1/2 publish, by slot, kept
     // for a resend after reconnect; allocated on the first such publish.
@@ -77,6 +95,9 @@ typedef struct _mp_obj_mqtt_client_t {
     mp_obj_t stream;
     // What a transport callback caught, raised once the engine returned.
     mp_obj_t pending_exception;
+    // Built-in reconnection: the socket of an attempt whose TCP
+    // connection is under way (see mqtt_reconnect.c), or MP_OBJ_NULL.
+    mp_obj_t attempt_sock;
     // The thread that reads the link in a cycle (see run_cycle), or NULL.
     void *volatile reader;
     // The thread calling message callbacks, if any.
@@ -103,6 +124,9 @@ typedef struct _mp_obj_mqtt_client_t {
     #endif
     int sock_fd;
     uint32_t cycle_timeout_ms;
+    // Built-in reconnection: when the next attempt is due (RECONNECT_WAITING),
+    // or when the attempt's phase began (the later phases).
+    uint32_t attempt_at;
     #if MQTT_WAKE_BY_SIGNAL
     // When the client wants its next scheduled cycle (ticks_ms).
     uint32_t wake_at;
@@ -125,6 +149,10 @@ typedef struct _mp_obj_mqtt_client_t {
     bool owns_stream;
     // The cycle's wait found input (spares the engine's readiness check).
     bool input_ready;
+    // connect(auto_reconnect=...) was given: the loop reconnects by itself.
+    bool auto_reconnect;
+    // Where built-in reconnection stands (RECONNECT_*).
+    volatile uint8_t reconnect_phase;
     // The PUBLISH header flags of the message whose callbacks run (for
     // message_flags(); valid on the callback's thread).
     uint8_t message_flags;
@@ -158,6 +186,8 @@ enum {
     OPTION_ACONNECT_CB,
     // A stream the application connected itself (connect(stream=...)).
     OPTION_STREAM,
+    // What is told of a message that could not be taken (connect(on_drop=...)).
+    OPTION_ON_DROP,
     OPTION_COUNT,
 };
 

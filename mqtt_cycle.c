@@ -71,12 +71,15 @@ static void pause_briefly(uint32_t waited_ms) {
 // ---------------------------------------------------------------------------
 // Receiving
 
+// Sends the next subscriptions again after a reconnect (mqtt_reconnect.c).
+static int resubscribe_more(mp_obj_mqtt_client_t *self);
+
 // Finds whether `filter` (with `callback`) is still in the current table.
 static bool still_subscribed(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback) {
     size_t n;
     mp_obj_t *items;
     mp_obj_tuple_get(self->subscriptions, &n, &items);
-    for (size_t i = 0; i + 1 < n; i += 2) {
+    for (size_t i = 0; i + TABLE_ENTRY <= n; i += TABLE_ENTRY) {
         if (items[i] == filter && items[i + 1] == callback) {
             return true;
         }
@@ -96,7 +99,7 @@ static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload
     bool outer = set_in_callback(self, true);
     uint8_t outer_flags = self->message_flags;
     self->message_flags = flags;
-    for (size_t i = 0; i + 1 < n; i += 2) {
+    for (size_t i = 0; i + TABLE_ENTRY <= n; i += TABLE_ENTRY) {
         if (!mqtt_topic_matches(bytes_of_str(items[i], "filter"), topic_bytes)) {
             continue;
         }
@@ -121,6 +124,11 @@ typedef struct _delivery_t {
     bool acknowledge;
     // Its PUBLISH header flags: retain, QoS, DUP.
     uint8_t flags;
+    // A message that could not be taken (payload MP_OBJ_NULL): its
+    // payload's length, and whether it was larger than max_packet_size
+    // (else there was no memory for it). Its topic is None when unknown.
+    bool too_large;
+    uint32_t dropped_len;
 } delivery_t;
 
 // Allocates a vstr of `len` bytes without raising; false when out of memory.
@@ -188,6 +196,43 @@ static bool sink_message_ready(void *context) {
     return true;
 }
 
+// The topic of a dropped message, from the sink's buffer (or the str
+// made before the payload's object failed), or None when there is no
+// memory for it. Never raises.
+static mp_obj_t dropped_topic(message_sink_t *sink) {
+    if (sink->topic_obj != MP_OBJ_NULL) {
+        return sink->topic_obj;
+    }
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) != 0) {
+        return mp_const_none;
+    }
+    mp_obj_t topic = mp_const_none;
+    if (sink->topic_len <= MQTT_TOPIC_ON_STACK) {
+        topic = mp_obj_new_str((const char *)sink->short_topic, sink->topic_len);
+    } else if (sink->topic_taken) {
+        topic = mp_obj_new_str_from_vstr(&sink->long_topic);
+        sink->topic_taken = false;
+    }
+    nlr_pop();
+    return topic;
+}
+
+// Tells of a message that could not be taken (read past and acknowledged
+// by the engine): on_drop(client, topic, length), or a printed line.
+// Called without the lock.
+static void report_drop(mp_obj_mqtt_client_t *self, mp_obj_t topic, uint32_t length, bool too_large) {
+    mp_obj_t on_drop = option(self, OPTION_ON_DROP);
+    if (on_drop != mp_const_none) {
+        mp_obj_t args[3] = { MP_OBJ_FROM_PTR(self), topic, mp_obj_new_int_from_uint(length) };
+        call_and_report(on_drop, 3, args);
+        return;
+    }
+    const char *topic_text = topic == mp_const_none ? "?" : mp_obj_str_get_str(topic);
+    mp_printf(MICROPY_ERROR_PRINTER, "mqtt: message of %u bytes on %s dropped: %s\n", (unsigned)length, topic_text,
+        too_large ? "larger than max_packet_size" : "out of memory");
+}
+
 // The publish in `slot` is acknowledged: what was kept to resend it goes.
 static void sink_completed(void *context, uint8_t slot) {
     mp_obj_mqtt_client_t *self = ((message_sink_t *)context)->client;
@@ -215,6 +260,27 @@ static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
     };
     mqtt_outcome_t outcome;
     int status = mqtt_session_step(session_of(self), &transport, now_ms(), &sink, &outcome);
+    if (status == MQTT_OK) {
+        if (outcome.kind == MQTT_OUTCOME_CONNACK) {
+            // connect() is waiting for this.
+            self->return_code = outcome.code;
+        } else if (outcome.kind == MQTT_OUTCOME_DROPPED) {
+            // The engine read it past and acknowledged it: it is reported
+            // once the lock is released, with its topic when one can be made.
+            delivery->topic = outcome.topic_read ? dropped_topic(&message) : mp_const_none;
+            delivery->payload = MP_OBJ_NULL;
+            delivery->dropped_len = outcome.payload_len;
+            delivery->too_large = outcome.too_large;
+        } else if (outcome.kind == MQTT_OUTCOME_MESSAGE) {
+            delivery->topic = message.topic_obj;
+            delivery->payload = message.payload_obj;
+            delivery->link_generation = self->link_generation;
+            delivery->acknowledge = outcome.acknowledge;
+            delivery->flags = outcome.flags;
+        }
+        // SUBACKs free in-flight slots: the next resubscriptions go.
+        status = resubscribe_more(self);
+    }
     // What a step that did not finish its message left behind.
     if (message.topic_taken) {
         vstr_clear(&message.long_topic);
@@ -224,18 +290,6 @@ static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
     }
     if (status != MQTT_OK) {
         return status;
-    }
-    if (outcome.kind == MQTT_OUTCOME_CONNACK) {
-        // connect() is waiting for this.
-        self->return_code = outcome.code;
-    } else if (outcome.kind == MQTT_OUTCOME_DROPPED) {
-        mp_printf(MICROPY_ERROR_PRINTER, "mqtt: message of %u bytes dropped: out of memory\n", (unsigned)outcome.payload_len);
-    } else if (outcome.kind == MQTT_OUTCOME_MESSAGE) {
-        delivery->topic = message.topic_obj;
-        delivery->payload = message.payload_obj;
-        delivery->link_generation = self->link_generation;
-        delivery->acknowledge = outcome.acknowledge;
-        delivery->flags = outcome.flags;
     }
     return MQTT_OK;
 }
@@ -270,6 +324,10 @@ static int read_and_deliver(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
     }
     client_unlock(self);
     if (delivery.topic == MP_OBJ_NULL) {
+        return status;
+    }
+    if (delivery.payload == MP_OBJ_NULL) {
+        report_drop(self, delivery.topic, delivery.dropped_len, delivery.too_large);
         return status;
     }
     deliver(self, delivery.topic, delivery.payload, delivery.flags);
@@ -383,18 +441,4 @@ static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket) {
             failure = status;
         }
     }
-}
-
-// ---------------------------------------------------------------------------
-// The loop
-
-// After a failed cycle: calls loop_failure(client) and tells whether it
-// returned RECOVERED (anything else, an exception, or no callback: no).
-static bool loop_failure_recovers(mp_obj_mqtt_client_t *self) {
-    if (self->loop_failure == mp_const_none) {
-        return false;
-    }
-    mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
-    mp_obj_t verdict = call_and_report(self->loop_failure, 1, &self_obj);
-    return verdict != MP_OBJ_NULL && mp_obj_is_small_int(verdict) && MP_OBJ_SMALL_INT_VALUE(verdict) == MQTT_RECOVERED;
 }

@@ -16,6 +16,22 @@
 #define MQTT_INFLIGHT_MAX 8
 
 /**
+ * Why the link is down, for `mqtt_session_next_attempt`: lost,
+ * unreachable, or no CONNACK in time.
+ */
+#define MQTT_FAILURE_LINK 0
+
+/**
+ * The broker refused the connection (the CONNACK code goes with it).
+ */
+#define MQTT_FAILURE_REFUSED 1
+
+/**
+ * The TLS handshake failed.
+ */
+#define MQTT_FAILURE_HANDSHAKE 2
+
+/**
  * The alignment, in bytes, that session memory has at least.
  */
 #define MQTT_SESSION_ALIGN 8
@@ -57,7 +73,9 @@ typedef enum {
    */
   MQTT_ERR_WRONG_STATE = -7,
   /**
-   * An incoming packet is larger than the configured maximum.
+   * Not returned any more: a PUBLISH larger than the configured maximum
+   * is dropped (`MQTT_OUTCOME_DROPPED`), and any other packet that long
+   * breaks a rule (`MQTT_ERR_BAD_LENGTH`).
    */
   MQTT_ERR_PACKET_TOO_LARGE = -9,
   /**
@@ -77,8 +95,8 @@ typedef enum {
    */
   MQTT_ERR_CLOSED = -13,
   /**
-   * No memory for a QoS 1/2 message: the link is failed, unacknowledged,
-   * so that the broker sends it again.
+   * Not returned any more: a message without memory is dropped
+   * (`MQTT_OUTCOME_DROPPED`), whatever its QoS.
    */
   MQTT_ERR_NO_MEMORY = -14,
   /**
@@ -189,8 +207,14 @@ enum mqtt_outcome_kind_t
    */
   MQTT_OUTCOME_MESSAGE,
   /**
-   * A QoS 0 message of `payload_len` bytes was dropped for want of
-   * memory: report it.
+   * A message the client could not take was read past and dropped, at
+   * any QoS: report it. It is acknowledged as if delivered, so the
+   * broker does not send it again (do not call
+   * `mqtt_session_finish_message`). `too_large` says it was larger than
+   * `max_packet_size`, otherwise memory ran out (for its topic, its
+   * payload, or in `message_ready`). `payload_len` and `flags` are its;
+   * when `topic_read`, the room the sink gave for the topic holds it
+   * (checked: UTF-8, a valid topic name), to name it in the report.
    */
   MQTT_OUTCOME_DROPPED,
 };
@@ -281,11 +305,14 @@ typedef struct {
   void *context;
   /**
    * Returns room for `len` bytes of topic, valid until the step
-   * returns, or null when out of memory.
+   * returns, or null when out of memory (the message is then dropped).
+   * Asked for a message larger than `max_packet_size` too, so that its
+   * report can name it.
    */
   uint8_t *(*topic)(void *context, size_t len);
   /**
-   * Returns room for `len` bytes of payload, as above.
+   * Returns room for `len` bytes of payload, as above. Never asked for
+   * a message larger than `max_packet_size`, nor one without a topic.
    */
   uint8_t *(*payload)(void *context, size_t len);
   /**
@@ -308,12 +335,36 @@ typedef struct {
   bool session_present;
   bool acknowledge;
   /**
-   * A message's: the flags of its PUBLISH header (bit 0 retain, bits
-   * 1-2 QoS, bit 3 DUP), as MQTT lays them out.
+   * A message's, delivered or dropped: the flags of its PUBLISH header
+   * (bit 0 retain, bits 1-2 QoS, bit 3 DUP), as MQTT lays them out.
    */
   uint8_t flags;
+  /**
+   * A dropped message's: the sink's topic buffer holds its topic.
+   */
+  bool topic_read;
+  /**
+   * A dropped message's: it was larger than `max_packet_size`.
+   */
+  bool too_large;
+  /**
+   * A dropped message's payload length.
+   */
   uint32_t payload_len;
 } mqtt_outcome_t;
+
+/**
+ * The caller's subscription table (see `Filters`).
+ */
+typedef struct {
+  void *context;
+  /**
+   * Sets `*filter` and `*qos` to entry `index` of the table, valid until
+   * `mqtt_session_resubscribe` returns; returns false past its end.
+   * Must not raise or jump.
+   */
+  bool (*filter)(void *context, uint16_t index, mqtt_bytes_t *filter, uint8_t *qos);
+} mqtt_filters_t;
 
 /**
  * Bytes of memory a session needs.
@@ -467,9 +518,9 @@ uint32_t mqtt_session_next_timer(mqtt_session_t *session, uint32_t now_ms, uint3
 
 /**
  * One step of the caller's loop, after it waited for input: handles what
- * has arrived up to the next message to deliver (which goes into `sink`),
- * then runs the keepalive and CONNECT timers. Any error status means the
- * link is failed: close it.
+ * has arrived up to the next message to deliver (which goes into `sink`)
+ * or to report dropped, then runs the keepalive and CONNECT timers. Any
+ * error status means the link is failed: close it.
  *
  * # Safety
  * `session` comes from `mqtt_session_init`; the other pointers are valid.
@@ -489,6 +540,52 @@ mqtt_status_t mqtt_session_step(mqtt_session_t *session,
 mqtt_status_t mqtt_session_finish_message(mqtt_session_t *session,
                                           const mqtt_transport_t *transport,
                                           uint32_t now_ms);
+
+/**
+ * Turns built-in reconnection on: attempts are timed by
+ * `mqtt_session_next_attempt`, between `min_ms` and `max_ms`, and the
+ * subscriptions are sent again (`mqtt_session_resubscribe`) after a
+ * reconnect to a broker that kept no session. `client_id` and `entropy`
+ * (a fast clock, say) seed the jitter, so that devices differ.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`; `client_id` is valid.
+ */
+void mqtt_session_set_backoff(mqtt_session_t *session,
+                              uint32_t min_ms,
+                              uint32_t max_ms,
+                              mqtt_bytes_t client_id,
+                              uint32_t entropy);
+
+/**
+ * How long to wait, in milliseconds, before the next attempt to connect,
+ * the link being down for `failure`, one of `MQTT_FAILURE_*` (`code`: the
+ * CONNACK refusal); an unknown value counts as a lost link.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`.
+ */
+uint32_t mqtt_session_next_attempt(mqtt_session_t *session,
+                                   uint32_t now_ms,
+                                   int failure,
+                                   uint8_t code);
+
+/**
+ * After a reconnect to a broker that kept no session (with built-in
+ * reconnection on), sends the subscriptions of the caller's table again,
+ * as many as the in-flight slots allow; call after every step until the
+ * table is done (a call with nothing to do returns at once). Sets
+ * `*refused` to how many resubscriptions the broker refused since the
+ * last call.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`; the other pointers are valid.
+ */
+mqtt_status_t mqtt_session_resubscribe(mqtt_session_t *session,
+                                       const mqtt_transport_t *transport,
+                                       uint32_t now_ms,
+                                       const mqtt_filters_t *filters,
+                                       uint8_t *refused);
 
 /**
  * Checks a topic name (`filter` false) or a topic filter; returns

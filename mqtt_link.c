@@ -223,8 +223,6 @@ static mp_obj_t exception_for_status(mp_obj_mqtt_client_t *self, int status) {
             return os_error(MP_ENOTCONN);
         case MQTT_ERR_INFLIGHT_FULL:
             return os_error(MP_ENOBUFS);
-        case MQTT_ERR_PACKET_TOO_LARGE:
-            return mqtt_exception(MQTT_EXC_PROTOCOL, "packet larger than max_packet_size", NULL);
         case MQTT_ERR_PING_TIMEOUT:
             return mqtt_exception(MQTT_EXC_TIMEOUT, "timeout: no answer to keepalive ping", NULL);
         case MQTT_ERR_CONNECT_TIMEOUT:
@@ -232,8 +230,6 @@ static mp_obj_t exception_for_status(mp_obj_mqtt_client_t *self, int status) {
             return os_error(MP_ETIMEDOUT);
         case MQTT_ERR_CLOSED:
             return os_error(MP_ECONNRESET);
-        case MQTT_ERR_NO_MEMORY:
-            return os_error(MP_ENOMEM);
         default:
             if (rule != NULL) {
                 return mqtt_exception(MQTT_EXC_PROTOCOL, "protocol error: %s", rule);
@@ -275,45 +271,89 @@ static void drop_link(mp_obj_mqtt_client_t *self) {
     }
 }
 
-// Opens a TCP connection to the broker; raises OSError when it cannot be
-// reached. The socket is returned connected and still blocking.
-static mp_obj_t open_socket(mp_obj_mqtt_client_t *self) {
+// Makes a TCP socket for the broker's address, which it returns in
+// `*address`. Raises OSError when the name cannot be resolved.
+static mp_obj_t new_socket(mp_obj_mqtt_client_t *self, mp_obj_t *address) {
     mp_obj_t socket_module = mp_import_name(MP_QSTR_socket, mp_const_none, MP_OBJ_NEW_SMALL_INT(0));
     mp_obj_t lookup[2] = { self->host, MP_OBJ_NEW_SMALL_INT(self->port) };
     mp_obj_t addresses = call_method(socket_module, MP_QSTR_getaddrinfo, 2, lookup);
-    mp_obj_t address = mp_obj_subscr(addresses, MP_OBJ_NEW_SMALL_INT(0), MP_OBJ_SENTINEL);
+    mp_obj_t found = mp_obj_subscr(addresses, MP_OBJ_NEW_SMALL_INT(0), MP_OBJ_SENTINEL);
     size_t n_fields;
     mp_obj_t *fields;
-    mp_obj_get_array(address, &n_fields, &fields);
+    mp_obj_get_array(found, &n_fields, &fields);
     if (n_fields < 5) {
         mp_raise_OSError(MP_EINVAL);
     }
+    *address = fields[n_fields - 1];
     mp_obj_t socket_type = mp_load_attr(socket_module, MP_QSTR_socket);
-    mp_obj_t sock = mp_call_function_n_kw(socket_type, 3, 0, fields);
+    return mp_call_function_n_kw(socket_type, 3, 0, fields);
+}
+
+// Sets TCP_NODELAY (at IPPROTO_TCP, 6), so that a small packet leaves at
+// once: the socket module's number for it (lwIP's is 0x40), or Linux's
+// where it names none; ports without the option just keep Nagle.
+static void set_nodelay(mp_obj_t sock) {
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
-        // Bound the connection attempt by command_timeout.
-        mp_obj_t timeout = mp_obj_new_float((mp_float_t)mqtt_session_command_timeout(session_of(self)) / 1000);
-        call_method(sock, MP_QSTR_settimeout, 1, &timeout);
-        call_method(sock, MP_QSTR_connect, 1, &fields[n_fields - 1]);
-        // TCP_NODELAY (at IPPROTO_TCP, 6), so that a small packet leaves at
-        // once: the socket module's number for it (lwIP's is 0x40), or Linux's
-        // where it names none; ports without the option just keep Nagle.
-        nlr_buf_t nodelay;
-        if (nlr_push(&nodelay) == 0) {
-            mp_obj_t found[2];
-            mp_load_method_maybe(socket_module, MP_QSTR_TCP_NODELAY, found);
-            mp_obj_t tcp_nodelay = found[0] != MP_OBJ_NULL ? found[0] : MP_OBJ_NEW_SMALL_INT(1);
-            mp_obj_t option[3] = { MP_OBJ_NEW_SMALL_INT(6), tcp_nodelay, MP_OBJ_NEW_SMALL_INT(1) };
-            call_method(sock, MP_QSTR_setsockopt, 3, option);
-            nlr_pop();
-        }
+        mp_obj_t socket_module = mp_import_name(MP_QSTR_socket, mp_const_none, MP_OBJ_NEW_SMALL_INT(0));
+        mp_obj_t found[2];
+        mp_load_method_maybe(socket_module, MP_QSTR_TCP_NODELAY, found);
+        mp_obj_t tcp_nodelay = found[0] != MP_OBJ_NULL ? found[0] : MP_OBJ_NEW_SMALL_INT(1);
+        mp_obj_t option[3] = { MP_OBJ_NEW_SMALL_INT(6), tcp_nodelay, MP_OBJ_NEW_SMALL_INT(1) };
+        call_method(sock, MP_QSTR_setsockopt, 3, option);
+        nlr_pop();
+    }
+}
+
+// Bounds the socket's blocking calls by command_timeout.
+static void set_command_timeout(mp_obj_mqtt_client_t *self, mp_obj_t sock) {
+    mp_obj_t timeout = mp_obj_new_float((mp_float_t)mqtt_session_command_timeout(session_of(self)) / 1000);
+    call_method(sock, MP_QSTR_settimeout, 1, &timeout);
+}
+
+// Opens a TCP connection to the broker; raises OSError when it cannot be
+// reached. The socket is returned connected and still blocking.
+static mp_obj_t open_socket(mp_obj_mqtt_client_t *self) {
+    mp_obj_t address;
+    mp_obj_t sock = new_socket(self, &address);
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        set_command_timeout(self, sock);
+        call_method(sock, MP_QSTR_connect, 1, &address);
+        set_nodelay(sock);
         nlr_pop();
     } else {
         close_quietly(sock);
         nlr_jump(nlr.ret_val);
     }
     return sock;
+}
+
+// Wraps a connected socket (or the stream the application gave) in TLS
+// if the client has an SSLContext (the handshake blocks, bounded by the
+// socket's timeout), and makes it non-blocking. Returns the stream the
+// session talks to; raises what the handshake raised.
+static mp_obj_t secure_stream(mp_obj_mqtt_client_t *self, mp_obj_t sock) {
+    mp_obj_t stream = sock;
+    mp_obj_t ssl_ctx = option(self, OPTION_SSL_CTX);
+    if (ssl_ctx != mp_const_none) {
+        // ssl_ctx.wrap_socket(sock, server_hostname=host)
+        mp_obj_t call[5];
+        mp_load_method(ssl_ctx, MP_QSTR_wrap_socket, call);
+        call[2] = sock;
+        call[3] = MP_OBJ_NEW_QSTR(MP_QSTR_server_hostname);
+        call[4] = self->host;
+        stream = mp_call_method_n_kw(1, 1, call);
+    }
+    // From here on every wait is a poll with a deadline. A given stream
+    // without setblocking() (a UART, a stream class) must not block.
+    mp_obj_t setblocking[3];
+    mp_load_method_maybe(sock, MP_QSTR_setblocking, setblocking);
+    if (setblocking[0] != MP_OBJ_NULL) {
+        setblocking[2] = mp_const_false;
+        mp_call_method_n_kw(1, 0, setblocking);
+    }
+    return stream;
 }
 
 // Opens the link: a TCP connection, or the stream the application gave,
@@ -325,25 +365,7 @@ static void open_link(mp_obj_mqtt_client_t *self, mp_obj_t *sock_out, mp_obj_t *
     mp_obj_t sock = owned ? open_socket(self) : given;
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
-        mp_obj_t stream = sock;
-        mp_obj_t ssl_ctx = option(self, OPTION_SSL_CTX);
-        if (ssl_ctx != mp_const_none) {
-            // ssl_ctx.wrap_socket(sock, server_hostname=host)
-            mp_obj_t call[5];
-            mp_load_method(ssl_ctx, MP_QSTR_wrap_socket, call);
-            call[2] = sock;
-            call[3] = MP_OBJ_NEW_QSTR(MP_QSTR_server_hostname);
-            call[4] = self->host;
-            stream = mp_call_method_n_kw(1, 1, call);
-        }
-        // From here on every wait is a poll with a deadline. A given stream
-        // without setblocking() (a UART, a stream class) must not block.
-        mp_obj_t setblocking[3];
-        mp_load_method_maybe(sock, MP_QSTR_setblocking, setblocking);
-        if (setblocking[0] != MP_OBJ_NULL) {
-            setblocking[2] = mp_const_false;
-            mp_call_method_n_kw(1, 0, setblocking);
-        }
+        mp_obj_t stream = secure_stream(self, sock);
         nlr_pop();
         *sock_out = sock;
         *stream_out = stream;

@@ -46,13 +46,25 @@ static void run_turn(mp_obj_mqtt_client_t *self) {
         wake_up_in(self, self->cycle_timeout_ms);
         return;
     }
+    if (self->reconnect_phase != RECONNECT_OFF) {
+        // Reconnecting: one step, which does not wait.
+        uint32_t delay = reconnect_step(self, 0);
+        if (self->loop_state == LOOP_RUNNING) {
+            wake_up_in(self, self->reconnect_phase == RECONNECT_OFF ? 0 : delay);
+        }
+        return;
+    }
     bool more = true;
     for (int cycle = 0; cycle < MQTT_CYCLES_PER_TURN && more; cycle++) {
         int status = run_cycle(self, 0);
         if (status != MQTT_OK && status != MQTT_LINK_REPLACED) {
             clear_pending(self);
-            if (self->loop_state != LOOP_RUNNING || !loop_failure_recovers(self)) {
+            if (self->loop_state != LOOP_RUNNING || !loop_goes_on(self)) {
                 stop_scheduled(self);
+                return;
+            }
+            if (self->reconnect_phase != RECONNECT_OFF) {
+                wake_up_in(self, 0);
                 return;
             }
         }

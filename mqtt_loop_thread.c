@@ -4,17 +4,24 @@
 #define MQTT_LOOP_NAME MP_QSTR_thread
 
 // Runs the loop until it is stopped or a failure is not recovered.
+// Each step waits at most cycle_timeout, so a stop is seen within that
+// (or within a TLS handshake or name lookup of a reconnection under way).
 static void run_loop(mp_obj_mqtt_client_t *self) {
     while (self->loop_state == LOOP_RUNNING) {
+        if (self->reconnect_phase != RECONNECT_OFF) {
+            reconnect_step(self, self->cycle_timeout_ms);
+            continue;
+        }
         int status = run_cycle(self, self->cycle_timeout_ms);
         if (status == MQTT_OK || status == MQTT_LINK_REPLACED) {
             continue;
         }
         clear_pending(self);
-        if (self->loop_state != LOOP_RUNNING || !loop_failure_recovers(self)) {
+        if (self->loop_state != LOOP_RUNNING || !loop_goes_on(self)) {
             break;
         }
     }
+    stop_reconnecting(self);
 }
 
 // The stack size of loop threads, as mp_thread_create adjusted it.

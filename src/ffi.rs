@@ -14,7 +14,7 @@ use core::mem::{align_of, size_of};
 use cty::{c_char, c_int, intptr_t, size_t};
 
 use crate::codec::{Connect, DecodeError, QoS, Will};
-use crate::session::{Config, Error, Kept, MessageSink, Outcome, Session, Ticket, Verdict};
+use crate::session::{Config, Error, Failure, Filters, Kept, MessageSink, Outcome, Session, Ticket, Verdict};
 
 /// What a call did: `MQTT_OK`, or why it failed.
 #[repr(C)]
@@ -37,8 +37,6 @@ pub enum mqtt_status_t {
     MQTT_ERR_INFLIGHT_FULL = -6,
     /// The call does not fit the session's state (a bug in the caller).
     MQTT_ERR_WRONG_STATE = -7,
-    /// An incoming packet is larger than the configured maximum.
-    MQTT_ERR_PACKET_TOO_LARGE = -9,
     /// The broker did not answer PINGREQ in time: the link is dead.
     MQTT_ERR_PING_TIMEOUT = -10,
     /// The broker did not answer CONNECT in time.
@@ -47,9 +45,6 @@ pub enum mqtt_status_t {
     MQTT_ERR_TRANSPORT = -12,
     /// The peer closed the connection.
     MQTT_ERR_CLOSED = -13,
-    /// No memory for a QoS 1/2 message: the link is failed, unacknowledged,
-    /// so that the broker sends it again.
-    MQTT_ERR_NO_MEMORY = -14,
     // The broker broke a rule of MQTT: `mqtt_broken_rule` names it.
     /// The remaining length uses more than four bytes.
     MQTT_ERR_MALFORMED_LENGTH = -20,
@@ -131,8 +126,14 @@ pub enum mqtt_outcome_kind_t {
     /// A message is in the sink, to deliver. When `acknowledge` is set
     /// (QoS 1/2), call `mqtt_session_finish_message` once it is delivered.
     MQTT_OUTCOME_MESSAGE,
-    /// A QoS 0 message of `payload_len` bytes was dropped for want of
-    /// memory: report it.
+    /// A message the client could not take was read past and dropped, at
+    /// any QoS: report it. It is acknowledged as if delivered, so the
+    /// broker does not send it again (do not call
+    /// `mqtt_session_finish_message`). `too_large` says it was larger than
+    /// `max_packet_size`, otherwise memory ran out (for its topic, its
+    /// payload, or in `message_ready`). `payload_len` and `flags` are its;
+    /// when `topic_read`, the room the sink gave for the topic holds it
+    /// (checked: UTF-8, a valid topic name), to name it in the report.
     MQTT_OUTCOME_DROPPED,
 }
 
@@ -203,9 +204,12 @@ pub struct mqtt_ticket_t {
 pub struct mqtt_sink_t {
     pub context: *mut c_void,
     /// Returns room for `len` bytes of topic, valid until the step
-    /// returns, or null when out of memory.
+    /// returns, or null when out of memory (the message is then dropped).
+    /// Asked for a message larger than `max_packet_size` too, so that its
+    /// report can name it.
     pub topic: Option<unsafe extern "C" fn(context: *mut c_void, len: size_t) -> *mut u8>,
-    /// Returns room for `len` bytes of payload, as above.
+    /// Returns room for `len` bytes of payload, as above. Never asked for
+    /// a message larger than `max_packet_size`, nor one without a topic.
     pub payload: Option<unsafe extern "C" fn(context: *mut c_void, len: size_t) -> *mut u8>,
     /// Topic and payload are read and valid: makes the message the
     /// application gets. Returns false when out of memory.
@@ -231,6 +235,25 @@ pub struct mqtt_kept_t {
     >,
 }
 
+/// The caller's subscription table (see `Filters`).
+#[repr(C)]
+pub struct mqtt_filters_t {
+    pub context: *mut c_void,
+    /// Sets `*filter` and `*qos` to entry `index` of the table, valid until
+    /// `mqtt_session_resubscribe` returns; returns false past its end.
+    /// Must not raise or jump.
+    pub filter:
+        Option<unsafe extern "C" fn(context: *mut c_void, index: u16, filter: *mut mqtt_bytes_t, qos: *mut u8) -> bool>,
+}
+
+/// Why the link is down, for `mqtt_session_next_attempt`: lost,
+/// unreachable, or no CONNACK in time.
+pub const MQTT_FAILURE_LINK: c_int = 0;
+/// The broker refused the connection (the CONNACK code goes with it).
+pub const MQTT_FAILURE_REFUSED: c_int = 1;
+/// The TLS handshake failed.
+pub const MQTT_FAILURE_HANDSHAKE: c_int = 2;
+
 /// What `mqtt_session_step` did.
 #[repr(C)]
 pub struct mqtt_outcome_t {
@@ -238,9 +261,14 @@ pub struct mqtt_outcome_t {
     pub code: u8,
     pub session_present: bool,
     pub acknowledge: bool,
-    /// A message's: the flags of its PUBLISH header (bit 0 retain, bits
-    /// 1-2 QoS, bit 3 DUP), as MQTT lays them out.
+    /// A message's, delivered or dropped: the flags of its PUBLISH header
+    /// (bit 0 retain, bits 1-2 QoS, bit 3 DUP), as MQTT lays them out.
     pub flags: u8,
+    /// A dropped message's: the sink's topic buffer holds its topic.
+    pub topic_read: bool,
+    /// A dropped message's: it was larger than `max_packet_size`.
+    pub too_large: bool,
+    /// A dropped message's payload length.
     pub payload_len: u32,
 }
 
@@ -309,12 +337,10 @@ fn status(error: Error) -> mqtt_status_t {
         Error::WrongState => MQTT_ERR_WRONG_STATE,
         Error::Malformed(error) => broken_rule(error),
         Error::UnexpectedPacket => MQTT_ERR_UNEXPECTED_PACKET,
-        Error::PacketTooLarge => MQTT_ERR_PACKET_TOO_LARGE,
         Error::PingTimeout => MQTT_ERR_PING_TIMEOUT,
         Error::ConnectTimeout => MQTT_ERR_CONNECT_TIMEOUT,
         Error::Transport => MQTT_ERR_TRANSPORT,
         Error::Closed => MQTT_ERR_CLOSED,
-        Error::OutOfMemory => MQTT_ERR_NO_MEMORY,
     }
 }
 
@@ -812,9 +838,9 @@ impl MessageSink for Sink<'_> {
 }
 
 /// One step of the caller's loop, after it waited for input: handles what
-/// has arrived up to the next message to deliver (which goes into `sink`),
-/// then runs the keepalive and CONNECT timers. Any error status means the
-/// link is failed: close it.
+/// has arrived up to the next message to deliver (which goes into `sink`)
+/// or to report dropped, then runs the keepalive and CONNECT timers. Any
+/// error status means the link is failed: close it.
 ///
 /// # Safety
 /// `session` comes from `mqtt_session_init`; the other pointers are valid.
@@ -841,6 +867,8 @@ pub unsafe extern "C" fn mqtt_session_step(
             session_present: false,
             acknowledge: false,
             flags: 0,
+            topic_read: false,
+            too_large: false,
             payload_len: 0,
         };
         match session.step(&mut io, now_ms, &mut Sink { sink }).map_err(status)? {
@@ -855,9 +883,17 @@ pub unsafe extern "C" fn mqtt_session_step(
                 outcome.acknowledge = acknowledge;
                 outcome.flags = flags;
             }
-            Outcome::Dropped { payload_len } => {
+            Outcome::Dropped {
+                payload_len,
+                topic,
+                too_large,
+                flags,
+            } => {
                 outcome.kind = MQTT_OUTCOME_DROPPED;
                 outcome.payload_len = payload_len;
+                outcome.topic_read = topic;
+                outcome.too_large = too_large;
+                outcome.flags = flags;
             }
         }
         Ok(())
@@ -879,6 +915,111 @@ pub unsafe extern "C" fn mqtt_session_finish_message(
     unsafe {
         with_link(session, transport, now_ms, |session, io| {
             session.finish_message(io, now_ms)
+        })
+    }
+}
+
+/// Turns built-in reconnection on: attempts are timed by
+/// `mqtt_session_next_attempt`, between `min_ms` and `max_ms`, and the
+/// subscriptions are sent again (`mqtt_session_resubscribe`) after a
+/// reconnect to a broker that kept no session. `client_id` and `entropy`
+/// (a fast clock, say) seed the jitter, so that devices differ.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `client_id` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_set_backoff(
+    session: *mut mqtt_session_t,
+    min_ms: u32,
+    max_ms: u32,
+    client_id: mqtt_bytes_t,
+    entropy: u32,
+) {
+    // SAFETY: `client_id.data` is null or valid for `client_id.len` bytes (the caller's promise).
+    let id = unsafe { slice(client_id) }.unwrap_or(&[]);
+    // FNV-1a of the client id, which differs from device to device.
+    let seed = id.iter().fold(0x811c_9dc5u32, |hash, &byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    });
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
+    if let Some(session) = unsafe { session_mut(session) } {
+        session.set_backoff(min_ms, max_ms, seed ^ entropy);
+    }
+}
+
+/// How long to wait, in milliseconds, before the next attempt to connect,
+/// the link being down for `failure`, one of `MQTT_FAILURE_*` (`code`: the
+/// CONNACK refusal); an unknown value counts as a lost link.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_next_attempt(
+    session: *mut mqtt_session_t,
+    now_ms: u32,
+    failure: c_int,
+    code: u8,
+) -> u32 {
+    let failure = match failure {
+        MQTT_FAILURE_REFUSED => Failure::Refused(code),
+        MQTT_FAILURE_HANDSHAKE => Failure::Handshake,
+        _ => Failure::Link,
+    };
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
+    unsafe { session_mut(session) }.map_or(0, |session| session.next_attempt_delay(now_ms, failure))
+}
+
+/// The caller's subscription table as the session sees it.
+struct FiltersOfCaller<'a> {
+    filters: &'a mqtt_filters_t,
+}
+
+impl Filters for FiltersOfCaller<'_> {
+    fn filter(&mut self, index: u16) -> Option<(&str, QoS)> {
+        let get = self.filters.filter?;
+        let mut filter = mqtt_bytes_t {
+            data: core::ptr::null(),
+            len: 0,
+        };
+        let mut level = 0u8;
+        // SAFETY: the callback gets the context the caller gave and two
+        // valid places to write to.
+        if !unsafe { get(self.filters.context, index, &mut filter, &mut level) } {
+            return None;
+        }
+        // SAFETY: the caller promises the filter stays valid until
+        // `mqtt_session_resubscribe` returns.
+        let filter = unsafe { text(filter) }.ok()??;
+        Some((filter, QoS::from_bits(level)?))
+    }
+}
+
+/// After a reconnect to a broker that kept no session (with built-in
+/// reconnection on), sends the subscriptions of the caller's table again,
+/// as many as the in-flight slots allow; call after every step until the
+/// table is done (a call with nothing to do returns at once). Sets
+/// `*refused` to how many resubscriptions the broker refused since the
+/// last call.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; the other pointers are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_resubscribe(
+    session: *mut mqtt_session_t,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+    filters: *const mqtt_filters_t,
+    refused: *mut u8,
+) -> mqtt_status_t {
+    // SAFETY: the caller promises valid pointers or null.
+    let (Some(filters), Some(refused)) = (unsafe { filters.as_ref() }, unsafe { refused.as_mut() }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    // SAFETY: the caller promises valid pointers or null.
+    unsafe {
+        with_link(session, transport, now_ms, |session, io| {
+            *refused = session.resubscribe(io, now_ms, &mut FiltersOfCaller { filters })?;
+            Ok(())
         })
     }
 }
@@ -946,12 +1087,7 @@ mod tests {
 
     #[test]
     fn other_statuses_break_no_rule() {
-        for status in [
-            MQTT_OK,
-            MQTT_ERR_INVALID_TOPIC,
-            MQTT_ERR_NO_MEMORY,
-            MQTT_ERR_PACKET_TOO_LARGE,
-        ] {
+        for status in [MQTT_OK, MQTT_ERR_INVALID_TOPIC] {
             assert_eq!(rule(status as c_int), None);
         }
         for status in [-19, -32, -1000, c_int::MIN, c_int::MAX, 1] {

@@ -1,9 +1,10 @@
 //! The session fed arbitrary broker bytes in arbitrary chunks, interleaved
 //! with arbitrary API calls and clock jumps, and stepped with a sink whose
 //! allocations fail at the fuzzer's choice. Checked: no panic, no message
-//! larger than the configured maximum is announced, a delivered topic is
-//! UTF-8, and everything the session writes is a well-formed packet a
-//! client may send.
+//! larger than the configured maximum is announced unless marked too large
+//! (and then no memory is asked for its payload), a delivered topic, or
+//! one a dropped message's report names, is UTF-8, and everything the
+//! session writes is a well-formed packet a client may send.
 #![no_main]
 
 use std::collections::VecDeque;
@@ -12,7 +13,7 @@ use arbitrary::Arbitrary;
 use embedded_io::{ErrorKind, ErrorType, Read, ReadReady, Write};
 use libfuzzer_sys::fuzz_target;
 use mqtt_engine::codec::{self, Connect, Packet, QoS, Will};
-use mqtt_engine::session::{Config, Event, Kept, MessageSink, Outcome, Session, Ticket};
+use mqtt_engine::session::{Config, Event, Failure, Filters, Kept, MessageSink, Outcome, Session, Ticket};
 
 const MAX_PACKET: u32 = 4096;
 
@@ -40,6 +41,13 @@ enum Step {
     Resume { keep: u8 },
     LinkLost,
     Disconnect,
+    /// Turns built-in reconnection on.
+    SetBackoff { min_ms: u32, max_ms: u32, seed: u32 },
+    /// The wait before the next attempt, for a failure: 0 a lost link,
+    /// 1 a refusal with `code`, 2 a TLS handshake.
+    NextAttempt { failure: u8, code: u8 },
+    /// Sends the next subscriptions of a table of `entries` filters again.
+    Resubscribe { entries: u8 },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -129,6 +137,15 @@ impl Kept for KeptSlots {
     }
 }
 
+/// A subscription table of this many entries.
+struct Table(u8);
+
+impl Filters for Table {
+    fn filter(&mut self, index: u16) -> Option<(&str, QoS)> {
+        (index < u16::from(self.0)).then_some(("a/+/#", QoS::AtLeastOnce))
+    }
+}
+
 /// Everything the client wrote must decode, whole, as packets a client sends.
 fn check_written(link: &mut Link) {
     let mut rest = &link.outbound[..];
@@ -167,13 +184,15 @@ fuzz_target!(|input: Input| {
         match step {
             Step::BrokerSends(bytes) => link.inbound.extend(bytes),
             Step::Receive => {
-                if let Ok(Event::Message { topic_len, payload_len, .. }) = session.receive(&mut link, now) {
-                    assert!(payload_len <= MAX_PACKET, "announced {payload_len} bytes");
+                if let Ok(Event::Message { topic_len, payload_len, too_large, .. }) = session.receive(&mut link, now) {
+                    assert!(too_large || payload_len <= MAX_PACKET, "announced {payload_len} bytes");
                     let mut topic = vec![0; usize::from(topic_len)];
                     if session.read_topic(&mut link, &mut topic).is_ok() {
-                        let mut payload = vec![0; payload_len as usize];
-                        let keep = payload_len % 2 == 0;
-                        let buffer = keep.then_some(&mut payload[..]);
+                        // Memory for half the payloads, never for one too large
+                        // (it may only be read past).
+                        let keep = !too_large && payload_len % 2 == 0;
+                        let mut payload = keep.then(|| vec![0; payload_len as usize]);
+                        let buffer = payload.as_deref_mut();
                         if session.read_payload(&mut link, buffer).is_ok() {
                             let _ = session.finish_message(&mut link, now);
                         }
@@ -182,8 +201,11 @@ fuzz_target!(|input: Input| {
             }
             Step::Cycle { memory } => {
                 let mut sink = Sink { topic: Vec::new(), payload: Vec::new(), fail: memory };
-                if let Ok(Outcome::Dropped { payload_len }) = session.step(&mut link, now, &mut sink) {
-                    assert!(payload_len <= MAX_PACKET);
+                if let Ok(Outcome::Dropped { payload_len, topic, too_large, .. }) =
+                    session.step(&mut link, now, &mut sink)
+                {
+                    assert!(too_large || payload_len <= MAX_PACKET);
+                    assert!(!topic || std::str::from_utf8(&sink.topic).is_ok(), "topic {:?}", sink.topic);
                 }
             }
             Step::FinishMessage => {
@@ -230,6 +252,18 @@ fuzz_target!(|input: Input| {
             }
             Step::Disconnect => {
                 let _ = session.disconnect(&mut link);
+            }
+            Step::SetBackoff { min_ms, max_ms, seed } => session.set_backoff(min_ms, max_ms, seed),
+            Step::NextAttempt { failure, code } => {
+                let failure = match failure % 3 {
+                    0 => Failure::Link,
+                    1 => Failure::Refused(code),
+                    _ => Failure::Handshake,
+                };
+                let _ = session.next_attempt_delay(now, failure);
+            }
+            Step::Resubscribe { entries } => {
+                let _ = session.resubscribe(&mut link, now, &mut Table(entries));
             }
         }
         let _ = session.next_timer(now, 1000);

@@ -18,9 +18,14 @@ pub const PACKETS_PER_STEP: usize = 16;
 /// publishes. None of these may fail by unwinding or jumping: out of
 /// memory is an answer, and the step decides what it means.
 pub trait MessageSink {
-    /// Room for the topic of the next message (exactly `len` bytes).
+    /// Room for the topic of the next message (exactly `len` bytes). Asked
+    /// for a message larger than [`Config::max_packet_size`] too, so that
+    /// its report can name it.
+    ///
+    /// [`Config::max_packet_size`]: super::Config::max_packet_size
     fn topic(&mut self, len: usize) -> Option<&mut [u8]>;
-    /// Room for its payload (exactly `len` bytes).
+    /// Room for its payload (exactly `len` bytes). Never asked for a
+    /// message larger than the maximum, nor one without room for its topic.
     fn payload(&mut self, len: usize) -> Option<&mut [u8]>;
     /// Topic and payload are read and valid: turn them into the message
     /// the application gets. False when that needs memory there is not.
@@ -44,9 +49,33 @@ pub enum Outcome {
     /// has it. `flags` are those of its PUBLISH header (bit 0 retain,
     /// bits 1-2 QoS, bit 3 DUP), for the application to read.
     Message { acknowledge: bool, flags: u8 },
-    /// A QoS 0 message was dropped: there was no memory for its payload.
-    /// Nothing is lost silently: the caller reports it.
-    Dropped { payload_len: u32 },
+    /// A message the client could not take was read past and dropped, at
+    /// any QoS; the timers ran. It is acknowledged as if delivered (a QoS
+    /// 2 packet id is remembered until PUBREL, as for a delivered one):
+    /// refused, a broker that keeps the session would send it again on
+    /// every link. Nothing is lost silently: the caller reports it.
+    Dropped {
+        payload_len: u32,
+        /// The sink's topic buffer holds its topic, checked (UTF-8 and
+        /// the rules of a topic name), to name the message in the report.
+        topic: bool,
+        /// Larger than [`Config::max_packet_size`]; otherwise the sink
+        /// had no memory for it.
+        ///
+        /// [`Config::max_packet_size`]: super::Config::max_packet_size
+        too_large: bool,
+        /// As in [`Outcome::Message`].
+        flags: u8,
+    },
+}
+
+/// A PUBLISH as its header announced it ([`Event::Message`]).
+struct Announced {
+    topic_len: usize,
+    payload_len: u32,
+    /// As in [`Outcome::Message`].
+    flags: u8,
+    too_large: bool,
 }
 
 impl Session {
@@ -54,10 +83,11 @@ impl Session {
     /// deliver (at most [`PACKETS_PER_STEP`]; the rest waits for the next
     /// step), then runs the timers.
     ///
-    /// A message the sink has no memory for: QoS 0 is dropped and reported
-    /// ([`Outcome::Dropped`]); QoS 1 and 2 fail the link
-    /// ([`Error::OutOfMemory`]) unacknowledged, so the broker sends them
-    /// again after a reconnect. Any error means the link is failed.
+    /// A message the client cannot take (no memory for its topic, its
+    /// payload or the finished message, or larger than the configured
+    /// maximum) is read past, acknowledged and reported
+    /// ([`Outcome::Dropped`]), whatever its QoS. Any error means the link
+    /// is failed.
     pub fn step<T, S>(&mut self, io: &mut T, now: u32, sink: &mut S) -> Result<Outcome, Error>
     where
         T: Read + Write + ReadReady,
@@ -88,36 +118,48 @@ impl Session {
                     qos,
                     retain,
                     dup,
+                    too_large,
                 } => {
-                    let flags = u8::from(retain) | (qos as u8) << 1 | u8::from(dup) << 3;
-                    return self.take_message(io, now, sink, usize::from(topic_len), payload_len, flags);
+                    let message = Announced {
+                        topic_len: usize::from(topic_len),
+                        payload_len,
+                        flags: u8::from(retain) | (qos as u8) << 1 | u8::from(dup) << 3,
+                        too_large,
+                    };
+                    return self.take_message(io, now, sink, message);
                 }
             }
         }
         Ok(Outcome::Idle)
     }
 
-    /// Reads the message announced by [`Event::Message`] into the sink.
+    /// Reads the message announced by [`Event::Message`] into the sink, or
+    /// past it when the client cannot take it.
     fn take_message<T, S>(
         &mut self,
         io: &mut Reading<'_, T>,
         now: u32,
         sink: &mut S,
-        topic_len: usize,
-        payload_len: u32,
-        flags: u8,
+        message: Announced,
     ) -> Result<Outcome, Error>
     where
         T: Read + Write + ReadReady,
         S: MessageSink,
     {
+        let Announced {
+            topic_len,
+            payload_len,
+            flags,
+            too_large,
+        } = message;
         let qos = QoS::from_bits((flags >> 1) & 0b11).ok_or(Error::WrongState)?;
-        // Without room for the topic the message cannot be followed.
-        let topic = sink.topic(topic_len).ok_or(Error::OutOfMemory)?;
+        let topic = sink.topic(topic_len);
+        let topic_read = topic.is_some();
         let info = self.read_topic_from(io, topic)?;
         // A QoS 2 message delivered before is skipped (and acknowledged
-        // again); so is a payload without room.
-        let room = if info.deliver {
+        // again); so is one that cannot be delivered, for want of its topic
+        // or of room for its payload.
+        let room = if info.deliver && topic_read && !too_large {
             usize::try_from(payload_len).ok().and_then(|len| sink.payload(len))
         } else {
             None
@@ -131,16 +173,13 @@ impl Session {
                 acknowledge: qos != QoS::AtMostOnce,
                 flags,
             }
-        } else if qos == QoS::AtMostOnce {
-            Outcome::Dropped { payload_len }
         } else {
-            // Never acknowledge what was not delivered, and forget a QoS 2
-            // message was seen: the broker's resend after the reconnect
-            // must be delivered.
-            if qos == QoS::ExactlyOnce {
-                self.inbound_qos2.forget(info.packet_id);
+            Outcome::Dropped {
+                payload_len,
+                topic: topic_read,
+                too_large,
+                flags,
             }
-            return Err(Error::OutOfMemory);
         };
         // A message to deliver at QoS 1/2 is acknowledged once delivered;
         // anything else is done with now.
@@ -154,8 +193,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{PacketType, Publish, write_ack, write_publish};
-    use crate::session::CommandState;
+    use crate::codec::{DecodeError, PacketType, Publish, write_ack, write_publish};
     use crate::session::testing::*;
     use std::string::String;
     use std::vec::Vec;
@@ -166,6 +204,8 @@ mod tests {
     struct Memory {
         topic: Vec<u8>,
         payload: Vec<u8>,
+        /// The length of every payload room asked for.
+        payloads_asked: Vec<usize>,
         messages: Vec<(String, Vec<u8>)>,
         completed: Vec<Ticket>,
         no_topic: bool,
@@ -179,6 +219,7 @@ mod tests {
             (!self.no_topic).then_some(&mut self.topic[..])
         }
         fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
+            self.payloads_asked.push(len);
             self.payload = vec![0; len];
             (!self.no_payload).then_some(&mut self.payload[..])
         }
@@ -243,90 +284,172 @@ mod tests {
         }
     }
 
+    /// Steps `session` and checks that the next message, `t` = `next` at
+    /// QoS 0, comes whole: the link is still in step after a drop.
+    fn next_message_is_delivered(session: &mut Session, pipe: &mut Pipe, sink: &mut Memory) {
+        *sink = Memory::default();
+        assert_eq!(
+            session.step(pipe, 7, sink),
+            Ok(Outcome::Message {
+                acknowledge: false,
+                flags: 0
+            })
+        );
+        assert_eq!(sink.messages, [(String::from("t"), b"next".to_vec())]);
+        assert!(session.is_connected());
+    }
+
     #[test]
-    fn a_qos0_message_without_memory_is_dropped_and_reported() {
-        for (no_payload, no_message) in [(true, false), (false, true)] {
+    fn a_message_without_room_for_its_payload_is_dropped_and_acknowledged() {
+        for (qos, acknowledgement) in [
+            (QoS::AtMostOnce, None),
+            (QoS::AtLeastOnce, Some("PubAck(3)")),
+            (QoS::ExactlyOnce, Some("PubRec(3)")),
+        ] {
             let (mut session, mut pipe) = connected(0);
             let mut sink = Memory {
-                no_payload,
-                no_message,
+                no_payload: true,
                 ..Memory::default()
             };
-            broker_publish(&mut pipe, "t", b"12345", QoS::AtMostOnce, 0, false);
+            broker_publish(&mut pipe, "a/b", b"12345", qos, 3, false);
             broker_publish(&mut pipe, "t", b"next", QoS::AtMostOnce, 0, false);
             assert_eq!(
                 session.step(&mut pipe, 5, &mut sink),
-                Ok(Outcome::Dropped { payload_len: 5 })
-            );
-            // The link is still in step: the next message comes whole.
-            sink.no_payload = false;
-            sink.no_message = false;
-            assert_eq!(
-                session.step(&mut pipe, 5, &mut sink),
-                Ok(Outcome::Message {
-                    acknowledge: false,
-                    flags: 0
+                Ok(Outcome::Dropped {
+                    payload_len: 5,
+                    topic: true,
+                    too_large: false,
+                    flags: (qos as u8) << 1
                 })
             );
-            assert_eq!(sink.messages, [(String::from("t"), b"next".to_vec())]);
-            assert!(session.is_connected());
+            assert_eq!(sink.topic, b"a/b");
+            assert!(sink.messages.is_empty());
+            // Acknowledged at once: the broker must not send it again.
+            assert_eq!(pipe.take_sent(), Vec::from_iter(acknowledgement.map(String::from)));
+            next_message_is_delivered(&mut session, &mut pipe, &mut sink);
         }
     }
 
     #[test]
-    fn a_qos1_or_qos2_message_without_memory_fails_the_link_unacknowledged() {
-        for qos in [QoS::AtLeastOnce, QoS::ExactlyOnce] {
-            for (no_topic, no_payload, no_message) in [(true, false, false), (false, true, false), (false, false, true)]
-            {
-                let (mut session, mut pipe) = connected(0);
-                let mut sink = Memory {
-                    no_topic,
-                    no_payload,
-                    no_message,
-                    ..Memory::default()
-                };
-                broker_publish(&mut pipe, "t", b"12345", qos, 3, false);
-                assert_eq!(session.step(&mut pipe, 5, &mut sink), Err(Error::OutOfMemory));
-                assert!(pipe.take_sent().is_empty(), "nothing acknowledged");
-                assert!(sink.messages.is_empty());
-            }
-        }
+    fn a_dropped_qos2_message_is_not_taken_again_when_sent_again() {
+        let (mut session, mut pipe) = connected(0);
+        let mut sink = Memory {
+            no_payload: true,
+            ..Memory::default()
+        };
+        broker_publish(&mut pipe, "t", b"once", QoS::ExactlyOnce, 4, false);
+        assert!(matches!(
+            session.step(&mut pipe, 5, &mut sink),
+            Ok(Outcome::Dropped { .. })
+        ));
+        assert_eq!(pipe.take_sent(), ["PubRec(4)"]);
+        // The link dies before the broker has the PUBREC; it sends the
+        // message again on the next link (DUP set), with memory for it now.
+        session.link_lost();
+        session.connect(&mut pipe, 10, &connect_options(0, false)).unwrap();
+        pipe.broker_sends(|b| codec_connack(b, true));
+        assert!(matches!(
+            session.step(&mut pipe, 11, &mut sink),
+            Ok(Outcome::ConnAck { code: 0, .. })
+        ));
+        pipe.take_sent();
+        sink.no_payload = false;
+        broker_publish(&mut pipe, "t", b"once", QoS::ExactlyOnce, 4, true);
+        assert_eq!(session.step(&mut pipe, 12, &mut sink), Ok(Outcome::Idle));
+        assert!(sink.messages.is_empty(), "neither delivered nor reported again");
+        assert_eq!(pipe.take_sent(), ["PubRec(4)"]);
+        pipe.broker_sends(|b| codec_ack(b, PacketType::PubRel, 4));
+        assert_eq!(session.step(&mut pipe, 13, &mut sink), Ok(Outcome::Idle));
+        assert_eq!(pipe.take_sent(), ["PubComp(4)"]);
     }
 
     #[test]
-    fn a_qos2_message_refused_for_memory_is_delivered_when_sent_again() {
-        for (no_payload, no_message) in [(true, false), (false, true)] {
+    fn a_message_without_room_for_its_topic_is_dropped_and_acknowledged() {
+        let (mut session, mut pipe) = connected(0);
+        let mut sink = Memory {
+            no_topic: true,
+            ..Memory::default()
+        };
+        broker_publish(&mut pipe, "a/long/topic/name", b"12345", QoS::AtLeastOnce, 3, false);
+        broker_publish(&mut pipe, "t", b"next", QoS::AtMostOnce, 0, false);
+        assert_eq!(
+            session.step(&mut pipe, 5, &mut sink),
+            Ok(Outcome::Dropped {
+                payload_len: 5,
+                topic: false,
+                too_large: false,
+                flags: 0b010
+            })
+        );
+        assert!(sink.payloads_asked.is_empty(), "no payload without its topic");
+        assert_eq!(pipe.take_sent(), ["PubAck(3)"]);
+        next_message_is_delivered(&mut session, &mut pipe, &mut sink);
+    }
+
+    #[test]
+    fn a_topic_read_past_is_still_checked() {
+        // Topics "a/#" and "a/" with U+0000 break the rules of a topic name.
+        for bytes in [[0x30, 5, 0, 3, b'a', b'/', b'#'], [0x30, 5, 0, 3, b'a', b'/', 0]] {
             let (mut session, mut pipe) = connected(0);
             let mut sink = Memory {
-                no_payload,
-                no_message,
+                no_topic: true,
                 ..Memory::default()
             };
-            broker_publish(&mut pipe, "t", b"once", QoS::ExactlyOnce, 4, false);
-            assert_eq!(session.step(&mut pipe, 5, &mut sink), Err(Error::OutOfMemory));
-            session.link_lost();
-            // The broker sends it again on the next link (DUP set).
-            let ticket = session.connect(&mut pipe, 10, &connect_options(0, false)).unwrap();
-            pipe.broker_sends(|b| codec_connack(b, true));
-            assert!(matches!(
-                session.step(&mut pipe, 11, &mut sink),
-                Ok(Outcome::ConnAck { code: 0, .. })
-            ));
-            assert_eq!(session.command_state(ticket, 11), CommandState::Done(0));
-            pipe.take_sent();
-            sink.no_payload = false;
-            sink.no_message = false;
-            broker_publish(&mut pipe, "t", b"once", QoS::ExactlyOnce, 4, true);
-            // The broker's resend: QoS 2 (bits 1-2) and DUP (bit 3).
+            pipe.broker_sends(|b| b.extend_from_slice(&bytes));
             assert_eq!(
-                session.step(&mut pipe, 12, &mut sink),
-                Ok(Outcome::Message {
-                    acknowledge: true,
-                    flags: 0b1100
-                })
+                session.step(&mut pipe, 5, &mut sink),
+                Err(Error::Malformed(DecodeError::InvalidTopic))
             );
-            assert_eq!(sink.messages, [(String::from("t"), b"once".to_vec())]);
         }
+    }
+
+    #[test]
+    fn a_message_the_sink_cannot_finish_is_dropped_and_acknowledged() {
+        let (mut session, mut pipe) = connected(0);
+        let mut sink = Memory {
+            no_message: true,
+            ..Memory::default()
+        };
+        broker_publish(&mut pipe, "t", b"12345", QoS::AtLeastOnce, 3, false);
+        broker_publish(&mut pipe, "t", b"next", QoS::AtMostOnce, 0, false);
+        assert_eq!(
+            session.step(&mut pipe, 5, &mut sink),
+            Ok(Outcome::Dropped {
+                payload_len: 5,
+                topic: true,
+                too_large: false,
+                flags: 0b010
+            })
+        );
+        assert!(sink.messages.is_empty());
+        assert_eq!(pipe.take_sent(), ["PubAck(3)"]);
+        next_message_is_delivered(&mut session, &mut pipe, &mut sink);
+    }
+
+    #[test]
+    fn a_message_over_the_size_limit_is_read_past_and_acknowledged() {
+        let (mut session, mut pipe) = connected(0);
+        session.config.max_packet_size = 100;
+        // The payload arrives over many transport reads.
+        pipe.read_limit = Some(7);
+        let mut sink = Memory::default();
+        broker_publish(&mut pipe, "big", &[7; 300], QoS::AtLeastOnce, 5, false);
+        broker_publish(&mut pipe, "t", b"next", QoS::AtMostOnce, 0, false);
+        assert_eq!(
+            session.step(&mut pipe, 5, &mut sink),
+            Ok(Outcome::Dropped {
+                payload_len: 300,
+                topic: true,
+                too_large: true,
+                flags: 0b010
+            })
+        );
+        // The topic names it in the report; no room was asked for the rest.
+        assert_eq!(sink.topic, b"big");
+        assert!(sink.payloads_asked.is_empty());
+        assert_eq!(pipe.take_sent(), ["PubAck(5)"]);
+        next_message_is_delivered(&mut session, &mut pipe, &mut sink);
+        assert_eq!(sink.payloads_asked, [4]);
     }
 
     #[test]

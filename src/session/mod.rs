@@ -7,7 +7,10 @@
 //! and the payload straight into memory of its own:
 //! [`Session::receive`] returns [`Event::Message`] with the lengths, then
 //! [`Session::read_topic`], [`Session::read_payload`] and
-//! [`Session::finish_message`] complete it.
+//! [`Session::finish_message`] complete it. A message the caller has no
+//! memory for, or larger than [`Config::max_packet_size`], is read past
+//! and acknowledged all the same: refused, a broker that keeps the session
+//! would send it again on every link.
 //!
 //! This file holds the session's state and the connection; the rest is
 //! split by concern: `cycle` (one step of the caller's loop, over what has
@@ -28,6 +31,7 @@ mod inbound_qos2;
 mod outbound;
 mod read_ahead;
 mod receive;
+mod reconnect;
 #[cfg(test)]
 mod testing;
 mod timers;
@@ -39,13 +43,16 @@ use outbound::Inflight;
 pub use outbound::{INFLIGHT_MAX, Kept, Verdict};
 use read_ahead::ReadAhead;
 use receive::Incoming;
+use reconnect::Backoff;
+pub use reconnect::{Failure, Filters};
 
 /// Settings fixed when the session is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     /// How long an acknowledgement, or the rest of a started packet, may take.
     pub command_timeout_ms: u32,
-    /// Largest incoming packet accepted (fixed header excluded).
+    /// Largest incoming packet accepted (fixed header excluded). A PUBLISH
+    /// that is larger is read past, acknowledged and reported dropped.
     pub max_packet_size: u32,
 }
 
@@ -72,16 +79,10 @@ pub enum Error {
     Malformed(DecodeError),
     /// The peer sent a packet a broker may not send at this point.
     UnexpectedPacket,
-    /// An incoming packet is larger than the configured maximum.
-    PacketTooLarge,
     /// The broker did not answer a PINGREQ in time.
     PingTimeout,
     /// The broker did not answer CONNECT in time.
     ConnectTimeout,
-    // The caller's resources.
-    /// No memory for a QoS 1/2 message: the link is failed, unacknowledged,
-    /// so that the broker sends it again.
-    OutOfMemory,
     // The transport.
     /// The transport reported an error (the caller knows which).
     Transport,
@@ -169,6 +170,9 @@ pub enum Event {
         qos: QoS,
         retain: bool,
         dup: bool,
+        /// The packet is larger than [`Config::max_packet_size`]: its
+        /// payload may only be read past (`read_payload` with `None`).
+        too_large: bool,
     },
     /// An outbound QoS 1/2 publish is acknowledged end to end; the caller
     /// may drop what it kept for a resend.
@@ -209,6 +213,16 @@ pub struct Session {
     ping_sent: Option<u32>,
     incoming: Incoming,
     read_ahead: ReadAhead,
+    /// Built-in reconnection's backoff, when it is on.
+    backoff: Option<Backoff>,
+    /// When the broker last accepted the connection (until the link's loss
+    /// is timed by [`Session::next_attempt_delay`]).
+    up_since: Option<u32>,
+    /// The next entry of the caller's table to subscribe again, while the
+    /// subscriptions are being sent again after a reconnect.
+    resubscribe: Option<u16>,
+    /// Resubscriptions the broker refused, not yet reported.
+    resubscriptions_refused: u8,
 }
 
 fn elapsed(now: u32, since: u32) -> u32 {
@@ -230,6 +244,10 @@ impl Session {
             ping_sent: None,
             incoming: Incoming::Idle,
             read_ahead: ReadAhead::default(),
+            backoff: None,
+            up_since: None,
+            resubscribe: None,
+            resubscriptions_refused: 0,
         }
     }
 
@@ -256,6 +274,9 @@ impl Session {
             self.inflight = [None; INFLIGHT_MAX];
             self.inbound_qos2.clear();
         }
+        // Nobody waits for a resubscription the last link left unanswered:
+        // the next CONNACK decides whether they are all sent again.
+        self.forget_resubscriptions();
         self.link = Link::AwaitingConnAck { since: now };
         self.last_connack = None;
         self.keepalive_ms = u32::from(connect.keepalive_s).saturating_mul(1000);
@@ -281,6 +302,17 @@ impl Session {
     /// Records that the transport is gone. In-flight publishes are kept
     /// and sent again after the next connect (unless it is clean).
     pub fn link_lost(&mut self) {
+        // A QoS 2 message cut off in its payload reached nobody: the
+        // broker's resend must be taken, not answered as a duplicate.
+        if let Incoming::Payload {
+            qos: QoS::ExactlyOnce,
+            info,
+            ..
+        } = self.incoming
+            && info.deliver
+        {
+            self.inbound_qos2.forget(info.packet_id);
+        }
         self.link = Link::Down;
         self.ping_sent = None;
         self.incoming = Incoming::Idle;
@@ -301,7 +333,7 @@ mod tests {
         // It lives in the client's heap object: every byte counts.
         assert_eq!(core::mem::size_of::<Inflight>(), 8);
         assert!(
-            core::mem::size_of::<Session>() <= 216,
+            core::mem::size_of::<Session>() <= 256,
             "{}",
             core::mem::size_of::<Session>()
         );

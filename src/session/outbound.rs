@@ -48,10 +48,16 @@ pub trait Kept {
 /// answer carries its RETAIN flag, needed to send it again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Stage {
-    AwaitPubAck { retain: bool },
-    AwaitPubRec { retain: bool },
+    AwaitPubAck {
+        retain: bool,
+    },
+    AwaitPubRec {
+        retain: bool,
+    },
     AwaitPubComp,
     AwaitSubAck,
+    /// A subscription sent again after a reconnect: nobody waits for it.
+    AwaitResubAck,
     AwaitUnsubAck,
     Answered(u8),
 }
@@ -98,7 +104,7 @@ impl Session {
         }
     }
 
-    fn start_command(&mut self, now: u32, stage: Stage) -> Result<Ticket, Error> {
+    pub(super) fn start_command(&mut self, now: u32, stage: Stage) -> Result<Ticket, Error> {
         let slot = self.free_slot()?;
         let packet_id = self.allocate_packet_id();
         if let Some(entry) = self.inflight.get_mut(usize::from(slot)) {
@@ -335,6 +341,15 @@ impl Session {
             CommandState::Interrupted if publish => Verdict::LinkLostInFlight,
             CommandState::Interrupted => Verdict::LinkLost,
             CommandState::Pending => Verdict::Pending,
+        }
+    }
+
+    /// Frees the slots of resubscriptions still waiting for their SUBACK.
+    pub(super) fn forget_resubscriptions(&mut self) {
+        for entry in &mut self.inflight {
+            if entry.is_some_and(|inflight| inflight.stage == Stage::AwaitResubAck) {
+                *entry = None;
+            }
         }
     }
 

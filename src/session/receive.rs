@@ -20,11 +20,13 @@ pub(super) enum Incoming {
         topic_len: u16,
         payload_len: u32,
         qos: QoS,
+        too_large: bool,
     },
     Payload {
         payload_len: u32,
         qos: QoS,
         info: MessageInfo,
+        too_large: bool,
     },
     Received {
         qos: QoS,
@@ -44,6 +46,21 @@ fn read_remaining_length<T: Read>(io: &mut T) -> Result<u32, Error> {
         }
     }
     Err(DecodeError::MalformedLength.into())
+}
+
+/// Reads `len` bytes past without keeping them: a piece at a time through
+/// a small buffer, each piece handed to `check` before the next is read.
+fn skip<T: Read>(io: &mut T, len: u32, mut check: impl FnMut(&[u8]) -> Result<(), Error>) -> Result<(), Error> {
+    let mut scratch = [0u8; 64];
+    let mut left = len;
+    while left > 0 {
+        let size = scratch.len().min(usize::try_from(left).unwrap_or(scratch.len()));
+        let piece = scratch.get_mut(..size).ok_or(Error::WrongState)?;
+        codec::read_exact(io, piece)?;
+        check(piece)?;
+        left = left.saturating_sub(u32::try_from(size).unwrap_or(left));
+    }
+    Ok(())
 }
 
 impl Session {
@@ -88,9 +105,11 @@ impl Session {
         if self.link != Link::Up {
             return Err(Error::UnexpectedPacket);
         }
-        if remaining_length > self.config.max_packet_size {
-            return Err(Error::PacketTooLarge);
-        }
+        // A PUBLISH over the limit is read past rather than refused: failing
+        // the link would not help, as a broker keeping the session sends it
+        // again on the next link, and the next. (Any other packet that long
+        // is malformed: see `SMALL_BODY_MAX`.)
+        let too_large = remaining_length > self.config.max_packet_size;
         let qos = QoS::from_bits((flags >> 1) & 0b11).ok_or(DecodeError::InvalidQoS)?;
         let dup = flags & 0b1000 != 0;
         if qos == QoS::AtMostOnce && dup {
@@ -110,6 +129,7 @@ impl Session {
             topic_len,
             payload_len,
             qos,
+            too_large,
         };
         Ok(Event::Message {
             topic_len,
@@ -117,29 +137,52 @@ impl Session {
             qos,
             retain: flags & 1 != 0,
             dup,
+            too_large,
         })
     }
 
     /// Reads the topic of the message announced by [`Event::Message`] into
     /// `topic` (exactly `topic_len` bytes) and checks it.
     pub fn read_topic<T: Read>(&mut self, io: &mut T, topic: &mut [u8]) -> Result<MessageInfo, Error> {
-        self.reading(io, |session, reading| session.read_topic_from(reading, topic))
+        self.reading(io, |session, reading| session.read_topic_from(reading, Some(topic)))
     }
 
-    pub(super) fn read_topic_from<T: Read>(&mut self, io: &mut T, topic: &mut [u8]) -> Result<MessageInfo, Error> {
+    /// As [`Session::read_topic`], or reads the topic past when `topic` is
+    /// `None` (no memory for it).
+    pub(super) fn read_topic_from<T: Read>(
+        &mut self,
+        io: &mut T,
+        topic: Option<&mut [u8]>,
+    ) -> Result<MessageInfo, Error> {
         let Incoming::Topic {
             topic_len,
             payload_len,
             qos,
+            too_large,
         } = self.incoming
         else {
             return Err(Error::WrongState);
         };
-        if topic.len() != usize::from(topic_len) {
-            return Err(Error::WrongState);
+        match topic {
+            Some(topic) => {
+                if topic.len() != usize::from(topic_len) {
+                    return Err(Error::WrongState);
+                }
+                codec::read_exact(io, topic)?;
+                topic::check_name(topic).map_err(|_| DecodeError::InvalidTopic)?;
+            }
+            // Checked as far as one piece at a time allows: whether the
+            // bytes make well-formed UTF-8 would need the characters that
+            // straddle two pieces, and the topic goes nowhere anyway.
+            None => skip(io, u32::from(topic_len), |piece| {
+                let forbidden = piece.iter().any(|&byte| matches!(byte, 0 | b'+' | b'#'));
+                if forbidden {
+                    Err(DecodeError::InvalidTopic.into())
+                } else {
+                    Ok(())
+                }
+            })?,
         }
-        codec::read_exact(io, topic)?;
-        topic::check_name(topic).map_err(|_| DecodeError::InvalidTopic)?;
         let packet_id = if qos == QoS::AtMostOnce {
             0
         } else {
@@ -152,47 +195,48 @@ impl Session {
         };
         let deliver = !(qos == QoS::ExactlyOnce && self.inbound_qos2.contains(packet_id));
         if qos == QoS::ExactlyOnce && deliver {
-            // Remembered before the application gets the message: if the
-            // link dies before PUBREC leaves, the broker's resend is then
-            // recognised and not delivered a second time.
+            // Remembered before the application gets the message (or it is
+            // dropped): if the link dies before PUBREC leaves, the broker's
+            // resend is then recognised and not taken a second time.
             self.inbound_qos2.remember(packet_id);
         }
         let info = MessageInfo { packet_id, deliver };
-        self.incoming = Incoming::Payload { payload_len, qos, info };
+        self.incoming = Incoming::Payload {
+            payload_len,
+            qos,
+            info,
+            too_large,
+        };
         Ok(info)
     }
 
     /// Reads the payload of the current message into `payload` (exactly
-    /// `payload_len` bytes), or skips it when `payload` is `None`.
+    /// `payload_len` bytes), or reads it past when `payload` is `None`: the
+    /// message is then dropped, and [`Session::finish_message`] still
+    /// acknowledges it, so that the broker does not send it again. The
+    /// payload of a message announced `too_large` can only be read past.
     pub fn read_payload<T: Read>(&mut self, io: &mut T, payload: Option<&mut [u8]>) -> Result<(), Error> {
         self.reading(io, |session, reading| session.read_payload_from(reading, payload))
     }
 
     pub(super) fn read_payload_from<T: Read>(&mut self, io: &mut T, payload: Option<&mut [u8]>) -> Result<(), Error> {
-        let Incoming::Payload { payload_len, qos, info } = self.incoming else {
+        let Incoming::Payload {
+            payload_len,
+            qos,
+            info,
+            too_large,
+        } = self.incoming
+        else {
             return Err(Error::WrongState);
         };
         match payload {
             Some(buffer) => {
-                if u32::try_from(buffer.len()) != Ok(payload_len) {
+                if too_large || u32::try_from(buffer.len()) != Ok(payload_len) {
                     return Err(Error::WrongState);
                 }
                 codec::read_exact(io, buffer)?;
             }
-            None => {
-                if qos == QoS::ExactlyOnce && info.deliver {
-                    // Skipped, so not delivered: the broker's resend must be.
-                    self.inbound_qos2.forget(info.packet_id);
-                }
-                let mut scratch = [0u8; 64];
-                let mut left = payload_len;
-                while left > 0 {
-                    let chunk = scratch.len().min(usize::try_from(left).unwrap_or(scratch.len()));
-                    let part = scratch.get_mut(..chunk).ok_or(Error::WrongState)?;
-                    codec::read_exact(io, part)?;
-                    left = left.saturating_sub(u32::try_from(chunk).unwrap_or(left));
-                }
-            }
+            None => skip(io, payload_len, |_| Ok(()))?,
         }
         self.incoming = Incoming::Received { qos, info };
         Ok(())
@@ -223,6 +267,9 @@ impl Session {
                 self.last_connack = Some(code);
                 self.link = if code == 0 { Link::Up } else { Link::Down };
                 self.last_sent = now;
+                if code == 0 {
+                    self.accepted(now, session_present);
+                }
                 return Ok(Event::ConnAck { code, session_present });
             }
             _ if self.link != Link::Up => return Err(Error::UnexpectedPacket),
@@ -252,11 +299,17 @@ impl Session {
                 self.last_sent = now;
             }
             Packet::SubAck { packet_id, codes } => {
-                if let Some(ticket) = self.find(packet_id, |stage| stage == Stage::AwaitSubAck) {
+                let subscription = |stage| stage == Stage::AwaitSubAck || stage == Stage::AwaitResubAck;
+                if let Some(ticket) = self.find(packet_id, subscription) {
                     // One filter per SUBSCRIBE, so exactly one return code.
                     let [code] = codes else {
                         return Err(DecodeError::BadLength.into());
                     };
+                    if self.find(packet_id, |stage| stage == Stage::AwaitResubAck).is_some() {
+                        self.release(ticket);
+                        self.resubscribed(*code);
+                        return Ok(Event::Handled);
+                    }
                     self.set_stage(ticket, Stage::Answered(*code), now);
                     return Ok(Event::Answered(ticket));
                 }
@@ -284,7 +337,7 @@ impl Session {
 mod tests {
     use crate::codec::{DecodeError, Packet, PacketType, QoS, write_ack, write_connack};
     use crate::session::testing::*;
-    use crate::session::{Config, Error, Event, INBOUND_QOS2_MAX, MessageInfo, Session};
+    use crate::session::{Error, Event, INBOUND_QOS2_MAX, MessageInfo, Session};
 
     #[test]
     fn incoming_qos0_and_qos1() {
@@ -354,20 +407,49 @@ mod tests {
     }
 
     #[test]
-    fn skipped_qos2_message_is_delivered_when_sent_again() {
+    fn skipped_qos2_message_is_not_delivered_again() {
         let (mut session, mut pipe) = connected(0);
         broker_publish(&mut pipe, "x", b"big", QoS::ExactlyOnce, 4, false);
         let Event::Message { topic_len, .. } = session.receive(&mut pipe, 0).unwrap() else {
             panic!()
         };
         session.read_topic(&mut pipe, &mut vec![0; topic_len.into()]).unwrap();
+        // Skipped is dropped: acknowledged, and not taken again.
         session.read_payload(&mut pipe, None).unwrap();
+        session.finish_message(&mut pipe, 0).unwrap();
+        assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubRec(4))]);
         session.link_lost();
         session.connect(&mut pipe, 1, &connect_options(0, false)).unwrap();
         pipe.broker_sends(|b| write_connack(&mut VecWriter(b), true, 0).unwrap());
         session.receive(&mut pipe, 2).unwrap();
         broker_publish(&mut pipe, "x", b"big", QoS::ExactlyOnce, 4, true);
-        assert!(read_message(&mut session, &mut pipe, 3).unwrap().2.deliver);
+        assert!(!read_message(&mut session, &mut pipe, 3).unwrap().2.deliver);
+    }
+
+    #[test]
+    fn a_qos2_message_cut_off_in_its_payload_is_taken_when_sent_again() {
+        let (mut session, mut pipe) = connected(0);
+        broker_publish(&mut pipe, "x", b"payload", QoS::ExactlyOnce, 6, false);
+        // The link dies after the topic: the payload never comes.
+        pipe.inbound.truncate(pipe.inbound.len() - 3);
+        let Event::Message { topic_len, .. } = session.receive(&mut pipe, 0).unwrap() else {
+            panic!()
+        };
+        assert!(
+            session
+                .read_topic(&mut pipe, &mut vec![0; topic_len.into()])
+                .unwrap()
+                .deliver
+        );
+        session.link_lost();
+        pipe.inbound.clear();
+        session.connect(&mut pipe, 1, &connect_options(0, false)).unwrap();
+        pipe.broker_sends(|b| write_connack(&mut VecWriter(b), true, 0).unwrap());
+        session.receive(&mut pipe, 2).unwrap();
+        broker_publish(&mut pipe, "x", b"payload", QoS::ExactlyOnce, 6, true);
+        let (_, payload, info) = read_message(&mut session, &mut pipe, 3).unwrap();
+        assert!(info.deliver);
+        assert_eq!(payload, b"payload");
     }
 
     #[test]
@@ -421,15 +503,51 @@ mod tests {
     }
 
     #[test]
-    fn oversized_and_malformed_publish_are_refused() {
-        let config = Config {
-            max_packet_size: 100,
-            ..CONFIG
-        };
+    fn a_publish_over_the_size_limit_is_announced_too_large() {
         let (mut session, mut pipe) = connected(0);
-        session.config = config;
-        broker_publish(&mut pipe, "t", &[0; 200], QoS::AtMostOnce, 0, false);
-        assert_eq!(session.receive(&mut pipe, 0), Err(Error::PacketTooLarge));
+        session.config.max_packet_size = 100;
+        // Remaining lengths: 2 + 1 + 2 + 95 = 100, then 101.
+        for (payload_len, too_large) in [(95, false), (96, true)] {
+            broker_publish(&mut pipe, "t", &vec![1; payload_len], QoS::AtLeastOnce, 8, false);
+            let Event::Message {
+                too_large: announced, ..
+            } = session.receive(&mut pipe, 0).unwrap()
+            else {
+                panic!()
+            };
+            assert_eq!(announced, too_large, "{payload_len} bytes");
+            session.read_topic(&mut pipe, &mut [0; 1]).unwrap();
+            let mut payload = vec![0; payload_len];
+            let read = session.read_payload(&mut pipe, Some(&mut payload));
+            if too_large {
+                // Its payload may only be read past.
+                assert_eq!(read, Err(Error::WrongState));
+                session.read_payload(&mut pipe, None).unwrap();
+            }
+            session.finish_message(&mut pipe, 0).unwrap();
+            assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubAck(8))]);
+        }
+    }
+
+    #[test]
+    fn oversized_packets_but_publish_and_malformed_publish_are_refused() {
+        // A SUBACK of 200 bytes: no packet but PUBLISH is that long.
+        let (mut session, mut pipe) = connected(0);
+        session.config.max_packet_size = 100;
+        pipe.broker_sends(|b| b.extend_from_slice(&[0x90, 0xc8, 0x01]));
+        assert_eq!(
+            session.receive(&mut pipe, 0),
+            Err(Error::Malformed(DecodeError::BadLength))
+        );
+
+        // Over the limit, and shorter than its own topic.
+        let (mut session, mut pipe) = connected(0);
+        session.config.max_packet_size = 2;
+        pipe.broker_sends(|b| b.extend_from_slice(&[0x30, 3, 0, 5, b'a']));
+        assert_eq!(
+            session.receive(&mut pipe, 0),
+            Err(Error::Malformed(DecodeError::BadLength))
+        );
 
         let (mut session, mut pipe) = connected(0);
         pipe.broker_sends(|b| b.extend_from_slice(&[0x30, 3, 0, 5, b'a']));
@@ -503,14 +621,17 @@ mod tests {
         #[test]
         fn arbitrary_broker_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
             let (mut session, mut pipe) = connected(5);
+            // Small, so that some messages are too large.
+            session.config.max_packet_size = 100;
             pipe.inbound.extend(bytes);
             for now in 0..50u32 {
                 match session.receive(&mut pipe, now * 100) {
-                    Ok(Event::Message { topic_len, payload_len, .. }) => {
+                    Ok(Event::Message { topic_len, payload_len, too_large, .. }) => {
                         let mut topic = vec![0; topic_len.into()];
                         if session.read_topic(&mut pipe, &mut topic).is_err() { break; }
                         let mut payload = vec![0; payload_len.min(1000) as usize];
-                        let buffer = (payload.len() as u32 == payload_len).then_some(&mut payload[..]);
+                        let fits = !too_large && payload.len() as u32 == payload_len;
+                        let buffer = fits.then_some(&mut payload[..]);
                         if session.read_payload(&mut pipe, buffer).is_err() { break; }
                         if session.finish_message(&mut pipe, now).is_err() { break; }
                     }

@@ -15,6 +15,9 @@ pub(super) struct Pipe {
     pub(super) outbound: Vec<u8>,
     /// Every write fails, as on a link that just died.
     pub(super) broken: bool,
+    /// Most bytes one read returns, as from a network that delivers a
+    /// packet in pieces; `None` for no limit.
+    pub(super) read_limit: Option<usize>,
 }
 
 impl embedded_io::ErrorType for Pipe {
@@ -23,7 +26,10 @@ impl embedded_io::ErrorType for Pipe {
 
 impl Read for Pipe {
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
-        let count = buf.len().min(self.inbound.len());
+        let count = buf
+            .len()
+            .min(self.inbound.len())
+            .min(self.read_limit.unwrap_or(usize::MAX));
         for slot in &mut buf[..count] {
             *slot = self.inbound.pop_front().unwrap();
         }
