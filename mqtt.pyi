@@ -31,7 +31,10 @@ class _ClientCallback(Protocol):
     def __call__(self, client: Client, /) -> None: ...
 
 class _LoopFailure(Protocol):
-    def __call__(self, client: Client, /) -> int: ...
+    def __call__(self, client: Client, /) -> int | None: ...
+
+class _DropCallback(Protocol):
+    def __call__(self, client: Client, topic: str | None, length: int, /) -> None: ...
 
 class MQTTException(Exception):
     """Raised with (code, text): a refused connection (code 1-5),
@@ -87,10 +90,17 @@ class Client:
         start_loop: bool = True,
         *,
         stream: _Stream | None = None,
+        auto_reconnect: bool | tuple[int, int] | None = None,
+        on_drop: _DropCallback | None = None,
     ) -> None:
         """Opens a TCP connection to host:port (or uses `stream`, which stays the
         caller's to close; host may then be None), sends CONNECT and waits for
-        CONNACK. Raises OSError if unreachable, MQTTException if refused."""
+        CONNACK. Raises OSError if unreachable, MQTTException if refused.
+        auto_reconnect (True, or (min_ms, max_ms)): the loop reconnects by
+        itself after a failure, with a growing, jittered wait, and subscribes
+        again when the broker kept no session. on_drop(client, topic, length):
+        told of a message read past and acknowledged because it was larger
+        than max_packet_size or there was no memory for it."""
 
     def reconnect(self) -> int:
         """Calls breconnect_cb, connects again with the same parameters, calls
@@ -113,7 +123,9 @@ class Client:
 
     def cycle(self) -> None:
         """Runs one loop cycle on the calling thread: waits up to cycle_timeout
-        for input and handles it. Raises OSError(EBUSY) while the loop runs."""
+        for input and handles it (while auto_reconnect brings a lost link
+        back: one reconnection step). Raises OSError(EBUSY) while the loop
+        runs."""
 
     def set_username_pw(self, username: str, password: _Buffer | None = "") -> None:
         """Sets the credentials sent by the next connections; an empty password

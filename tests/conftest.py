@@ -57,8 +57,9 @@ RESET_NOTICE_S = 1.0 if SOCKETS == "lwip" else 0.0
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "long: a scenario of several seconds, run once per kind of loop: tests/run skips it"
-        " on the sanitizer firmware, whose loop is the plain firmware's",
+        "long: a scenario of several seconds, run once per kind of loop (thread, scheduled,"
+        " lwIP's scheduled): tests/run skips it on the sanitizer, esp32-path and newest"
+        " MicroPython firmware, whose loop is the plain firmware's thread",
     )
 
 # For tests of what only threads can do (two threads calling the client at
@@ -134,12 +135,14 @@ class Script:
         header = "".join(f"{name} = {value!r}\n" for name, value in params.items())
         return header + PRELUDE + textwrap.dedent(code)
 
-    def start(self, code, **params):
+    def start(self, code, options=(), **params):
+        """Starts the script; `options` go to the firmware before it (for
+        example ("-X", "heapsize=128k"))."""
         self.count += 1
         path = self.directory / f"script{self.count}.py"
         path.write_text(self.source(code, **params))
         process = subprocess.Popen(
-            [str(self.firmware), str(path)],
+            [str(self.firmware), *options, str(path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -156,8 +159,8 @@ class Script:
                 process.kill()
                 process.communicate()
 
-    def run(self, code, timeout=60, expect_ok=True, **params):
-        process = self.start(code, **params)
+    def run(self, code, timeout=60, expect_ok=True, options=(), **params):
+        process = self.start(code, options=options, **params)
         try:
             output, _ = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

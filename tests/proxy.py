@@ -1,6 +1,7 @@
 """A TCP proxy of the tests' own, between the firmware and the broker, that
 can be told to swallow all traffic without closing (a dead link as a
-client on Wi-Fi sees it), to cut every connection, or to forward again."""
+client on Wi-Fi sees it), to cut every connection, to close every new one
+at once (a broker's host that is up, its broker down), or to forward again."""
 
 import socket
 import threading
@@ -17,6 +18,7 @@ class Proxy:
         self.listener.listen(8)
         self.port = self.listener.getsockname()[1]
         self.swallowing = threading.Event()
+        self.refusing = threading.Event()
         self.lock = threading.Lock()
         self.connections = []
         self.closed = False
@@ -28,6 +30,9 @@ class Proxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.refusing.is_set():
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection((HOST, self.target_port))
             except OSError:
@@ -64,6 +69,12 @@ class Proxy:
 
     def forward(self):
         self.swallowing.clear()
+        self.refusing.clear()
+
+    def refuse(self):
+        """Cut every connection, and close each new one as soon as it is made."""
+        self.refusing.set()
+        self.cut()
 
     def cut(self):
         """Close every connection made so far (new ones are still accepted)."""

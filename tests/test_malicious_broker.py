@@ -50,7 +50,7 @@ GARBAGE = {
     "PUBREC for an unknown id": (bytes([0x50, 0x02, 0x12, 0x34]), "ignored"),
     "PUBCOMP for an unknown id": (bytes([0x70, 0x02, 0x12, 0x34]), "ignored"),
     "UNSUBACK for an unknown id": (bytes([0xB0, 0x02, 0x12, 0x34]), "ignored"),
-    "a message larger than max_packet_size": (publish(b"t", b"x" * 5000), "failure"),
+    "a SUBACK larger than max_packet_size": (bytes([0x90, 0xA0, 0x27]) + bytes(5024), "failure"),
     "truncated packet, then close": (publish(b"t", b"x" * 100)[:20], "failure"),
 }
 

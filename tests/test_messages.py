@@ -670,5 +670,5 @@ def test_a_qos0_message_without_memory_is_dropped_reported_and_the_client_goes_o
     peer.publish("fill/small", b"after")
     output, _ = process.communicate("go\n", timeout=30)
     peer.close()
-    assert "mqtt: message of 100000 bytes dropped: out of memory" in output, output
+    assert "mqtt: message of 100000 bytes on fill/big dropped: out of memory" in output, output
     assert output.strip().splitlines()[-1] == "True [('fill/small', 5)] True", output
