@@ -26,6 +26,7 @@ class Lines:
     arrived (time.monotonic())."""
 
     def __init__(self, process):
+        self.process = process
         self.lines = []
         self.changed = threading.Condition()
         threading.Thread(target=self._read, args=(process,), daemon=True).start()
@@ -47,7 +48,11 @@ class Lines:
                         return at, line
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no {text!r} within {timeout} s; the script printed:\n" + self.text())
+                    ended = self.process.poll()
+                    state = "running" if ended is None else f"ended with {ended}"
+                    raise AssertionError(
+                        f"no {text!r} within {timeout} s (the script is {state}); it printed:\n" + self.text()
+                    )
                 self.changed.wait(left)
 
     def text(self):
