@@ -193,7 +193,7 @@ def test_twenty_outages_without_application_code(broker, micropython, tmp_path):
         chooser = random.Random(20)
         recoveries = []
         for outage in range(20):
-            time.sleep(1.5)
+            time.sleep(0.5)
             blackhole = outage % 2 == 0
             if blackhole:
                 proxy.swallow()
