@@ -7,6 +7,7 @@ import time
 
 from conftest import RESET_NOTICE_S, expect_line
 from peer import Peer
+from proxy import Proxy
 from scripted_broker import CONNECT, DISCONNECT, ScriptedBroker
 
 
@@ -206,3 +207,51 @@ def test_disconnect_ends_a_reconnecting_loop_promptly(broker, micropython):
     broker.terminate()
     output, _ = process.communicate(timeout=30)
     assert output.strip() == "True True False", output
+
+
+def test_a_certificate_that_does_not_verify_is_retried_at_the_longest_gap(tls_broker, certificates, micropython):
+    """Through the proxy, the broker's TLS listener is replaced by one whose
+    certificate names another host: each handshake fails, is printed, and
+    the next attempt waits at least max_ms / 2. Back to the right listener,
+    the client connects again by itself."""
+    proxy = Proxy(tls_broker.tls_ports["tls"])
+    process = micropython.start(
+        """
+        from tls_context import context
+        times = []
+        connects = []
+        client = mqtt.Client('tls-retry')
+        client.connect(HOST, 30, port=PORT, ssl_ctx=context(CA), auto_reconnect=(100, 1500),
+                       breconnect_cb=lambda client: times.append(time.ticks_ms()),
+                       aconnect_cb=lambda client: connects.append(1))
+        print('ready')
+        wait_until(lambda: len(times) >= 3, 15000)
+        print('failing')
+        wait_until(lambda: len(connects) == 2, 15000)
+        print('gaps', [time.ticks_diff(b, a) for a, b in zip(times, times[1:])])
+        print('connected', client.connected())
+        client.disconnect()
+        """,
+        PORT=proxy.port,
+        CA=certificates.path("ca.crt.der"),
+    )
+    try:
+        expect_line(process, "ready")
+        proxy.target_port = tls_broker.tls_ports["wrong_host"]
+        proxy.cut()
+        seen = []
+        while not seen or seen[-1] != "failing":
+            line = process.stdout.readline()
+            assert line, "".join(seen)
+            seen.append(line.strip())
+        proxy.target_port = tls_broker.tls_ports["tls"]
+        output, _ = process.communicate(timeout=30)
+    finally:
+        proxy.close()
+    output = "\n".join(seen) + "\n" + output
+    failures = output.count("mqtt: TLS handshake failed; next attempt in")
+    assert failures >= 2, output
+    gaps = eval(next(line for line in output.splitlines() if line.startswith("gaps "))[5:])
+    # Each attempt after a failed handshake waited in [max/2, max].
+    assert gaps and all(750 <= gap <= 1500 + 150 for gap in gaps), output
+    assert "connected True" in output, output
