@@ -73,12 +73,6 @@ typedef enum {
    */
   MQTT_ERR_WRONG_STATE = -7,
   /**
-   * Not returned any more: a PUBLISH larger than the configured maximum
-   * is dropped (`MQTT_OUTCOME_DROPPED`), and any other packet that long
-   * breaks a rule (`MQTT_ERR_BAD_LENGTH`).
-   */
-  MQTT_ERR_PACKET_TOO_LARGE = -9,
-  /**
    * The broker did not answer PINGREQ in time: the link is dead.
    */
   MQTT_ERR_PING_TIMEOUT = -10,
@@ -94,11 +88,6 @@ typedef enum {
    * The peer closed the connection.
    */
   MQTT_ERR_CLOSED = -13,
-  /**
-   * Not returned any more: a message without memory is dropped
-   * (`MQTT_OUTCOME_DROPPED`), whatever its QoS.
-   */
-  MQTT_ERR_NO_MEMORY = -14,
   /**
    * The remaining length uses more than four bytes.
    */
