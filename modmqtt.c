@@ -582,6 +582,10 @@ static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter
         bool unchanged = self->subscriptions == current;
         if (unchanged) {
             self->subscriptions = next;
+            if (callback == MP_OBJ_NULL && next != current) {
+                // Entries moved down: a resubscription under way starts again.
+                mqtt_session_table_shrank(session_of(self));
+            }
         }
         client_unlock(self);
         if (unchanged) {

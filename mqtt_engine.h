@@ -577,6 +577,15 @@ mqtt_status_t mqtt_session_resubscribe(mqtt_session_t *session,
                                        uint8_t *refused);
 
 /**
+ * An entry left the caller's subscription table (the ones after it moved
+ * down): a resubscription under way starts again from the first entry.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`.
+ */
+void mqtt_session_table_shrank(mqtt_session_t *session);
+
+/**
  * Checks a topic name (`filter` false) or a topic filter; returns
  * `MQTT_OK` or `MQTT_ERR_INVALID_TOPIC`.
  *

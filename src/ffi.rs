@@ -1024,6 +1024,19 @@ pub unsafe extern "C" fn mqtt_session_resubscribe(
     }
 }
 
+/// An entry left the caller's subscription table (the ones after it moved
+/// down): a resubscription under way starts again from the first entry.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_table_shrank(session: *mut mqtt_session_t) {
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
+    if let Some(session) = unsafe { session_mut(session) } {
+        session.table_shrank();
+    }
+}
+
 /// Checks a topic name (`filter` false) or a topic filter; returns
 /// `MQTT_OK` or `MQTT_ERR_INVALID_TOPIC`.
 ///

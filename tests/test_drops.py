@@ -25,7 +25,8 @@ if REPORT:
 else:
     client.connect(HOST, 30, port=PORT)
 client.subscribe('drop/#', on_message, 1)
-print('ready')
+# Nothing printed meanwhile: the loop's report must not be cut by a line
+# of this thread's.
 wait_until(lambda: len(got) == SMALL, 30000)
 print('drops', drops)
 print('got', len(got), sorted(got) == sorted(b'small%d' % i for i in range(SMALL)))

@@ -164,6 +164,15 @@ impl Session {
         Ok(refused)
     }
 
+    /// An entry left the caller's table: the ones after it moved down, so
+    /// a resubscription under way starts again from the first (subscribing
+    /// again to a filter the broker has already is harmless).
+    pub fn table_shrank(&mut self) {
+        if self.resubscribe.is_some() {
+            self.resubscribe = Some(0);
+        }
+    }
+
     /// A SUBACK answered a resubscription: nobody waits for it, so its slot
     /// is free at once; a refusal is counted for the caller to report.
     pub(super) fn resubscribed(&mut self, code: u8) {
@@ -289,6 +298,24 @@ mod tests {
         let expected: Vec<String> = (0..20).map(|i| std::format!("t/{i}")).collect();
         assert_eq!(seen, expected);
         assert!(session.inflight.iter().all(Option::is_none));
+        assert_eq!(session.resubscribe, None);
+    }
+
+    #[test]
+    fn an_entry_removed_meanwhile_makes_the_resubscription_start_again() {
+        let (mut session, mut pipe) = connected(0);
+        session.set_backoff(100, 1000, 1);
+        session.accepted(0, false);
+        let mut table = Table((0..12).map(|i| std::format!("t/{i}")).collect());
+        session.resubscribe(&mut pipe, 0, &mut table).unwrap();
+        assert_eq!(session.resubscribe, Some(8));
+        // "t/0" leaves the table: "t/8" is now entry 7, which would be missed.
+        table.0.remove(0);
+        session.table_shrank();
+        assert_eq!(session.resubscribe, Some(0));
+        // Nothing to resubscribe: the call changes nothing.
+        session.resubscribe = None;
+        session.table_shrank();
         assert_eq!(session.resubscribe, None);
     }
 
