@@ -143,7 +143,7 @@ static void stop_reconnecting(mp_obj_mqtt_client_t *self) {
     client_unlock(self);
 }
 
-// The link is down for `failure` (an mqtt_failure_t; `code`: a CONNACK
+// The link is down for `failure` (one of MQTT_FAILURE_*; `code`: a CONNACK
 // refusal): the next attempt waits as long as the engine's backoff says.
 // Nothing when reconnecting stopped meanwhile (disconnect()).
 static void attempt_later(mp_obj_mqtt_client_t *self, int failure, uint8_t code) {
