@@ -531,6 +531,29 @@ mqtt_status_t mqtt_session_finish_message(mqtt_session_t *session,
                                           uint32_t now_ms);
 
 /**
+ * Ends the current message without acknowledging it: `*token` (below
+ * 2^26, so a binding can keep it as a small integer) is what
+ * `mqtt_session_acknowledge` takes once the application has taken the
+ * message; 0 when there is nothing to acknowledge (QoS 0).
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`; `token` is valid.
+ */
+mqtt_status_t mqtt_session_defer_message(mqtt_session_t *session, uint32_t *token);
+
+/**
+ * Sends the acknowledgement `token` (from `mqtt_session_defer_message`)
+ * stands for, if the link the message came on is still up.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`; `transport` is valid.
+ */
+mqtt_status_t mqtt_session_acknowledge(mqtt_session_t *session,
+                                       const mqtt_transport_t *transport,
+                                       uint32_t now_ms,
+                                       uint32_t token);
+
+/**
  * Turns built-in reconnection on: attempts are timed by
  * `mqtt_session_next_attempt`, between `min_ms` and `max_ms`, and the
  * subscriptions are sent again (`mqtt_session_resubscribe`) after a

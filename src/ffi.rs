@@ -14,7 +14,7 @@ use core::mem::{align_of, size_of};
 use cty::{c_char, c_int, intptr_t, size_t};
 
 use crate::codec::{Connect, DecodeError, QoS, Will};
-use crate::session::{Config, Error, Failure, Filters, Kept, MessageSink, Outcome, Session, Ticket, Verdict};
+use crate::session::{Config, Deferred, Error, Failure, Filters, Kept, MessageSink, Outcome, Session, Ticket, Verdict};
 
 /// What a call did: `MQTT_OK`, or why it failed.
 #[repr(C)]
@@ -915,6 +915,45 @@ pub unsafe extern "C" fn mqtt_session_finish_message(
     unsafe {
         with_link(session, transport, now_ms, |session, io| {
             session.finish_message(io, now_ms)
+        })
+    }
+}
+
+/// Ends the current message without acknowledging it: `*token` (below
+/// 2^26, so a binding can keep it as a small integer) is what
+/// `mqtt_session_acknowledge` takes once the application has taken the
+/// message; 0 when there is nothing to acknowledge (QoS 0).
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `token` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_defer_message(session: *mut mqtt_session_t, token: *mut u32) -> mqtt_status_t {
+    // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now; `token` is
+    // null or valid (the caller's promise).
+    let (Some(session), Some(token)) = (unsafe { session_mut(session) }, unsafe { token.as_mut() }) else {
+        return MQTT_ERR_INVALID_ARGUMENT;
+    };
+    let deferred = session.defer_message();
+    *token = deferred.map_or(0, |deferred| deferred.map_or(0, |Deferred(token)| token));
+    to_status(deferred.map(|_| ()))
+}
+
+/// Sends the acknowledgement `token` (from `mqtt_session_defer_message`)
+/// stands for, if the link the message came on is still up.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `transport` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_acknowledge(
+    session: *mut mqtt_session_t,
+    transport: *const mqtt_transport_t,
+    now_ms: u32,
+    token: u32,
+) -> mqtt_status_t {
+    // SAFETY: `session` and `transport` are as `with_link` requires (the caller's promise).
+    unsafe {
+        with_link(session, transport, now_ms, |session, io| {
+            session.acknowledge(io, now_ms, Deferred(token))
         })
     }
 }

@@ -181,6 +181,13 @@ pub enum Event {
     Answered(Ticket),
 }
 
+/// A received message whose acknowledgement waits for the application
+/// ([`Session::defer_message`]): which packet to acknowledge, how, and on
+/// which link. Fits in 26 bits, so that a binding can keep it as a small
+/// integer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deferred(pub u32);
+
 /// What [`Session::read_topic`] learned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MessageInfo {
@@ -223,6 +230,9 @@ pub struct Session {
     resubscribe: Option<u16>,
     /// Resubscriptions the broker refused, not yet reported.
     resubscriptions_refused: u8,
+    /// Counts the links (each CONNECT), so that an acknowledgement the
+    /// application deferred is never sent on a later link.
+    link_count: u8,
 }
 
 fn elapsed(now: u32, since: u32) -> u32 {
@@ -248,6 +258,7 @@ impl Session {
             up_since: None,
             resubscribe: None,
             resubscriptions_refused: 0,
+            link_count: 0,
         }
     }
 
@@ -278,6 +289,7 @@ impl Session {
         // the next CONNACK decides whether they are all sent again.
         self.forget_resubscriptions();
         self.link = Link::AwaitingConnAck { since: now };
+        self.link_count = self.link_count.wrapping_add(1);
         self.last_connack = None;
         self.keepalive_ms = u32::from(connect.keepalive_s).saturating_mul(1000);
         self.ping_sent = None;

@@ -5,7 +5,7 @@ use embedded_io::{Read, ReadReady, Write};
 
 use super::outbound::Stage;
 use super::read_ahead::Reading;
-use super::{Error, Event, Link, MessageInfo, Session};
+use super::{Deferred, Error, Event, Link, MessageInfo, Session};
 use crate::codec::{self, DecodeError, FixedHeader, Packet, PacketType, QoS};
 use crate::topic;
 
@@ -260,6 +260,50 @@ impl Session {
         Ok(())
     }
 
+    /// Ends the current message without acknowledging it yet, for an
+    /// application that takes messages from a queue at its own pace: the
+    /// broker then sends no more than its window of unacknowledged
+    /// messages, which bounds the queue. Returns the token that
+    /// [`Session::acknowledge`] takes once the application has the
+    /// message, or `None` when there is nothing to acknowledge (QoS 0).
+    pub fn defer_message(&mut self) -> Result<Option<Deferred>, Error> {
+        let Incoming::Received { qos, info } = self.incoming else {
+            return Err(Error::WrongState);
+        };
+        self.incoming = Incoming::Idle;
+        let qos_bits = match qos {
+            QoS::AtMostOnce => return Ok(None),
+            QoS::AtLeastOnce => 1,
+            QoS::ExactlyOnce => 2,
+        };
+        let token = u32::from(info.packet_id) | (qos_bits << 16) | (u32::from(self.link_count) << 18);
+        Ok(Some(Deferred(token)))
+    }
+
+    /// Sends the acknowledgement a deferred message is owed, if the link it
+    /// arrived on is still up. On a later link nothing is sent: the broker
+    /// sends the message again (QoS 1, so it may arrive twice), or a QoS 2
+    /// resend is recognised as a duplicate and answered then.
+    pub fn acknowledge<W: Write>(&mut self, io: &mut W, now: u32, deferred: Deferred) -> Result<(), Error> {
+        let Deferred(token) = deferred;
+        let same_link = token >> 18 == u32::from(self.link_count);
+        if !same_link || self.link != Link::Up {
+            return Ok(());
+        }
+        let packet_id = u16::try_from(token & 0xffff).map_err(|_| Error::WrongState)?;
+        let kind = match (token >> 16) & 0b11 {
+            1 => PacketType::PubAck,
+            2 => PacketType::PubRec,
+            _ => return Err(Error::WrongState),
+        };
+        if packet_id == 0 {
+            return Err(Error::WrongState);
+        }
+        codec::write_ack(io, kind, packet_id)?;
+        self.last_sent = now;
+        Ok(())
+    }
+
     fn handle<W: Write>(&mut self, io: &mut W, now: u32, packet: Packet<'_>) -> Result<Event, Error> {
         let awaiting_connack = matches!(self.link, Link::AwaitingConnAck { .. });
         match packet {
@@ -337,7 +381,78 @@ impl Session {
 mod tests {
     use crate::codec::{DecodeError, Packet, PacketType, QoS, write_ack, write_connack};
     use crate::session::testing::*;
-    use crate::session::{Error, Event, INBOUND_QOS2_MAX, MessageInfo, Session};
+    use crate::session::{Deferred, Error, Event, INBOUND_QOS2_MAX, MessageInfo, Session};
+
+    /// Reads the next message up to its acknowledgement, which is deferred.
+    fn read_deferred(session: &mut Session, pipe: &mut Pipe) -> Option<Deferred> {
+        let Event::Message {
+            topic_len, payload_len, ..
+        } = session.receive(pipe, 0).unwrap()
+        else {
+            panic!("no message")
+        };
+        session.read_topic(pipe, &mut vec![0; usize::from(topic_len)]).unwrap();
+        session
+            .read_payload(pipe, Some(&mut vec![0; payload_len as usize]))
+            .unwrap();
+        session.defer_message().unwrap()
+    }
+
+    #[test]
+    fn deferred_acknowledgements_go_when_the_application_asks() {
+        let (mut session, mut pipe) = connected(0);
+        broker_publish(&mut pipe, "q", b"0", QoS::AtMostOnce, 0, false);
+        broker_publish(&mut pipe, "q", b"1", QoS::AtLeastOnce, 7, false);
+        broker_publish(&mut pipe, "q", b"2", QoS::ExactlyOnce, 8, false);
+        assert_eq!(read_deferred(&mut session, &mut pipe), None);
+        let first = read_deferred(&mut session, &mut pipe).unwrap();
+        let second = read_deferred(&mut session, &mut pipe).unwrap();
+        // Nothing acknowledged until asked, then in the order asked.
+        assert!(pipe.take_sent().is_empty());
+        session.acknowledge(&mut pipe, 1, second).unwrap();
+        session.acknowledge(&mut pipe, 1, first).unwrap();
+        assert_eq!(
+            pipe.take_sent(),
+            [format!("{:?}", Packet::PubRec(8)), format!("{:?}", Packet::PubAck(7))]
+        );
+        // Deferring needs a message that has been read.
+        assert_eq!(session.defer_message(), Err(Error::WrongState));
+    }
+
+    #[test]
+    fn a_deferred_acknowledgement_never_goes_on_a_later_link() {
+        let (mut session, mut pipe) = connected(0);
+        broker_publish(&mut pipe, "q", b"1", QoS::AtLeastOnce, 7, false);
+        broker_publish(&mut pipe, "q", b"2", QoS::ExactlyOnce, 8, false);
+        let qos1 = read_deferred(&mut session, &mut pipe).unwrap();
+        let qos2 = read_deferred(&mut session, &mut pipe).unwrap();
+        session.link_lost();
+        session.acknowledge(&mut pipe, 1, qos1).unwrap();
+        session.connect(&mut pipe, 1, &connect_options(0, false)).unwrap();
+        pipe.take_sent();
+        pipe.broker_sends(|b| write_connack(&mut VecWriter(b), true, 0).unwrap());
+        session.receive(&mut pipe, 2).unwrap();
+        session.acknowledge(&mut pipe, 3, qos1).unwrap();
+        session.acknowledge(&mut pipe, 3, qos2).unwrap();
+        assert!(pipe.take_sent().is_empty());
+        // The QoS 2 resend is a duplicate: answered, not taken again.
+        broker_publish(&mut pipe, "q", b"2", QoS::ExactlyOnce, 8, true);
+        assert!(!read_message(&mut session, &mut pipe, 4).unwrap().2.deliver);
+        assert_eq!(pipe.take_sent(), [format!("{:?}", Packet::PubRec(8))]);
+    }
+
+    #[test]
+    fn a_forged_token_sends_nothing() {
+        let (mut session, mut pipe) = connected(0);
+        let link = 1 << 18;
+        for token in [link, link | (3 << 16) | 5, link | (1 << 16)] {
+            assert_eq!(
+                session.acknowledge(&mut pipe, 0, Deferred(token)),
+                Err(Error::WrongState)
+            );
+        }
+        assert!(pipe.take_sent().is_empty());
+    }
 
     #[test]
     fn incoming_qos0_and_qos1() {
