@@ -1,7 +1,8 @@
 // The MicroPython binding of the `mqtt` module: the Python API. It includes
 // the binding's other files, one translation unit: mqtt_client.h (the client
-// object, the port's loop back-end), mqtt_link.c, mqtt_cycle.c and the loop
-// (mqtt_loop_*.c); README.md says more. The binding knows Python, not MQTT:
+// object, the port's loop back-end), mqtt_link.c, mqtt_cycle.c,
+// mqtt_reconnect.c, the loop (mqtt_loop_*.c) and the asyncio API
+// (mqtt_asyncio.c); README.md says more. The binding knows Python, not MQTT:
 // every protocol decision is made by the Rust engine (src/).
 
 #include <string.h>
@@ -13,6 +14,7 @@
 #include "py/objtuple.h"
 #include "py/objtype.h"
 #include "py/runtime.h"
+#include "py/smallint.h"
 #include "py/stream.h"
 #if MICROPY_PY_THREAD
 #include "py/mpthread.h"
@@ -118,10 +120,14 @@ static mp_obj_t call_method(mp_obj_t object, qstr method, size_t n_args, const m
     return mp_call_method_n_kw(n_args, 0, call);
 }
 
+// Included together, before this file's own functions: MicroPython's qstr
+// collection keeps only the last stretch of each file in the preprocessed
+// unit, so the MP_QSTR_ names of this file must all come after them.
 #include "mqtt_link.c"
 #include "mqtt_cycle.c"
 #include "mqtt_reconnect.c"
 #include MQTT_LOOP_FILE
+#include "mqtt_asyncio.c"
 
 // ---------------------------------------------------------------------------
 // Connecting
@@ -261,11 +267,12 @@ static bool backoff_of(mp_obj_t value, uint32_t *min_ms, uint32_t *max_ms) {
     return true;
 }
 
-// Client.connect(host, keepalive, port=1883, ssl_ctx=None, breconnect_cb=None,
-//                aconnect_cb=None, loop_failure=None, start_loop=True, *,
-//                stream=None, auto_reconnect=None, on_drop=None)
-static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
-    enum { ARG_host, ARG_keepalive, ARG_port, ARG_ssl_ctx, ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure, ARG_start_loop, ARG_stream, ARG_auto_reconnect, ARG_on_drop };
+// Takes the arguments of connect() and aconnect() (see client_connect
+// and client_aconnect), and keeps them in the client for the attempts.
+// Returns start_loop; `*queue` is aconnect()'s queue argument (None when
+// not given).
+static bool configure_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, mp_obj_t *queue) {
+    enum { ARG_host, ARG_keepalive, ARG_port, ARG_ssl_ctx, ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure, ARG_start_loop, ARG_stream, ARG_auto_reconnect, ARG_on_drop, ARG_queue };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_host, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_keepalive, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
@@ -278,6 +285,7 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
         { MP_QSTR_stream, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_auto_reconnect, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_on_drop, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_queue, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
     };
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
@@ -316,7 +324,7 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
     }
     uint32_t min_ms, max_ms;
     bool auto_reconnect = backoff_of(args[ARG_auto_reconnect].u_obj, &min_ms, &max_ms);
-    if (loop_runs_elsewhere(self)) {
+    if (loop_runs_elsewhere(self) || aio_loop_runs(self)) {
         mp_raise_OSError(MP_EBUSY);
     }
     if (auto_reconnect) {
@@ -335,13 +343,31 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
     set_option(self, OPTION_STREAM, stream);
     set_option(self, OPTION_ON_DROP, args[ARG_on_drop].u_obj);
     self->loop_failure = args[ARG_loop_failure].u_obj;
+    *queue = args[ARG_queue].u_obj;
+    return args[ARG_start_loop].u_bool;
+}
 
+// Raises MQTTException for a CONNACK refusal (the engine accepts no
+// return code above 5).
+static NORETURN void raise_refusal(int code) {
+    raise_mqtt(code, "connection refused: %s", refusals[code - 1]);
+}
+
+// Client.connect(host, keepalive, port=1883, ssl_ctx=None, breconnect_cb=None,
+//                aconnect_cb=None, loop_failure=None, start_loop=True, *,
+//                stream=None, auto_reconnect=None, on_drop=None)
+static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+    mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
+    mp_obj_t queue;
+    bool start_loop = configure_connect(n_args, pos_args, kw_args, &queue);
+    if (queue != mp_const_none) {
+        mp_raise_TypeError(MP_ERROR_TEXT("queue is an argument of aconnect()"));
+    }
     int code = connect_and_notify(self);
     if (code != 0) {
-        // The engine accepts no CONNACK return code above 5.
-        raise_mqtt(code, "connection refused: %s", refusals[code - 1]);
+        raise_refusal(code);
     }
-    if (args[ARG_start_loop].u_bool) {
+    if (start_loop) {
         loop_start(self);
     }
     return mp_const_none;
@@ -381,10 +407,17 @@ static MP_DEFINE_CONST_FUN_OBJ_1(client_connected_obj, client_connected);
 
 // Client.message_flags() -> int or None: inside a message callback, the
 // flags of the message's PUBLISH header (bit 0 retain, bits 1-2 QoS, bit 3
-// DUP); None elsewhere. A small int: nothing is allocated.
+// DUP); elsewhere those of the message messages() gave last, or None. A
+// small int: nothing is allocated.
 static mp_obj_t client_message_flags(mp_obj_t self_in) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
-    return in_callback(self) ? MP_OBJ_NEW_SMALL_INT(self->message_flags) : mp_const_none;
+    if (in_callback(self)) {
+        return MP_OBJ_NEW_SMALL_INT(self->message_flags);
+    }
+    if (self->aio != NULL && self->aio->taken_flags >= 0) {
+        return MP_OBJ_NEW_SMALL_INT(self->aio->taken_flags);
+    }
+    return mp_const_none;
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(client_message_flags_obj, client_message_flags);
 
@@ -398,6 +431,9 @@ static mp_obj_t client_loop(mp_obj_t self_in) {
         // A loop without a link would only end at once.
         mp_raise_OSError(MP_ENOTCONN);
     }
+    if (aio_loop_runs(self)) {
+        mp_raise_OSError(MP_EBUSY);
+    }
     loop_start(self);
     return mp_const_none;
 }
@@ -406,7 +442,7 @@ static MP_DEFINE_CONST_FUN_OBJ_1(client_loop_obj, client_loop);
 // Client.cycle(): run one loop cycle on the calling thread
 static mp_obj_t client_cycle(mp_obj_t self_in) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
-    if (loop_runs_elsewhere(self)) {
+    if (loop_runs_elsewhere(self) || aio_loop_runs(self)) {
         mp_raise_OSError(MP_EBUSY);
     }
     if (self->reconnect_phase != RECONNECT_OFF) {
@@ -492,8 +528,10 @@ static void unlock_after_sending(mp_obj_mqtt_client_t *self, int status) {
     }
 }
 
-// Client.publish(topic, payload='', qos=0, retain=False)
-static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+// Sends the publish of publish() and apublish() (see client_publish).
+// Returns whether there is an acknowledgement to wait for: `*ticket`
+// follows it.
+static bool send_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, mqtt_ticket_t *ticket) {
     enum { ARG_topic, ARG_payload, ARG_qos, ARG_retain };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_topic, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
@@ -525,16 +563,22 @@ static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t
 
     client_lock(self);
     mqtt_transport_t transport = transport_of(self);
-    mqtt_ticket_t ticket;
     // Without a link the engine answers MQTT_ERR_NOT_CONNECTED.
-    int status = mqtt_session_publish(session_of(self), &transport, now_ms(), topic_bytes, payload_bytes, qos, args[ARG_retain].u_bool, &ticket);
+    int status = mqtt_session_publish(session_of(self), &transport, now_ms(), topic_bytes, payload_bytes, qos, args[ARG_retain].u_bool, ticket);
     if (status == MQTT_OK && qos > 0) {
-        self->held[2 * ticket.slot] = topic;
-        self->held[2 * ticket.slot + 1] = payload;
+        self->held[2 * ticket->slot] = topic;
+        self->held[2 * ticket->slot + 1] = payload;
     }
     unlock_after_sending(self, status);
+    return qos > 0;
+}
+
+// Client.publish(topic, payload='', qos=0, retain=False)
+static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+    mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
+    mqtt_ticket_t ticket;
     // From a callback the loop is busy with us: it completes the flow later.
-    if (qos > 0 && !in_callback(self)) {
+    if (send_publish(n_args, pos_args, kw_args, &ticket) && !in_callback(self)) {
         wait_for(self, ticket);
     }
     return mp_const_none;
@@ -606,12 +650,16 @@ static mqtt_ticket_t send_subscription(mp_obj_mqtt_client_t *self, mp_obj_t filt
     return ticket;
 }
 
-// Client.subscribe(topic, function, qos=0)
-static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+// Subscribes for subscribe() and asubscribe(): puts the filter in the
+// table with its function (None, for asubscribe(): the queue messages()
+// empties) and sends SUBSCRIBE, whose answer `*ticket` follows. `wait`:
+// waits for it too, and returns the granted QoS. A failure, or a refusal
+// waited for, takes the filter off the table again.
+static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, bool wait, mqtt_ticket_t *ticket, mp_obj_t *filter_out) {
     enum { ARG_topic, ARG_function, ARG_qos };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_topic, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
-        { MP_QSTR_function, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_function, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_qos, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(0)} },
     };
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
@@ -619,8 +667,9 @@ static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map
     mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
     mp_obj_t filter = args[ARG_topic].u_obj;
     mp_obj_t function = args[ARG_function].u_obj;
+    *filter_out = filter;
     check_topic(filter, true);
-    if (!mp_obj_is_callable(function)) {
+    if ((wait || function != mp_const_none) && !mp_obj_is_callable(function)) {
         mp_raise_TypeError(MP_ERROR_TEXT("function must be callable"));
     }
     uint8_t qos = qos_of(args[ARG_qos].u_obj);
@@ -632,13 +681,13 @@ static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map
 
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
-        mqtt_ticket_t ticket = send_subscription(self, filter, qos, false);
-        uint8_t code = in_callback(self) ? 0 : wait_for(self, ticket);
+        *ticket = send_subscription(self, filter, qos, false);
+        uint8_t code = !wait || in_callback(self) ? 0 : wait_for(self, *ticket);
         if (code == MQTT_EXC_SUBSCRIBE_FAILED) {
             raise_mqtt(MQTT_EXC_SUBSCRIBE_FAILED, "subscription refused by the broker", NULL);
         }
         nlr_pop();
-        return MP_OBJ_NEW_SMALL_INT(code);
+        return code;
     }
     client_lock(self);
     if (self->subscriptions == updated) {
@@ -647,16 +696,28 @@ static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map
     client_unlock(self);
     nlr_jump(nlr.ret_val);
 }
+
+// Client.subscribe(topic, function, qos=0)
+static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+    mqtt_ticket_t ticket;
+    mp_obj_t filter;
+    return MP_OBJ_NEW_SMALL_INT(start_subscription(n_args, pos_args, kw_args, true, &ticket, &filter));
+}
 static MP_DEFINE_CONST_FUN_OBJ_KW(client_subscribe_obj, 3, client_subscribe);
+
+// Takes `filter` off the table (its callback is never called again) and
+// sends UNSUBSCRIBE, whose answer the returned ticket follows.
+static mqtt_ticket_t start_unsubscription(mp_obj_mqtt_client_t *self, mp_obj_t filter) {
+    check_topic(filter, true);
+    mp_obj_t smaller;
+    update_subscriptions(self, filter, MP_OBJ_NULL, 0, &smaller);
+    return send_subscription(self, filter, 0, true);
+}
 
 // Client.unsubscribe(topic)
 static mp_obj_t client_unsubscribe(mp_obj_t self_in, mp_obj_t filter) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
-    check_topic(filter, true);
-    // Off the table first: its callback is never called again.
-    mp_obj_t smaller;
-    update_subscriptions(self, filter, MP_OBJ_NULL, 0, &smaller);
-    mqtt_ticket_t ticket = send_subscription(self, filter, 0, true);
+    mqtt_ticket_t ticket = start_unsubscription(self, filter);
     if (!in_callback(self)) {
         wait_for(self, ticket);
     }
@@ -664,17 +725,11 @@ static mp_obj_t client_unsubscribe(mp_obj_t self_in, mp_obj_t filter) {
 }
 static MP_DEFINE_CONST_FUN_OBJ_2(client_unsubscribe_obj, client_unsubscribe);
 
-// Client.disconnect(timeout=None)
-static mp_obj_t client_disconnect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
-    static const mp_arg_t allowed[] = {
-        { MP_QSTR_timeout, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
-    };
-    mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
-    mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
-    mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
-    mp_obj_t timeout_obj = args[0].u_obj;
-    uint32_t timeout = timeout_obj == mp_const_none ? 0 : non_negative_of(timeout_obj, "timeout");
+// Ends the link for disconnect() and adisconnect(): the loop stops (a
+// thread within one cycle), reconnecting stops, DISCONNECT goes if it can.
+static void end_link(mp_obj_mqtt_client_t *self) {
     loop_stop(self);
+    aio_stop(self);
     stop_reconnecting(self);
     client_lock(self);
     if (self->stream != MP_OBJ_NULL) {
@@ -686,6 +741,19 @@ static mp_obj_t client_disconnect(size_t n_args, const mp_obj_t *pos_args, mp_ma
     drop_link(self);
     self->link_generation++;
     client_unlock(self);
+}
+
+// Client.disconnect(timeout=None)
+static mp_obj_t client_disconnect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
+    static const mp_arg_t allowed[] = {
+        { MP_QSTR_timeout, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+    };
+    mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
+    mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
+    mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
+    mp_obj_t timeout_obj = args[0].u_obj;
+    uint32_t timeout = timeout_obj == mp_const_none ? 0 : non_negative_of(timeout_obj, "timeout");
+    end_link(self);
     if (timeout_obj != mp_const_none && !in_callback(self)) {
         uint32_t start = now_ms();
         while (self->loop_state != LOOP_STOPPED && now_ms() - start < timeout) {
@@ -710,6 +778,12 @@ static const mp_rom_map_elem_t client_locals_table[] = {
     { MP_ROM_QSTR(MP_QSTR_subscribe), MP_ROM_PTR(&client_subscribe_obj) },
     { MP_ROM_QSTR(MP_QSTR_unsubscribe), MP_ROM_PTR(&client_unsubscribe_obj) },
     { MP_ROM_QSTR(MP_QSTR_disconnect), MP_ROM_PTR(&client_disconnect_obj) },
+    { MP_ROM_QSTR(MP_QSTR_aconnect), MP_ROM_PTR(&client_aconnect_obj) },
+    { MP_ROM_QSTR(MP_QSTR_apublish), MP_ROM_PTR(&client_apublish_obj) },
+    { MP_ROM_QSTR(MP_QSTR_asubscribe), MP_ROM_PTR(&client_asubscribe_obj) },
+    { MP_ROM_QSTR(MP_QSTR_aunsubscribe), MP_ROM_PTR(&client_aunsubscribe_obj) },
+    { MP_ROM_QSTR(MP_QSTR_adisconnect), MP_ROM_PTR(&client_adisconnect_obj) },
+    { MP_ROM_QSTR(MP_QSTR_messages), MP_ROM_PTR(&client_messages_obj) },
 };
 static MP_DEFINE_CONST_DICT(client_locals, client_locals_table);
 
@@ -718,6 +792,7 @@ static MP_DEFINE_CONST_OBJ_TYPE(
     MP_QSTR_Client,
     MP_TYPE_FLAG_NONE,
     make_new, client_make_new,
+    protocol, &client_stream_p,
     locals_dict, &client_locals
     );
 

@@ -6,6 +6,7 @@ tests/test_stub.py checks it against the firmware.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Final, Literal, Protocol
 
 # What a payload or a password may be: a str or any object with the buffer
@@ -114,8 +115,9 @@ class Client:
 
     def message_flags(self) -> int | None:
         """Inside a message callback, the flags of the message's PUBLISH
-        header: bit 0 retain, bits 1-2 QoS, bit 3 DUP (a resend). None
-        outside callbacks. Allocates nothing."""
+        header: bit 0 retain, bits 1-2 QoS, bit 3 DUP (a resend); elsewhere
+        those of the message messages() gave last, or None. Allocates
+        nothing."""
 
     def loop(self) -> None:
         """Starts the background loop (see LOOP); a no-op while it runs.
@@ -150,3 +152,54 @@ class Client:
     def disconnect(self, timeout: int | None = None) -> None:
         """Sends DISCONNECT, closes the link and stops the loop; with a timeout
         (ms), also waits up to that long for the background loop to end."""
+
+    # The asyncio API: the loop runs as an asyncio task, the calls are awaited.
+
+    def aconnect(
+        self,
+        host: str | None,
+        keepalive: int,
+        port: int = 1883,
+        ssl_ctx: _SSLContext | None = None,
+        breconnect_cb: _ClientCallback | None = None,
+        aconnect_cb: _ClientCallback | None = None,
+        loop_failure: _LoopFailure | None = None,
+        *,
+        stream: _Stream | None = None,
+        auto_reconnect: bool | tuple[int, int] | None = None,
+        on_drop: _DropCallback | None = None,
+        queue: int = 8,
+    ) -> Awaitable[None]:
+        """connect() for asyncio: the TCP connection and the CONNACK are
+        awaited (the name lookup and a TLS handshake block), then the
+        client's loop runs as an asyncio task instead of the port's loop.
+        queue: how many QoS 0 messages messages() keeps (more are dropped and
+        counted; QoS 1/2 are all kept, and acknowledged when taken)."""
+
+    def apublish(self, topic: str, payload: _Buffer = "", qos: int = 0, retain: bool = False) -> Awaitable[None]:
+        """publish() for asyncio: QoS 0 is sent at once; with QoS 1 or 2 the
+        awaitable finishes when the broker acknowledged the message."""
+
+    def asubscribe(self, topic: str, function: _MessageCallback | None = None, qos: int = 0) -> Awaitable[int]:
+        """subscribe() for asyncio; gives the granted QoS. Without a function
+        the messages go to messages()."""
+
+    def aunsubscribe(self, topic: str, /) -> Awaitable[None]:
+        """unsubscribe() for asyncio."""
+
+    def adisconnect(self) -> Awaitable[None]:
+        """Disconnects at once (as disconnect()); awaiting it waits for the
+        loop task to end."""
+
+    def messages(self) -> _Messages:
+        """The messages of subscriptions made without a function, oldest
+        first: async for topic, payload in client.messages(). The iteration
+        ends when the queue is empty and the loop task has ended."""
+
+
+class _Messages(Protocol):
+    # QoS 0 messages dropped because the queue was full.
+    dropped: int
+
+    def __aiter__(self) -> _Messages: ...
+    async def __anext__(self) -> tuple[str, bytes]: ...

@@ -32,12 +32,20 @@
 #define MQTT_LOOP_FILE "mqtt_loop_cycle.c"
 #endif
 
+// Most cycles one turn of a scheduled or asyncio loop runs before it lets
+// the application go on.
+#define MQTT_CYCLES_PER_TURN (8)
+
 // Items of one subscription in the client's table: filter, callback, QoS.
 #define TABLE_ENTRY (3)
 
 // Built-in reconnection's bounds for connect(auto_reconnect=True), in ms.
 #define MQTT_RECONNECT_MIN_MS (1000)
 #define MQTT_RECONNECT_MAX_MS (60000)
+
+// How often a TCP connection under way is looked at: lwIP calls no socket
+// callback when a connection is made.
+#define MQTT_TCP_POLL_MS (20)
 
 // Largest incoming packet accepted unless the Client is told otherwise.
 #define MQTT_DEFAULT_MAX_PACKET (1024 * 1024)
@@ -98,6 +106,10 @@ typedef struct _mp_obj_mqtt_client_t {
     // Built-in reconnection: the socket of an attempt whose TCP
     // connection is under way (see mqtt_reconnect.c), or MP_OBJ_NULL.
     mp_obj_t attempt_sock;
+    // What the asyncio API keeps (mqtt_asyncio.c): allocated by the first
+    // aconnect() or asubscribe(), so that a client without asyncio saves
+    // its room.
+    struct _mqtt_aio_t *aio;
     // The thread that reads the link in a cycle (see run_cycle), or NULL.
     void *volatile reader;
     // The thread calling message callbacks, if any.
@@ -216,4 +228,9 @@ static bool loop_on_other_thread(mp_obj_mqtt_client_t *self);
 // Whether the loop runs outside the caller (on another thread, or as
 // scheduled turns the caller is not one of), so that it may reconnect.
 static bool loop_runs_elsewhere(mp_obj_mqtt_client_t *self);
+// Whether the client's loop runs as an asyncio task (mqtt_asyncio.c).
+static bool aio_loop_runs(mp_obj_mqtt_client_t *self);
+// Ends that task (at once, or at the end of its turn when it runs now),
+// and wakes the tasks awaiting the client.
+static void aio_stop(mp_obj_mqtt_client_t *self);
 // And MQTT_LOOP_NAME: the value of mqtt.LOOP, what connect(start_loop=True) starts.

@@ -87,10 +87,37 @@ static bool still_subscribed(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj
     return false;
 }
 
-// Calls the callback of every subscription whose filter matches `topic`;
-// `flags` are the message's PUBLISH header flags, which message_flags()
-// gives the callbacks. Called without the lock.
-static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload, uint8_t flags) {
+// Puts a message in the queue that messages() empties (mqtt_asyncio.c);
+// `token`: its deferred acknowledgement, or 0.
+static void aio_enqueue(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload, uint8_t flags, uint32_t token);
+
+// Whether a subscription without a callback (asubscribe() without one)
+// matches `topic`: the message then goes to the queue. Never raises.
+static bool queue_takes(mp_obj_mqtt_client_t *self, mp_obj_t topic) {
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_tuple_get(self->subscriptions, &n, &items);
+    size_t len;
+    const char *data = mp_obj_str_get_data(topic, &len);
+    mqtt_bytes_t topic_bytes = { .data = (const uint8_t *)data, .len = len };
+    for (size_t i = 0; i + TABLE_ENTRY <= n; i += TABLE_ENTRY) {
+        if (items[i + 1] == mp_const_none) {
+            data = mp_obj_str_get_data(items[i], &len);
+            mqtt_bytes_t filter = { .data = (const uint8_t *)data, .len = len };
+            if (mqtt_topic_matches(filter, topic_bytes)) {
+                return true;
+            }
+        }
+    }
+    return false;
+}
+
+// Calls the callback of every subscription whose filter matches `topic`,
+// and queues the message for messages() if one without a callback does
+// (or `token`, its deferred acknowledgement, says it was meant for the
+// queue); `flags` are the message's PUBLISH header flags, which
+// message_flags() gives the callbacks. Called without the lock.
+static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload, uint8_t flags, uint32_t token) {
     mp_obj_t snapshot = self->subscriptions;
     size_t n;
     mp_obj_t *items;
@@ -99,6 +126,7 @@ static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload
     bool outer = set_in_callback(self, true);
     uint8_t outer_flags = self->message_flags;
     self->message_flags = flags;
+    bool queued = token != 0;
     for (size_t i = 0; i + TABLE_ENTRY <= n; i += TABLE_ENTRY) {
         if (!mqtt_topic_matches(bytes_of_str(items[i], "filter"), topic_bytes)) {
             continue;
@@ -107,11 +135,18 @@ static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload
         if (self->subscriptions != snapshot && !still_subscribed(self, items[i], items[i + 1])) {
             continue;
         }
+        if (items[i + 1] == mp_const_none) {
+            queued = true;
+            continue;
+        }
         mp_obj_t args[3] = { MP_OBJ_FROM_PTR(self), payload, topic };
         call_and_report(items[i + 1], 3, args);
     }
     self->message_flags = outer_flags;
     set_in_callback(self, outer);
+    if (queued) {
+        aio_enqueue(self, topic, payload, flags, token);
+    }
 }
 
 // A message read from the link, handed to the callbacks once the lock is
@@ -124,6 +159,9 @@ typedef struct _delivery_t {
     bool acknowledge;
     // Its PUBLISH header flags: retain, QoS, DUP.
     uint8_t flags;
+    // QoS 1/2 for the queue: its acknowledgement, deferred until
+    // messages() gives it to the application (see mqtt_session_defer_message).
+    uint32_t token;
     // A message that could not be taken (payload MP_OBJ_NULL): its
     // payload's length, and whether it was larger than max_packet_size
     // (else there was no memory for it). Its topic is None when unknown.
@@ -277,7 +315,15 @@ static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
             delivery->link_generation = self->link_generation;
             delivery->acknowledge = outcome.acknowledge;
             delivery->flags = outcome.flags;
+            if (outcome.acknowledge && queue_takes(self, message.topic_obj)) {
+                // Acknowledged when taken: the broker's window of
+                // unacknowledged messages bounds the queue.
+                delivery->acknowledge = false;
+                status = mqtt_session_defer_message(session_of(self), &delivery->token);
+            }
         }
+    }
+    if (status == MQTT_OK) {
         // SUBACKs free in-flight slots: the next resubscriptions go.
         status = resubscribe_more(self);
     }
@@ -288,10 +334,7 @@ static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
     if (message.payload_taken) {
         vstr_clear(&message.payload);
     }
-    if (status != MQTT_OK) {
-        return status;
-    }
-    return MQTT_OK;
+    return status;
 }
 
 // Waits for input, handles it and delivers a message that arrived; the
@@ -330,7 +373,7 @@ static int read_and_deliver(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
         report_drop(self, delivery.topic, delivery.dropped_len, delivery.too_large);
         return status;
     }
-    deliver(self, delivery.topic, delivery.payload, delivery.flags);
+    deliver(self, delivery.topic, delivery.payload, delivery.flags, delivery.token);
     if (!delivery.acknowledge || status != MQTT_OK) {
         // QoS 0 needs nothing more from the link: no lock to take (a
         // publisher woken by the callback is likely waiting for it).
@@ -381,6 +424,24 @@ static int run_cycle(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
     nlr_pop();
     self->reader = outer;
     return status;
+}
+
+// Whether the link has input waiting (read ahead by the engine, or in the
+// stream, TLS's buffer included). Called on the interpreter's thread, by
+// the loops that run as turns (scheduled, or an asyncio task).
+static bool input_waiting(mp_obj_mqtt_client_t *self) {
+    client_lock(self);
+    bool waiting = self->stream != MP_OBJ_NULL && mqtt_session_has_input(session_of(self));
+    mp_obj_t stream = self->stream;
+    client_unlock(self);
+    if (waiting || stream == MP_OBJ_NULL) {
+        return waiting;
+    }
+    // Unlike transport_readable, a failed poll counts as no input: turns
+    // would otherwise follow one another at once for as long as it fails.
+    int errcode = 0;
+    mp_uint_t ready = stream_poll(stream, MP_STREAM_POLL_RD, &errcode);
+    return ready != MP_STREAM_ERROR && (ready & (MP_STREAM_POLL_RD | MP_STREAM_POLL_HUP | MP_STREAM_POLL_ERR));
 }
 
 // ---------------------------------------------------------------------------

@@ -15,26 +15,6 @@ static void stop_scheduled(mp_obj_mqtt_client_t *self);
 
 #define MQTT_LOOP_NAME MP_QSTR_scheduled
 
-// Most cycles one turn runs before it lets the application go on.
-#define MQTT_CYCLES_PER_TURN (8)
-
-// Whether the link has input waiting (read ahead by the engine, or in the
-// stream). Called on the interpreter's thread.
-static bool input_waiting(mp_obj_mqtt_client_t *self) {
-    client_lock(self);
-    bool waiting = self->stream != MP_OBJ_NULL && mqtt_session_has_input(session_of(self));
-    mp_obj_t stream = self->stream;
-    client_unlock(self);
-    if (waiting || stream == MP_OBJ_NULL) {
-        return waiting;
-    }
-    // Unlike transport_readable, a failed poll counts as no input: turns
-    // would otherwise follow one another at once for as long as it fails.
-    int errcode = 0;
-    mp_uint_t ready = stream_poll(stream, MP_STREAM_POLL_RD, &errcode);
-    return ready != MP_STREAM_ERROR && (ready & (MP_STREAM_POLL_RD | MP_STREAM_POLL_HUP | MP_STREAM_POLL_ERR));
-}
-
 // The body of a turn: the cycles for what has arrived, then the timer for
 // what is due next (a keepalive ping, an acknowledgement's deadline).
 static void run_turn(mp_obj_mqtt_client_t *self) {

@@ -219,6 +219,33 @@ static bool handshake_failure(mp_obj_t exception) {
     return !mp_obj_is_small_int(value) || MP_OBJ_SMALL_INT_VALUE(value) <= 0;
 }
 
+// Starts a TCP connection to the broker without waiting for it: a new
+// socket, kept in attempt_sock (where a failure or disconnect() closes
+// it), non-blocking, connecting. The name lookup blocks (for as long as
+// the port's resolver takes). Raises OSError when the connection cannot
+// even start.
+static mp_obj_t start_tcp(mp_obj_mqtt_client_t *self) {
+    mp_obj_t address;
+    mp_obj_t sock = new_socket(self, &address);
+    client_lock(self);
+    self->attempt_sock = sock;
+    client_unlock(self);
+    mp_obj_t setblocking = mp_const_false;
+    call_method(sock, MP_QSTR_setblocking, 1, &setblocking);
+    nlr_buf_t connecting;
+    if (nlr_push(&connecting) == 0) {
+        call_method(sock, MP_QSTR_connect, 1, &address);
+        nlr_pop();
+    } else {
+        // A non-blocking connect is "in progress"; anything else failed.
+        mp_obj_t errcode = mp_obj_exception_get_value(MP_OBJ_FROM_PTR(connecting.ret_val));
+        if (!mp_obj_is_small_int(errcode) || (MP_OBJ_SMALL_INT_VALUE(errcode) != MP_EINPROGRESS && !mp_is_nonblocking_error(MP_OBJ_SMALL_INT_VALUE(errcode)))) {
+            nlr_jump(connecting.ret_val);
+        }
+    }
+    return sock;
+}
+
 // Phase RECONNECT_WAITING, when the attempt is due: breconnect_cb, then
 // the TCP connection is started without waiting for it.
 static void begin_attempt(mp_obj_mqtt_client_t *self) {
@@ -243,26 +270,7 @@ static void begin_attempt(mp_obj_mqtt_client_t *self) {
     }
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
-        mp_obj_t address;
-        // The name lookup blocks (for as long as the port's resolver takes).
-        mp_obj_t sock = new_socket(self, &address);
-        // Kept where a failure (attempt_later) or disconnect() closes it.
-        client_lock(self);
-        self->attempt_sock = sock;
-        client_unlock(self);
-        mp_obj_t setblocking = mp_const_false;
-        call_method(sock, MP_QSTR_setblocking, 1, &setblocking);
-        nlr_buf_t connecting;
-        if (nlr_push(&connecting) == 0) {
-            call_method(sock, MP_QSTR_connect, 1, &address);
-            nlr_pop();
-        } else {
-            // A non-blocking connect is "in progress"; anything else failed.
-            mp_obj_t errcode = mp_obj_exception_get_value(MP_OBJ_FROM_PTR(connecting.ret_val));
-            if (!mp_obj_is_small_int(errcode) || (MP_OBJ_SMALL_INT_VALUE(errcode) != MP_EINPROGRESS && !mp_is_nonblocking_error(MP_OBJ_SMALL_INT_VALUE(errcode)))) {
-                nlr_jump(connecting.ret_val);
-            }
-        }
+        start_tcp(self);
         nlr_pop();
     } else {
         attempt_later(self, MQTT_FAILURE_LINK, 0);
@@ -279,44 +287,73 @@ static void begin_attempt(mp_obj_mqtt_client_t *self) {
     client_unlock(self);
 }
 
-// Phase RECONNECT_TCP, the socket connected: TLS (its handshake blocks,
-// bounded by command_timeout), then CONNECT.
-static void send_connect(mp_obj_mqtt_client_t *self, mp_obj_t sock) {
+// Makes the connected `sock` the link: TLS (its handshake blocks, bounded
+// by command_timeout), then CONNECT, whose CONNACK comes through the
+// cycles and which `*ticket` follows. Raises what TLS raised; returns the
+// engine's status, or MQTT_LINK_REPLACED when disconnect() ended the
+// attempt meanwhile.
+static int open_session(mp_obj_mqtt_client_t *self, mp_obj_t sock, mqtt_ticket_t *ticket) {
     bool owned = option(self, OPTION_STREAM) == mp_const_none;
-    mp_obj_t stream = MP_OBJ_NULL;
+    if (owned) {
+        set_nodelay(sock);
+        set_command_timeout(self, sock);
+    }
+    mp_obj_t stream = secure_stream(self, sock);
+    client_lock(self);
+    bool current = self->attempt_sock == sock;
+    // The link owns the socket from here on.
+    self->attempt_sock = MP_OBJ_NULL;
+    client_unlock(self);
+    if (!current) {
+        if (owned) {
+            close_quietly(stream);
+        }
+        return MQTT_LINK_REPLACED;
+    }
+    if (!aio_loop_runs(self)) {
+        loop_watch_link(self, sock);
+    }
+    return start_session(self, sock, stream, ticket);
+}
+
+// Phase RECONNECT_TCP, the socket connected: TLS, then CONNECT.
+static void send_connect(mp_obj_mqtt_client_t *self, mp_obj_t sock) {
+    mqtt_ticket_t ticket;
+    int status;
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
-        if (owned) {
-            set_nodelay(sock);
-            set_command_timeout(self, sock);
-        }
-        stream = secure_stream(self, sock);
+        status = open_session(self, sock, &ticket);
         nlr_pop();
     } else {
         bool handshake = option(self, OPTION_SSL_CTX) != mp_const_none && handshake_failure(MP_OBJ_FROM_PTR(nlr.ret_val));
         attempt_later(self, handshake ? MQTT_FAILURE_HANDSHAKE : MQTT_FAILURE_LINK, 0);
         return;
     }
-    client_lock(self);
-    bool current = self->attempt_sock == sock && self->reconnect_phase == RECONNECT_TCP;
-    // The link owns the socket from here on.
-    self->attempt_sock = MP_OBJ_NULL;
-    client_unlock(self);
-    if (!current) {
+    if (status == MQTT_LINK_REPLACED || self->reconnect_phase != RECONNECT_TCP) {
         // disconnect() ended the attempt meanwhile.
-        if (owned) {
-            close_quietly(stream);
-        }
         return;
     }
-    loop_watch_link(self, sock);
-    mqtt_ticket_t ticket;
-    int status = start_session(self, sock, stream, &ticket);
     self->reconnect_phase = RECONNECT_CONNACK;
     self->attempt_at = now_ms();
     if (status != MQTT_OK) {
         attempt_later(self, MQTT_FAILURE_LINK, 0);
     }
+}
+
+// Whether the TCP connection of `sock` is made (1), not yet (0), or
+// failed: refused or unreachable (-1). Never waits.
+static int tcp_progress(mp_obj_mqtt_client_t *self, mp_obj_t sock) {
+    if (option(self, OPTION_STREAM) != mp_const_none) {
+        return 1;
+    }
+    int errcode = 0;
+    mp_uint_t ready = stream_poll(sock, MP_STREAM_POLL_WR, &errcode);
+    if (ready == MP_STREAM_ERROR || (ready & (MP_STREAM_POLL_ERR | MP_STREAM_POLL_HUP))) {
+        return -1;
+    }
+    // lwIP calls no socket callback when a connection is made: the caller
+    // looks again soon.
+    return (ready & MP_STREAM_POLL_WR) ? 1 : 0;
 }
 
 // Phase RECONNECT_TCP: is the connection made? Waits up to `wait_ms` for
@@ -333,21 +370,16 @@ static uint32_t check_tcp(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
         attempt_later(self, MQTT_FAILURE_LINK, 0);
         return 0;
     }
-    bool given = option(self, OPTION_STREAM) != mp_const_none;
-    if (!given && wait_ms > 0) {
+    if (option(self, OPTION_STREAM) == mp_const_none && wait_ms > 0) {
         wait_ready(sock, socket_fd(sock), MP_STREAM_POLL_WR, MIN(wait_ms, timeout - spent), false);
     }
-    int errcode = 0;
-    mp_uint_t ready = given ? MP_STREAM_POLL_WR : stream_poll(sock, MP_STREAM_POLL_WR, &errcode);
-    if (ready == MP_STREAM_ERROR || (ready & (MP_STREAM_POLL_ERR | MP_STREAM_POLL_HUP))) {
-        // Refused, or unreachable.
+    int progress = tcp_progress(self, sock);
+    if (progress < 0) {
         attempt_later(self, MQTT_FAILURE_LINK, 0);
         return 0;
     }
-    if (!(ready & MP_STREAM_POLL_WR)) {
-        // lwIP calls no socket callback when a connection is made: look
-        // again soon.
-        return MIN(timeout - spent, 20);
+    if (progress == 0) {
+        return MIN(timeout - spent, MQTT_TCP_POLL_MS);
     }
     send_connect(self, sock);
     return 0;

@@ -23,8 +23,8 @@ profile=${1:-}
 firmware_packages=("to build the unix firmware with TLS"
     build-essential binutils pkg-config dpkg-dev libffi-dev libmbedtls-dev)
 broker_packages=("a real MQTT broker on loopback" mosquitto)
-test_tool_packages=("the tests' certificates, independent peer and memory checks, and the lwIP firmware's network namespace"
-    mosquitto-clients openssl valgrind iproute2)
+test_tool_packages=("the tests' certificates, independent peer, memory checks and system call counts, and the lwIP firmware's network namespace"
+    mosquitto-clients openssl valgrind iproute2 strace)
 board_packages=("to cross-build the rp2 and qemu board firmware"
     cmake gcc-arm-none-eabi libnewlib-arm-none-eabi picolibc-arm-none-eabi
     gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf)

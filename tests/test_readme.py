@@ -137,13 +137,18 @@ def test_cycle(broker, micropython):
     assert output.strip() == "lights/hall b'off'"
 
 
-def test_asyncio(broker, micropython):
-    # A retained message, delivered as soon as the example subscribes.
+@pytest.mark.parametrize("name", ["asyncio", "blocking-twin"])
+def test_asyncio_and_its_blocking_twin(name, broker, micropython):
+    # A retained message, delivered as soon as the example subscribes; the
+    # peer sees the example's publish.
     peer = Peer(broker.port)
     peer.publish("lights/porch", b"dim", qos=1, retain=True)
-    peer.close()
-    output = micropython.run(indented(for_broker(example("asyncio"), broker.port)))
+    peer.subscribe("sensors/#", qos=1)
+    output = micropython.run(indented(for_broker(example(name), broker.port)))
     assert output.strip() == "lights/porch b'dim'"
+    assert peer.wait_for(1)
+    assert [(m.topic, m.payload) for m in peer.messages] == [("sensors/temperature", b"21.5")]
+    peer.close()
 
 
 def board_examples():
