@@ -2,11 +2,14 @@
 """Heap and speed of `mqtt` beside umqtt.simple, paho-mqtt and a raw socket,
 all measured in one run against one mosquitto on loopback.
 
-    .build/venv/bin/python tests/benchmark.py [--umqtt DIR] [--quick]
+    .build/venv/bin/python tests/benchmark.py [--umqtt DIR] [--mqtt-as DIR] [--quick]
 
 DIR is micropython-lib's `micropython/umqtt.simple` folder (the one holding
 `umqtt/simple.py`); it is frozen into a second firmware so its import is
-measured at its best. Without it the umqtt column stays empty. --quick uses
+measured at its best. Without it the umqtt column stays empty. Likewise
+--mqtt-as takes a checkout of micropython-mqtt (the folder holding
+`mqtt_as/__init__.py`; it is not on PyPI), frozen into a third firmware for
+the asyncio table. --quick uses
 small counts (CI runs it that way so the script cannot rot); figures from a
 quick run mean little.
 
@@ -16,6 +19,7 @@ Not a test: it prints figures and ratios, and asserts nothing about them.
 import argparse
 import os
 import resource
+import shutil
 import socket
 import struct
 import subprocess
@@ -190,6 +194,103 @@ except OSError:
     pass
 print("flood_received", count[0])
 print("flood_rate", count[0] * 1000 / max(1, time.ticks_diff(last_at, first_at or last_at)))
+"""
+
+
+# The asyncio table: the same program for `mqtt` (aconnect, messages()) and
+# for mqtt_as (its queue interface): heap once connected and subscribed,
+# heap allocated per QoS 0 round trip, round trips per second, and the worst
+# lateness of a task that wakes every 10 ms meanwhile. asyncio is imported
+# before the heap's base: both pay for it alike.
+ASYNC_TICKER = """
+import gc, micropython, sys, time, asyncio
+payload = b"x" * PAYLOAD
+lateness = [0]
+
+async def ticker():
+    expected = time.ticks_add(time.ticks_ms(), 10)
+    while True:
+        await asyncio.sleep_ms(10)
+        now = time.ticks_ms()
+        lateness[0] = max(lateness[0], time.ticks_diff(now, expected))
+        expected = time.ticks_add(now, 10)
+
+async def measure(publish, messages):
+    async def round_trips(n):
+        for i in range(n):
+            await publish()
+            await messages.__anext__()
+
+    await round_trips(100)
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep_ms(30)
+    lateness[0] = 0
+    start_total = micropython.mem_total(); start = time.ticks_us()
+    await round_trips(ROUND_TRIPS)
+    elapsed = time.ticks_diff(time.ticks_us(), start)
+    print("churn_qos0", (micropython.mem_total() - start_total) / ROUND_TRIPS)
+    print("qos0_rate", ROUND_TRIPS * 1000000 / elapsed)
+    print("lateness", lateness[0])
+    tick.cancel()
+"""
+
+ASYNC_MQTT_SCRIPT = ASYNC_TICKER + """
+async def main():
+    gc.collect(); base = gc.mem_alloc()
+    import mqtt
+    client = mqtt.Client("bench-async")
+    await client.aconnect(HOST, 60, port=PORT)
+    await client.asubscribe("bench/async/rt")
+    gc.collect(); print("heap_connected", gc.mem_alloc() - base)
+    await measure(lambda: client.apublish("bench/async/rt", payload), client.messages())
+    await client.adisconnect()
+
+asyncio.run(main())
+"""
+
+# mqtt_as wants a board: the unix port has no `network` module and no
+# machine.unique_id, so the script gives it stand-ins (made before the
+# heap's base) for a Wi-Fi link that is always up.
+MQTT_AS_SCRIPT = ASYNC_TICKER + """
+class WLAN:
+    def __init__(self, *args): pass
+    def active(self, *args): return True
+    def isconnected(self): return True
+    def connect(self, *args): pass
+    def disconnect(self): pass
+    def status(self): return 3
+    def config(self, **settings): pass
+
+class network:
+    STA_IF = 0
+    STAT_IDLE = 0
+    STAT_CONNECTING = 1
+    STAT_GOT_IP = 3
+    WLAN = WLAN
+
+class machine:
+    def unique_id():
+        return b"bench"
+
+sys.modules["network"] = network
+sys.modules["machine"] = machine
+
+async def main():
+    gc.collect(); base = gc.mem_alloc()
+    from mqtt_as import MQTTClient, config
+    config["server"] = HOST
+    config["port"] = PORT
+    config["client_id"] = "bench-mqtt-as"
+    config["keepalive"] = 60
+    config["queue_len"] = 1
+    client = MQTTClient(config)
+    await client.connect(quick=True)
+    await client.subscribe("bench/as/rt", 0)
+    gc.collect(); print("heap_connected", gc.mem_alloc() - base)
+    await measure(lambda: client.publish("bench/as/rt", payload, qos=0), client.queue)
+    client.close()
+
+asyncio.run(main())
 """
 
 
@@ -526,6 +627,27 @@ def print_heap_table(figures, firmwares):
     print_rows(lines)
 
 
+ASYNC_ROWS = [
+    ("heap_connected", "heap after import + connect + subscribe, awaited (B)"),
+    ("churn_qos0", "heap allocated per QoS 0 round trip (B)"),
+    ("qos0_rate", "QoS 0 round trips per second"),
+    ("lateness", "worst lateness of a 10 ms task meanwhile (ms)"),
+]
+
+
+def print_async_table(results, round_trips):
+    print(f"\nasyncio: {round_trips:,} QoS 0 round trips awaited, {PAYLOAD} B payloads, a task waking every 10 ms beside\n")
+    names = list(results)
+    lines = [["figure"] + names + (["mqtt/mqtt_as"] if "mqtt_as" in results else [])]
+    for key, label in ASYNC_ROWS:
+        row = [label] + [cell(results[name].get(key)) for name in names]
+        if "mqtt_as" in results:
+            ours, theirs = results[names[0]].get(key), results["mqtt_as"].get(key)
+            row.append(f"{ours / theirs:.2f}" if ours is not None and theirs else "-")
+        lines.append(row)
+    print_rows(lines)
+
+
 def newest_micropython():
     """The newest MicroPython source tree Debian has (unstable's), as
     tests/run builds it, and its version."""
@@ -535,10 +657,13 @@ def newest_micropython():
     return tree, version
 
 
-def build(freeze=None, esp32_path=False, lwip=False, tree=None):
+def build(freeze=None, esp32_path=False, lwip=False, tree=None, threads=True):
+    """Builds a unix firmware; `freeze` is (folder, package) to freeze in."""
     environment = dict(os.environ)
     if freeze:
-        environment["MQTT_FREEZE_PACKAGE"] = f"{freeze}:umqtt"
+        environment["MQTT_FREEZE_PACKAGE"] = f"{freeze[0]}:{freeze[1]}"
+    if not threads:
+        environment["MQTT_THREAD"] = "0"
     if esp32_path:
         environment["MQTT_ESP32_PATH"] = "1"
     if lwip:
@@ -553,9 +678,25 @@ def build(freeze=None, esp32_path=False, lwip=False, tree=None):
     return Path(output.stdout.strip().splitlines()[-1])
 
 
+def mqtt_as_package(checkout):
+    """A folder holding only mqtt_as's client (its __init__.py and the MQTT 5
+    properties it may import), to freeze: the checkout's tests and demos
+    are not needed."""
+    if not (Path(checkout) / "mqtt_as" / "__init__.py").exists():
+        raise SystemExit(f"--mqtt-as: no mqtt_as/__init__.py in {checkout}")
+    folder = Path(tempfile.mkdtemp(prefix="mqtt_as-"))
+    (folder / "mqtt_as").mkdir()
+    for name in ("__init__.py", "mqtt_v5_properties.py"):
+        source = Path(checkout) / "mqtt_as" / name
+        if source.exists():
+            (folder / "mqtt_as" / name).write_text(source.read_text())
+    return folder
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--umqtt", metavar="DIR", help="micropython-lib's micropython/umqtt.simple folder")
+    parser.add_argument("--mqtt-as", metavar="DIR", help="a checkout of micropython-mqtt (holding mqtt_as/)")
     parser.add_argument("--quick", action="store_true", help="small counts, to check the script runs")
     options = parser.parse_args()
     if options.quick:
@@ -572,7 +713,13 @@ def main():
         f"unix, MicroPython {newest_version} (Debian unstable)": (build(tree=newest), False),
         "lwIP sockets (modlwip.c over lwIP 2.2.1, scheduled loop)": (build(lwip=True), True),
     }
-    umqtt_firmware = build(options.umqtt) if options.umqtt else None
+    umqtt_firmware = build((options.umqtt, "umqtt")) if options.umqtt else None
+    async_firmwares = {"mqtt (asyncio)": firmware, "mqtt (asyncio, no threads)": build(threads=False)}
+    if options.mqtt_as:
+        package = mqtt_as_package(options.mqtt_as)
+        async_firmwares["mqtt_as"] = build((package, "mqtt_as"))
+        shutil.rmtree(package)
+    async_round_trips = min(counts["ROUND_TRIPS"], 2000)
     waiting = 200 if options.quick else 5000
     results = {}
     with tempfile.TemporaryDirectory() as directory:
@@ -591,6 +738,13 @@ def main():
             results["raw"].update(raw_socket_flood(port, counts))
             waits = [waiting_figures(build_firmware, port, waiting) for build_firmware in (firmware, esp32_firmware)]
             heaps = heap_figures(firmwares, port)
+            async_counts = {"PORT": port, "ROUND_TRIPS": async_round_trips, "PAYLOAD": PAYLOAD}
+            async_results = {
+                name: run_micropython(
+                    path, MQTT_AS_SCRIPT if name == "mqtt_as" else ASYNC_MQTT_SCRIPT, async_counts, lambda: None
+                )
+                for name, path in async_firmwares.items()
+            }
         finally:
             broker.stop()
     for figures in results.values():
@@ -599,6 +753,7 @@ def main():
     print_table(results, counts)
     print_waiting_table(*waits, waiting)
     print_heap_table(heaps, firmwares)
+    print_async_table(async_results, async_round_trips)
 
 
 if __name__ == "__main__":

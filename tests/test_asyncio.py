@@ -296,6 +296,44 @@ def closed_port():
     return free_port()
 
 
+def test_over_tls_a_burst_arrives_whole(tls_broker, certificates, micropython):
+    """Over TLS, several messages decrypted at once wait in TLS's buffer,
+    which asyncio's poll of the socket cannot see: the loop task empties it
+    before each wait, so a burst of 200 small messages and a large one all
+    arrive without waiting for more traffic."""
+    peer = Peer(tls_broker.port)
+    process = micropython.start(
+        asynchronous(
+            """
+            from tls_context import context
+            async def main():
+                c = mqtt.Client("tls-async")
+                await c.aconnect(HOST, 30, port=PORT, ssl_ctx=context(CA))
+                await c.asubscribe("burst/#", qos=1)
+                print("ready")
+                got = []
+                async for topic, payload in c.messages():
+                    got.append(payload)
+                    if len(got) == 201:
+                        break
+                print(got[:200] == [b"%d" % i for i in range(200)], got[200] == bytes(range(256)) * 100)
+                await c.apublish("burst/back", "thanks", qos=1)
+                await c.adisconnect()
+
+            run(main)
+            """),
+        PORT=tls_broker.tls_ports["tls"],
+        CA=certificates.path("ca.crt.der"),
+    )
+    expect_line(process, "ready")
+    for i in range(200):
+        peer.client.publish("burst/small", str(i), qos=1)
+    peer.publish("burst/big", bytes(range(256)) * 100, qos=1)
+    output, _ = process.communicate(timeout=30)
+    peer.close()
+    assert output.split("\n")[:2] == ["True True", "done"], output
+
+
 def test_a_refused_connection_raises_its_code(tmp_path, micropython):
     locked = Broker(tmp_path, settings="allow_anonymous false\n")
     try:
