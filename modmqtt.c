@@ -528,10 +528,9 @@ static void unlock_after_sending(mp_obj_mqtt_client_t *self, int status) {
     }
 }
 
-// Sends the publish of publish() and apublish() (see client_publish).
-// Returns whether there is an acknowledgement to wait for: `*ticket`
-// follows it.
-static bool send_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, mqtt_ticket_t *ticket) {
+// Reads the arguments of publish() and apublish() (see client_publish)
+// into `message`, checked.
+static void parse_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, outgoing_t *message) {
     enum { ARG_topic, ARG_payload, ARG_qos, ARG_retain };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_topic, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
@@ -539,19 +538,21 @@ static bool send_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_a
         { MP_QSTR_qos, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(0)} },
         { MP_QSTR_retain, MP_ARG_BOOL, {.u_bool = false} },
     };
-    mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
     mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
-    mp_obj_t topic = args[ARG_topic].u_obj;
-    mp_obj_t payload = args[ARG_payload].u_obj;
-    mqtt_bytes_t topic_bytes = bytes_of_str(topic, "topic");
-    mqtt_bytes_t payload_bytes = bytes_of_buffer(payload);
-    uint8_t qos = qos_of(args[ARG_qos].u_obj);
-    check_topic(topic, false);
-    if (qos > 0) {
-        // Built-in reconnection may bring a lost link back meanwhile.
-        wait_for_link(self);
-    }
+    message->topic = args[ARG_topic].u_obj;
+    message->payload = args[ARG_payload].u_obj;
+    bytes_of_str(message->topic, "topic");
+    bytes_of_buffer(message->payload);
+    message->qos = qos_of(args[ARG_qos].u_obj);
+    message->retain = args[ARG_retain].u_bool;
+    check_topic(message->topic, false);
+}
+
+// Sends `message`. Returns whether there is an acknowledgement to wait
+// for: `*ticket` follows it.
+static bool publish_now(mp_obj_mqtt_client_t *self, const outgoing_t *message, mqtt_ticket_t *ticket) {
+    uint8_t qos = message->qos;
     if (qos > 0 && self->held == NULL) {
         mp_obj_t *held = m_new0(mp_obj_t, 2 * MQTT_INFLIGHT_MAX);
         client_lock(self);
@@ -560,14 +561,15 @@ static bool send_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_a
         }
         client_unlock(self);
     }
-
+    mqtt_bytes_t topic_bytes = bytes_of_str(message->topic, "topic");
+    mqtt_bytes_t payload_bytes = bytes_of_buffer(message->payload);
     client_lock(self);
     mqtt_transport_t transport = transport_of(self);
     // Without a link the engine answers MQTT_ERR_NOT_CONNECTED.
-    int status = mqtt_session_publish(session_of(self), &transport, now_ms(), topic_bytes, payload_bytes, qos, args[ARG_retain].u_bool, ticket);
+    int status = mqtt_session_publish(session_of(self), &transport, now_ms(), topic_bytes, payload_bytes, qos, message->retain, ticket);
     if (status == MQTT_OK && qos > 0) {
-        self->held[2 * ticket->slot] = topic;
-        self->held[2 * ticket->slot + 1] = payload;
+        self->held[2 * ticket->slot] = message->topic;
+        self->held[2 * ticket->slot + 1] = message->payload;
     }
     unlock_after_sending(self, status);
     return qos > 0;
@@ -576,9 +578,15 @@ static bool send_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_a
 // Client.publish(topic, payload='', qos=0, retain=False)
 static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
+    outgoing_t message;
+    parse_publish(n_args, pos_args, kw_args, &message);
+    if (message.qos > 0) {
+        // Built-in reconnection may bring a lost link back meanwhile.
+        wait_for_link(self);
+    }
     mqtt_ticket_t ticket;
     // From a callback the loop is busy with us: it completes the flow later.
-    if (send_publish(n_args, pos_args, kw_args, &ticket) && !in_callback(self)) {
+    if (publish_now(self, &message, &ticket) && !in_callback(self)) {
         wait_for(self, ticket);
     }
     return mp_const_none;

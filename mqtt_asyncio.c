@@ -23,7 +23,8 @@
 // What the asyncio methods share with the blocking ones (modmqtt.c).
 static bool configure_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, mp_obj_t *queue);
 static NORETURN void raise_refusal(int code);
-static bool send_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, mqtt_ticket_t *ticket);
+static void parse_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, outgoing_t *message);
+static bool publish_now(mp_obj_mqtt_client_t *self, const outgoing_t *message, mqtt_ticket_t *ticket);
 static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, bool wait, mqtt_ticket_t *ticket, mp_obj_t *filter_out);
 static mqtt_ticket_t start_unsubscription(mp_obj_mqtt_client_t *self, mp_obj_t filter);
 static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, uint8_t qos, mp_obj_t *installed);
@@ -55,6 +56,9 @@ typedef struct _mqtt_aio_t {
     mp_obj_t waiters[AIO_WAITERS];
     // The task parked in messages(), or MP_OBJ_NULL.
     mp_obj_t reader;
+    // Tasks whose QoS 1/2 apublish() waits for built-in reconnection to
+    // bring the link back (a list, made when first needed).
+    mp_obj_t link_waiters;
     // A finished Awaitable (a QoS 0 apublish()), and messages()'s iterator.
     mp_obj_t done;
     mp_obj_t messages;
@@ -87,6 +91,10 @@ enum {
     // Waits for the answer to `ticket` (a publish, SUBSCRIBE or
     // UNSUBSCRIBE), then returns it.
     AWAIT_ANSWER,
+    // A QoS 1/2 apublish() while built-in reconnection brings the link
+    // back: waits for the link (up to command_timeout), publishes
+    // `object` (topic, payload, qos | retain << 2), becomes AWAIT_ANSWER.
+    AWAIT_LINK,
     // aconnect(): waits for the TCP connection of `object` (the socket),
     // then sends CONNECT and becomes AWAIT_CONNACK.
     AWAIT_TCP,
@@ -225,6 +233,36 @@ static void wake_waiters(mqtt_aio_t *aio, bool reader) {
     }
 }
 
+// Whether `task` is in the list `tasks`; takes it out if so.
+static bool take_out(mp_obj_t tasks, mp_obj_t task) {
+    if (tasks == MP_OBJ_NULL) {
+        return false;
+    }
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_list_get(tasks, &n, &items);
+    for (size_t i = 0; i < n; i++) {
+        if (items[i] == task) {
+            call_method(tasks, MP_QSTR_remove, 1, &task);
+            return true;
+        }
+    }
+    return false;
+}
+
+// Wakes the tasks waiting for the link (it came back, or the loop ended).
+static void wake_link_waiters(mqtt_aio_t *aio) {
+    if (aio->link_waiters == MP_OBJ_NULL) {
+        return;
+    }
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_list_get(aio->link_waiters, &n, &items);
+    for (size_t i = 0; i < n; i++) {
+        wake_task(aio, items[i]);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The queue that messages() empties
 
@@ -308,6 +346,7 @@ static mp_obj_t end_loop(mp_obj_mqtt_client_t *self) {
     aio->timer_task = MP_OBJ_NULL;
     aio->stopping = false;
     wake_waiters(aio, true);
+    wake_link_waiters(aio);
     return MP_OBJ_STOP_ITERATION;
 }
 
@@ -344,6 +383,9 @@ static mp_obj_t loop_turn(mp_obj_mqtt_client_t *self) {
     if (self->reconnect_phase != RECONNECT_OFF) {
         uint32_t delay = reconnect_step(self, 0);
         wake_waiters(aio, false);
+        if (self->reconnect_phase == RECONNECT_OFF) {
+            wake_link_waiters(aio);
+        }
         if (self->reconnect_phase == RECONNECT_CONNACK) {
             wait_for_input(self, delay);
         } else {
@@ -489,6 +531,39 @@ static mp_obj_t answer_step(mp_obj_awaitable_t *awaitable) {
     return mp_const_none;
 }
 
+// The step of a QoS 1/2 apublish() waiting for the link: publishes once
+// it is up, raises OSError(ENOTCONN) when command_timeout passed or the
+// loop task ended, or parks the calling task until the loop task brings
+// the link back.
+static mp_obj_t link_step(mp_obj_awaitable_t *awaitable) {
+    mp_obj_mqtt_client_t *self = awaitable->client;
+    mqtt_aio_t *aio = self->aio;
+    mp_obj_t me = core_attr(aio, MP_QSTR_cur_task);
+    take_out(aio->link_waiters, me);
+    if (link_up(self)) {
+        mp_obj_t *fields;
+        mp_obj_get_array_fixed_n(awaitable->object, 3, &fields);
+        mp_int_t flags = MP_OBJ_SMALL_INT_VALUE(fields[2]);
+        outgoing_t message = { .topic = fields[0], .payload = fields[1], .qos = flags & 3, .retain = flags >> 2 };
+        publish_now(self, &message, &awaitable->ticket);
+        awaitable->kind = AWAIT_ANSWER;
+        awaitable->detail = ANSWER_PUBLISH;
+        awaitable->object = mp_const_none;
+        awaitable->since = now_ms();
+        return answer_step(awaitable);
+    }
+    uint32_t waited = now_ms() - awaitable->since;
+    uint32_t timeout = mqtt_session_command_timeout(session_of(self));
+    if (waited >= timeout || !aio_loop_runs(self)) {
+        mp_raise_OSError(MP_ENOTCONN);
+    }
+    if (aio->link_waiters == MP_OBJ_NULL) {
+        aio->link_waiters = mp_obj_new_list(0, NULL);
+    }
+    mp_obj_list_append(aio->link_waiters, sleep_current(aio, timeout - waited));
+    return mp_const_none;
+}
+
 // ---------------------------------------------------------------------------
 // aconnect(): the first attempt
 
@@ -616,6 +691,8 @@ static mp_obj_t awaitable_iternext(mp_obj_t self_in) {
     switch (awaitable->kind) {
         case AWAIT_ANSWER:
             return answer_step(awaitable);
+        case AWAIT_LINK:
+            return link_step(awaitable);
         case AWAIT_TCP:
             return tcp_step(awaitable);
         case AWAIT_CONNACK:
@@ -659,6 +736,7 @@ static mp_obj_t awaitable_throw(size_t n_args, const mp_obj_t *args) {
         if (aio->reader == me) {
             aio->reader = MP_OBJ_NULL;
         }
+        take_out(aio->link_waiters, me);
         if (awaitable->kind == RUN_LOOP && aio->loop_task == me) {
             end_loop(self);
         }
@@ -794,8 +872,16 @@ static mp_obj_t answer_awaitable(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticke
 static mp_obj_t client_apublish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     mqtt_aio_t *aio = aio_of(self);
+    outgoing_t message;
+    parse_publish(n_args, pos_args, kw_args, &message);
+    if (message.qos > 0 && self->auto_reconnect && aio_loop_runs(self) && !link_up(self)) {
+        // Built-in reconnection may bring the link back: the awaitable
+        // waits for it, then publishes.
+        mp_obj_t fields[3] = { message.topic, message.payload, MP_OBJ_NEW_SMALL_INT(message.qos | (message.retain << 2)) };
+        return new_awaitable(self, AWAIT_LINK, mp_obj_new_tuple(3, fields));
+    }
     mqtt_ticket_t ticket;
-    if (!send_publish(n_args, pos_args, kw_args, &ticket)) {
+    if (!publish_now(self, &message, &ticket)) {
         return aio->done;
     }
     return answer_awaitable(self, ticket, ANSWER_PUBLISH, mp_const_none);

@@ -187,6 +187,14 @@ static mqtt_session_t *session_of(mp_obj_mqtt_client_t *self) {
     return (mqtt_session_t *)self->session_memory;
 }
 
+// A message to publish (publish()'s and apublish()'s arguments).
+typedef struct _outgoing_t {
+    mp_obj_t topic;
+    mp_obj_t payload;
+    uint8_t qos;
+    bool retain;
+} outgoing_t;
+
 // The optional settings a client keeps for reconnect().
 enum {
     OPTION_SSL_CTX,

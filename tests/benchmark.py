@@ -238,6 +238,7 @@ ASYNC_MQTT_SCRIPT = ASYNC_TICKER + """
 async def main():
     gc.collect(); base = gc.mem_alloc()
     import mqtt
+    gc.collect(); print("heap_import", gc.mem_alloc() - base)
     client = mqtt.Client("bench-async")
     await client.aconnect(HOST, 60, port=PORT)
     await client.asubscribe("bench/async/rt")
@@ -278,6 +279,7 @@ sys.modules["machine"] = machine
 async def main():
     gc.collect(); base = gc.mem_alloc()
     from mqtt_as import MQTTClient, config
+    gc.collect(); print("heap_import", gc.mem_alloc() - base)
     config["server"] = HOST
     config["port"] = PORT
     config["client_id"] = "bench-mqtt-as"
@@ -628,6 +630,7 @@ def print_heap_table(figures, firmwares):
 
 
 ASYNC_ROWS = [
+    ("heap_import", "heap after import (B)"),
     ("heap_connected", "heap after import + connect + subscribe, awaited (B)"),
     ("churn_qos0", "heap allocated per QoS 0 round trip (B)"),
     ("qos0_rate", "QoS 0 round trips per second"),

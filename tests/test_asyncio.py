@@ -405,6 +405,49 @@ def test_a_dead_link_is_found_and_no_await_hangs(proxy, micropython):
     assert output.split("\n")[:4] == ["publish True", "found True False False", "subscribe True", "done"], output
 
 
+def test_a_qos1_apublish_waits_for_built_in_reconnection(broker, proxy, micropython):
+    """While auto_reconnect brings the link back, a QoS 1 apublish() waits for
+    it and then goes (a QoS 0 one raises at once); the peer gets it."""
+    peer = Peer(broker.port)
+    peer.subscribe("outage/#", qos=1)
+    process = micropython.start(
+        asynchronous(
+            """
+            import sys
+            async def main():
+                c = mqtt.Client("outage-async", command_timeout=5000)
+                await c.aconnect(HOST, 30, port=PORT, auto_reconnect=(100, 200))
+                print("connected")
+                sys.stdin.readline()
+                while c.connected():
+                    await asyncio.sleep_ms(5)
+                try:
+                    await c.apublish("outage/0", "lost")
+                except OSError as e:
+                    print("qos 0 while down", e.errno == 107)
+                print("publishing")
+                await c.apublish("outage/1", "kept", qos=1)
+                print("acknowledged", c.connected())
+                await c.adisconnect()
+
+            run(main)
+            """),
+        PORT=proxy.port,
+    )
+    expect_line(process, "connected")
+    proxy.refuse()
+    process.stdin.write("go\n")
+    process.stdin.flush()
+    expect_line(process, "qos 0 while down True")
+    expect_line(process, "publishing")
+    time.sleep(0.5)
+    proxy.forward()
+    output, _ = process.communicate(timeout=30)
+    assert output.split("\n")[:2] == ["acknowledged True", "done"], output
+    assert [(m.topic, m.payload) for m in peer.wait_for(1)] == [("outage/1", b"kept")]
+    peer.close()
+
+
 @pytest.fixture
 def persistent_broker(tmp_path):
     store = tmp_path / "store"
