@@ -80,8 +80,6 @@ typedef struct _mqtt_aio_t {
     bool connecting;
     // The timer task is in the run queue.
     bool timer_armed;
-    // adisconnect() or disconnect() asked the loop task to end.
-    bool stopping;
 } mqtt_aio_t;
 
 // What an Awaitable does each time it is resumed.
@@ -337,17 +335,34 @@ static mp_obj_t take_message(mp_obj_mqtt_client_t *self) {
 // ---------------------------------------------------------------------------
 // The loop task
 
-// The loop task ends: its timer goes, and every task awaiting the client
-// wakes to find out why.
-static mp_obj_t end_loop(mp_obj_mqtt_client_t *self) {
-    mqtt_aio_t *aio = self->aio;
+// The loop task is no longer the client's (it ended, or adisconnect() or
+// disconnect() stopped it): its timer goes, and every task awaiting the
+// client wakes to find out why. A stopped loop task ends at its next turn.
+static void forget_loop_task(mqtt_aio_t *aio) {
     disarm_timer(aio);
     aio->loop_task = MP_OBJ_NULL;
     aio->timer_task = MP_OBJ_NULL;
-    aio->stopping = false;
+    aio->connecting = false;
     wake_waiters(aio, true);
     wake_link_waiters(aio);
+}
+
+static mp_obj_t end_loop(mp_obj_mqtt_client_t *self) {
+    forget_loop_task(self->aio);
     return MP_OBJ_STOP_ITERATION;
+}
+
+// Puts the calling task back in the run queue, to run in `delay_ms`,
+// wherever a failed turn left it (already parked, or not).
+static void park_again(mqtt_aio_t *aio, mp_obj_t task, uint32_t delay_ms) {
+    mp_obj_t io_queue = core_attr(aio, MP_QSTR__io_queue);
+    if (mp_load_attr(task, MP_QSTR_data) == io_queue) {
+        call_method(io_queue, MP_QSTR_remove, 1, &task);
+    } else {
+        // A no-op for a task that is in no queue.
+        run_queue_remove(aio, task);
+    }
+    run_queue_push(aio, task, delay_ms);
 }
 
 // The loop task waits for input, or for the engine's next timer.
@@ -368,7 +383,7 @@ static bool loop_survives(mp_obj_mqtt_client_t *self, int status) {
         return false;
     }
     clear_pending(self);
-    return !aio->stopping && loop_goes_on(self);
+    return loop_goes_on(self);
 }
 
 // One turn of the loop task: a step of reconnection, or the cycles for
@@ -376,8 +391,10 @@ static bool loop_survives(mp_obj_mqtt_client_t *self, int status) {
 // Returns MP_OBJ_STOP_ITERATION when the loop ends.
 static mp_obj_t loop_turn(mp_obj_mqtt_client_t *self) {
     mqtt_aio_t *aio = self->aio;
-    if (aio->stopping) {
-        return end_loop(self);
+    mp_obj_t me = core_attr(aio, MP_QSTR_cur_task);
+    if (aio->loop_task != me) {
+        // Stopped (or replaced by a later aconnect()'s): it just ends.
+        return MP_OBJ_STOP_ITERATION;
     }
     disarm_timer(aio);
     if (self->reconnect_phase != RECONNECT_OFF) {
@@ -396,11 +413,12 @@ static mp_obj_t loop_turn(mp_obj_mqtt_client_t *self) {
     bool more = true;
     for (int cycle = 0; cycle < MQTT_CYCLES_PER_TURN && more; cycle++) {
         int status = run_cycle(self, 0);
-        if (status != MQTT_OK && status != MQTT_LINK_REPLACED && !loop_survives(self, status)) {
-            return end_loop(self);
+        if (aio->loop_task != me) {
+            // A callback disconnected.
+            return MP_OBJ_STOP_ITERATION;
         }
-        if (aio->stopping) {
-            return end_loop(self);
+        if (status != MQTT_OK && status != MQTT_LINK_REPLACED && !loop_survives(self, status)) {
+            return aio->loop_task == me ? end_loop(self) : MP_OBJ_STOP_ITERATION;
         }
         if (self->reconnect_phase != RECONNECT_OFF) {
             wake_waiters(aio, false);
@@ -430,6 +448,10 @@ static mp_obj_t loop_turn(mp_obj_mqtt_client_t *self) {
 // The timer task's turn: the loop task's wait for input ends.
 static mp_obj_t timer_turn(mp_obj_mqtt_client_t *self) {
     mqtt_aio_t *aio = self->aio;
+    if (aio->timer_task != core_attr(aio, MP_QSTR_cur_task)) {
+        // The timer of a loop task that was stopped.
+        return MP_OBJ_STOP_ITERATION;
+    }
     aio->timer_armed = false;
     if (aio->loop_task != MP_OBJ_NULL) {
         wake_task(aio, aio->loop_task);
@@ -450,13 +472,21 @@ static mp_obj_t run_loop_turn(mp_obj_mqtt_client_t *self) {
         return result;
     }
     mp_obj_t exception = MP_OBJ_FROM_PTR(nlr.ret_val);
+    mqtt_aio_t *aio = self->aio;
+    mp_obj_t me = core_attr(aio, MP_QSTR_cur_task);
+    bool current = aio->loop_task == me;
     if (!mp_obj_is_subclass_fast(MP_OBJ_FROM_PTR(mp_obj_get_type(exception)), MP_OBJ_FROM_PTR(&mp_type_Exception))) {
-        end_loop(self);
+        if (current) {
+            forget_loop_task(aio);
+        }
         nlr_jump(nlr.ret_val);
+    }
+    if (!current) {
+        return MP_OBJ_STOP_ITERATION;
     }
     mp_printf(MICROPY_ERROR_PRINTER, "mqtt: exception in the loop task:\n");
     mp_obj_print_exception(MICROPY_ERROR_PRINTER, exception);
-    sleep_current(self->aio, self->cycle_timeout_ms);
+    park_again(aio, me, self->cycle_timeout_ms);
     return mp_const_none;
 }
 
@@ -464,7 +494,6 @@ static mp_obj_t run_loop_turn(mp_obj_mqtt_client_t *self) {
 static void start_loop_task(mp_obj_mqtt_client_t *self) {
     mqtt_aio_t *aio = self->aio;
     mp_obj_t create_task = core_attr(aio, MP_QSTR_create_task);
-    aio->stopping = false;
     aio->timer_task = mp_call_function_1(create_task, new_awaitable(self, RUN_TIMER, mp_const_none));
     // create_task() put it in the run queue: its first turn parks it.
     aio->timer_armed = true;
@@ -476,14 +505,16 @@ static void aio_stop(mp_obj_mqtt_client_t *self) {
     if (aio == NULL) {
         return;
     }
+    mp_obj_t loop_task = aio->loop_task;
     aio->connecting = false;
-    if (aio->loop_task == MP_OBJ_NULL) {
+    if (loop_task == MP_OBJ_NULL) {
         return;
     }
-    aio->stopping = true;
-    // From the loop task itself (a callback), the turn ends it.
-    if (core_attr(aio, MP_QSTR_cur_task) != aio->loop_task) {
-        wake_task(aio, aio->loop_task);
+    forget_loop_task(aio);
+    // It ends at its next turn (from the loop task itself, a callback:
+    // at the end of this turn).
+    if (core_attr(aio, MP_QSTR_cur_task) != loop_task) {
+        wake_task(aio, loop_task);
     }
 }
 
@@ -738,7 +769,7 @@ static mp_obj_t awaitable_throw(size_t n_args, const mp_obj_t *args) {
         }
         take_out(aio->link_waiters, me);
         if (awaitable->kind == RUN_LOOP && aio->loop_task == me) {
-            end_loop(self);
+            forget_loop_task(aio);
         }
         if (awaitable->kind == AWAIT_TCP) {
             client_lock(self);

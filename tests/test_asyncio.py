@@ -227,6 +227,56 @@ def test_the_queue_bounds_qos0_and_acknowledges_qos1_when_taken(micropython):
     assert scripted.errors == []
 
 
+def test_a_cancelled_await_and_a_disconnect_leave_the_client_usable(micropython):
+    """A task awaiting a PUBACK that never comes is cancelled (wait_for); the
+    next publish is acknowledged; a blocking disconnect() and an aconnect()
+    at once start a new loop task while the old one ends."""
+
+    def first(connection):
+        assert connection.read().kind == CONNECT
+        connection.connack()
+        connection.read_until(PUBLISH)  # never acknowledged
+        second = connection.read_until(PUBLISH)
+        connection.ack(PUBACK, second.publish_fields()[1])
+        connection.read_until(14)  # DISCONNECT
+
+    def again(connection):
+        assert connection.read().kind == CONNECT
+        connection.connack()
+        third = connection.read_until(PUBLISH)
+        connection.ack(PUBACK, third.publish_fields()[1])
+        connection.read_until(14)
+
+    scripted = ScriptedBroker([first, again])
+    try:
+        output = micropython.run(
+            asynchronous(
+                """
+                async def main():
+                    c = mqtt.Client("cancelled", command_timeout=10000)
+                    await c.aconnect(HOST, 30, port=PORT)
+                    try:
+                        await asyncio.wait_for_ms(c.apublish("a", "1", qos=1), 200)
+                    except asyncio.TimeoutError:
+                        print("cancelled")
+                    await c.apublish("b", "2", qos=1)
+                    print("second acknowledged")
+                    c.disconnect()
+                    await c.aconnect(HOST, 30, port=PORT)
+                    await c.apublish("c", "3", qos=1)
+                    print("third acknowledged on a new link")
+                    await c.adisconnect()
+
+                run(main)
+                """),
+            PORT=scripted.port,
+        )
+    finally:
+        scripted.close()
+    assert output.split("\n")[:4] == ["cancelled", "second acknowledged", "third acknowledged on a new link", "done"], output
+    assert scripted.errors == []
+
+
 def publish(topic, payload, qos=0, packet_id=1):
     body = len(topic).to_bytes(2, "big") + topic + (packet_id.to_bytes(2, "big") if qos else b"") + payload
     return bytes([0x30 | (qos << 1), len(body)]) + body
