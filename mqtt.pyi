@@ -170,8 +170,8 @@ class Client:
         on_drop: _DropCallback | None = None,
         queue: int = 8,
     ) -> Awaitable[None]:
-        """connect() for asyncio: the TCP connection and the CONNACK are
-        awaited (the name lookup and a TLS handshake block), then the
+        """connect() for asyncio: the TCP connection, the TLS handshake and
+        the CONNACK are awaited (the name lookup blocks), then the
         client's loop runs as an asyncio task instead of the port's loop.
         queue: how many QoS 0 messages messages() keeps (more are dropped and
         counted; QoS 1/2 are all kept, and acknowledged when taken)."""

@@ -17,8 +17,9 @@
 // - a task awaiting messages() sleeps likewise until a message is queued.
 // A turn never waits for the link: it reads only what has arrived (a
 // packet once begun is read to its end) and writes without waiting unless
-// the socket's buffer is full. The TLS handshake and the name lookup of a
-// connection block, as the README says.
+// the socket's buffer is full. aconnect()'s TLS handshake goes step by
+// step; the name lookup, and the handshake of a reconnection, block (as
+// the README says).
 
 // What the asyncio methods share with the blocking ones (modmqtt.c).
 static bool configure_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, mp_obj_t *queue);
@@ -94,8 +95,10 @@ enum {
     // `object` (topic, payload, qos | retain << 2), becomes AWAIT_ANSWER.
     AWAIT_LINK,
     // aconnect(): waits for the TCP connection of `object` (the socket),
-    // then sends CONNECT and becomes AWAIT_CONNACK.
+    // then (with an ssl_ctx: AWAIT_TLS, for the handshake of `object`, the
+    // TLS stream) sends CONNECT and becomes AWAIT_CONNACK.
     AWAIT_TCP,
+    AWAIT_TLS,
     AWAIT_CONNACK,
     // messages(): waits for the next queued message.
     AWAIT_MESSAGE,
@@ -639,37 +642,36 @@ static mp_obj_t connack_step(mp_obj_awaitable_t *awaitable) {
     nlr_raise(exception_for_status(self, status));
 }
 
-// Waits for the TCP connection of aconnect()'s socket without holding the
-// event loop (looking again after 1, 2, 4 ... ms, at most MQTT_TCP_POLL_MS
-// apart), then sends CONNECT and starts the loop task, which reads the
-// CONNACK.
-static mp_obj_t tcp_step(mp_obj_awaitable_t *awaitable) {
+static mp_obj_t tls_step(mp_obj_awaitable_t *awaitable);
+
+// Ends aconnect()'s attempt that failed: its socket is closed.
+static void give_up_attempt(mp_obj_mqtt_client_t *self) {
+    client_lock(self);
+    end_attempt(self);
+    client_unlock(self);
+}
+
+// The calling task looks again at aconnect()'s attempt soon: after 1, 2,
+// 4 ... ms, at most MQTT_TCP_POLL_MS apart (lwIP calls no socket callback
+// when a connection is made, nor mbedTLS when a handshake can go on).
+// Raises OSError(ETIMEDOUT) once command_timeout has passed.
+static mp_obj_t look_again(mp_obj_awaitable_t *awaitable) {
+    mp_obj_mqtt_client_t *self = awaitable->client;
+    if (now_ms() - awaitable->since >= mqtt_session_command_timeout(session_of(self))) {
+        give_up_attempt(self);
+        mp_raise_OSError(MP_ETIMEDOUT);
+    }
+    uint32_t delay = MIN((uint32_t)1 << MIN(awaitable->detail, 5), MQTT_TCP_POLL_MS);
+    awaitable->detail++;
+    sleep_current(self->aio, delay);
+    return mp_const_none;
+}
+
+// The link is ready (TCP, and TLS if asked for): sends CONNECT and starts
+// the loop task, which reads the CONNACK.
+static mp_obj_t send_first_connect(mp_obj_awaitable_t *awaitable, int status) {
     mp_obj_mqtt_client_t *self = awaitable->client;
     mqtt_aio_t *aio = self->aio;
-    mp_obj_t sock = awaitable->object;
-    int progress = tcp_progress(self, sock);
-    uint32_t spent = now_ms() - awaitable->since;
-    if (progress == 0 && spent < mqtt_session_command_timeout(session_of(self))) {
-        uint32_t delay = MIN((uint32_t)1 << MIN(awaitable->detail, 5), MQTT_TCP_POLL_MS);
-        awaitable->detail++;
-        sleep_current(aio, delay);
-        return mp_const_none;
-    }
-    if (progress <= 0) {
-        client_lock(self);
-        end_attempt(self);
-        client_unlock(self);
-        mp_raise_OSError(progress < 0 ? MP_ECONNREFUSED : MP_ETIMEDOUT);
-    }
-    nlr_buf_t nlr;
-    if (nlr_push(&nlr) != 0) {
-        client_lock(self);
-        end_attempt(self);
-        client_unlock(self);
-        nlr_jump(nlr.ret_val);
-    }
-    int status = open_session(self, sock, &awaitable->ticket);
-    nlr_pop();
     if (status == MQTT_LINK_REPLACED) {
         // adisconnect() or disconnect() came first.
         mp_raise_OSError(MP_ENOTCONN);
@@ -684,9 +686,66 @@ static mp_obj_t tcp_step(mp_obj_awaitable_t *awaitable) {
     aio->connect_status = MQTT_OK;
     start_loop_task(self);
     awaitable->kind = AWAIT_CONNACK;
+    awaitable->object = mp_const_none;
     awaitable->since = now_ms();
     aio->waiters[AIO_CONNECT_WAITER] = sleep_current(aio, mqtt_session_command_timeout(session_of(self)));
     return mp_const_none;
+}
+
+// Waits for the TCP connection of aconnect()'s socket without holding the
+// event loop, then TLS's handshake (AWAIT_TLS) or CONNECT.
+static mp_obj_t tcp_step(mp_obj_awaitable_t *awaitable) {
+    mp_obj_mqtt_client_t *self = awaitable->client;
+    mp_obj_t sock = awaitable->object;
+    int progress = tcp_progress(self, sock);
+    if (progress == 0) {
+        return look_again(awaitable);
+    }
+    if (progress < 0) {
+        give_up_attempt(self);
+        mp_raise_OSError(MP_ECONNREFUSED);
+    }
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) != 0) {
+        give_up_attempt(self);
+        nlr_jump(nlr.ret_val);
+    }
+    bool owned = option(self, OPTION_STREAM) == mp_const_none;
+    if (owned && option(self, OPTION_SSL_CTX) != mp_const_none) {
+        // The handshake goes step by step too (AWAIT_TLS).
+        set_nodelay(sock);
+        awaitable->object = start_tls(self, sock);
+        nlr_pop();
+        awaitable->kind = AWAIT_TLS;
+        awaitable->detail = 0;
+        awaitable->since = now_ms();
+        return tls_step(awaitable);
+    }
+    int status = open_session(self, sock, &awaitable->ticket);
+    nlr_pop();
+    return send_first_connect(awaitable, status);
+}
+
+// Drives aconnect()'s TLS handshake as far as the socket allows, and
+// sends CONNECT once it is done.
+static mp_obj_t tls_step(mp_obj_awaitable_t *awaitable) {
+    mp_obj_mqtt_client_t *self = awaitable->client;
+    mp_obj_t stream = awaitable->object;
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) != 0) {
+        give_up_attempt(self);
+        nlr_jump(nlr.ret_val);
+    }
+    bool done = tls_progress(stream);
+    nlr_pop();
+    if (!done) {
+        return look_again(awaitable);
+    }
+    // attempt_sock still holds the socket under the TLS stream, unless
+    // adisconnect() or disconnect() ended the attempt meanwhile.
+    mp_obj_t sock = self->attempt_sock;
+    int status = sock == MP_OBJ_NULL ? MQTT_LINK_REPLACED : take_link(self, sock, stream, &awaitable->ticket);
+    return send_first_connect(awaitable, status);
 }
 
 // ---------------------------------------------------------------------------
@@ -726,6 +785,8 @@ static mp_obj_t awaitable_iternext(mp_obj_t self_in) {
             return link_step(awaitable);
         case AWAIT_TCP:
             return tcp_step(awaitable);
+        case AWAIT_TLS:
+            return tls_step(awaitable);
         case AWAIT_CONNACK:
             return connack_step(awaitable);
         case AWAIT_MESSAGE:
@@ -771,10 +832,8 @@ static mp_obj_t awaitable_throw(size_t n_args, const mp_obj_t *args) {
         if (awaitable->kind == RUN_LOOP && aio->loop_task == me) {
             forget_loop_task(aio);
         }
-        if (awaitable->kind == AWAIT_TCP) {
-            client_lock(self);
-            end_attempt(self);
-            client_unlock(self);
+        if (awaitable->kind == AWAIT_TCP || awaitable->kind == AWAIT_TLS) {
+            give_up_attempt(self);
         }
     }
     nlr_raise(mp_make_raise_obj(args[n_args > 2 ? 2 : 1]));

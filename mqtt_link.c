@@ -356,6 +356,38 @@ static mp_obj_t secure_stream(mp_obj_mqtt_client_t *self, mp_obj_t sock) {
     return stream;
 }
 
+// Wraps the connected, non-blocking socket of an attempt in TLS without
+// the handshake, which tls_progress() then drives step by step.
+static mp_obj_t start_tls(mp_obj_mqtt_client_t *self, mp_obj_t sock) {
+    // ssl_ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    mp_obj_t call[7];
+    mp_load_method(option(self, OPTION_SSL_CTX), MP_QSTR_wrap_socket, call);
+    call[2] = sock;
+    call[3] = MP_OBJ_NEW_QSTR(MP_QSTR_server_hostname);
+    call[4] = self->host;
+    call[5] = MP_OBJ_NEW_QSTR(MP_QSTR_do_handshake_on_connect);
+    call[6] = mp_const_false;
+    return mp_call_method_n_kw(1, 2, call);
+}
+
+// Drives the TLS handshake of `stream` (from start_tls) as far as the
+// socket allows without waiting: true once it is done. An empty write does
+// it: mbedTLS finishes the handshake before any write (and then sends an
+// empty record, which TLS allows). Raises what the handshake raised (a
+// certificate that does not verify, say).
+static bool tls_progress(mp_obj_t stream) {
+    int errcode = 0;
+    static const byte nothing[1] = { 0 };
+    mp_uint_t written = mp_get_stream(stream)->write(stream, nothing, 0, &errcode);
+    if (written != MP_STREAM_ERROR) {
+        return true;
+    }
+    if (!mp_is_nonblocking_error(errcode)) {
+        mp_raise_OSError(errcode);
+    }
+    return false;
+}
+
 // Opens the link: a TCP connection, or the stream the application gave,
 // wrapped in TLS if the client has an SSLContext. Runs without the lock;
 // raises OSError when the broker cannot be reached.

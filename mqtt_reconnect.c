@@ -287,18 +287,12 @@ static void begin_attempt(mp_obj_mqtt_client_t *self) {
     client_unlock(self);
 }
 
-// Makes the connected `sock` the link: TLS (its handshake blocks, bounded
-// by command_timeout), then CONNECT, whose CONNACK comes through the
-// cycles and which `*ticket` follows. Raises what TLS raised; returns the
-// engine's status, or MQTT_LINK_REPLACED when disconnect() ended the
-// attempt meanwhile.
-static int open_session(mp_obj_mqtt_client_t *self, mp_obj_t sock, mqtt_ticket_t *ticket) {
+// Makes `stream` (over `sock`, the attempt's: a TLS wrapper or the socket
+// itself) the link and sends CONNECT, whose CONNACK comes through the
+// cycles and which `*ticket` follows. Returns the engine's status, or
+// MQTT_LINK_REPLACED when disconnect() ended the attempt meanwhile.
+static int take_link(mp_obj_mqtt_client_t *self, mp_obj_t sock, mp_obj_t stream, mqtt_ticket_t *ticket) {
     bool owned = option(self, OPTION_STREAM) == mp_const_none;
-    if (owned) {
-        set_nodelay(sock);
-        set_command_timeout(self, sock);
-    }
-    mp_obj_t stream = secure_stream(self, sock);
     client_lock(self);
     bool current = self->attempt_sock == sock;
     // The link owns the socket from here on.
@@ -314,6 +308,17 @@ static int open_session(mp_obj_mqtt_client_t *self, mp_obj_t sock, mqtt_ticket_t
         loop_watch_link(self, sock);
     }
     return start_session(self, sock, stream, ticket);
+}
+
+// Makes the connected `sock` the link: TLS (its handshake blocks, bounded
+// by command_timeout), then CONNECT (see take_link). Raises what TLS
+// raised.
+static int open_session(mp_obj_mqtt_client_t *self, mp_obj_t sock, mqtt_ticket_t *ticket) {
+    if (option(self, OPTION_STREAM) == mp_const_none) {
+        set_nodelay(sock);
+        set_command_timeout(self, sock);
+    }
+    return take_link(self, sock, secure_stream(self, sock), ticket);
 }
 
 // Phase RECONNECT_TCP, the socket connected: TLS, then CONNECT.

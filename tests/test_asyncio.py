@@ -384,6 +384,47 @@ def test_over_tls_a_burst_arrives_whole(tls_broker, certificates, micropython):
     assert output.split("\n")[:2] == ["True True", "done"], output
 
 
+@pytest.mark.parametrize(
+    "listener, ca, reason",
+    [
+        ("tls", "other-ca.crt.der", "The certificate is not correctly signed by the trusted CA"),
+        ("wrong_host", "ca.crt.der", "The certificate Common Name (CN) does not match with the expected CN"),
+    ],
+    ids=["wrong CA", "certificate for another host"],
+)
+def test_an_untrusted_server_fails_aconnect_as_it_fails_connect(
+    tls_broker, certificates, micropython, listener, ca, reason
+):
+    """aconnect()'s handshake goes step by step; a certificate that does not
+    verify raises what the tls module reports, as connect() does, and the
+    client then connects to the right listener."""
+    output = micropython.run(
+        asynchronous(
+            """
+            from tls_context import context
+            async def main():
+                c = mqtt.Client("careful-async", command_timeout=5000)
+                try:
+                    await c.aconnect(HOST, 30, port=PORT, ssl_ctx=context(CA))
+                    print("connected: WRONG")
+                except ValueError as e:
+                    print(" ".join(str(e).split()))
+                print(c.connected())
+                await c.aconnect(HOST, 30, port=GOOD, ssl_ctx=context(GOOD_CA))
+                print(c.connected())
+                await c.adisconnect()
+
+            run(main)
+            """),
+        PORT=tls_broker.tls_ports[listener],
+        GOOD=tls_broker.tls_ports["tls"],
+        CA=certificates.path(ca),
+        GOOD_CA=certificates.path("ca.crt.der"),
+        timeout=30,
+    )
+    assert output.split("\n")[:4] == [reason, "False", "True", "done"], output
+
+
 def test_a_refused_connection_raises_its_code(tmp_path, micropython):
     locked = Broker(tmp_path, settings="allow_anonymous false\n")
     try:
