@@ -78,11 +78,19 @@ def test_firmware_receives_every_number_through_restarts(persistent_broker, micr
         QOS=qos,
         COUNT=count,
     )
+    check_every_number_arrives(persistent_broker, process, count, qos, f"source-{qos}")
+
+
+def check_every_number_arrives(broker, process, count, qos, source_id):
+    """Once the firmware's script printed "ready": a paho source publishes
+    the numbers 0 to count - 1 on "numbers" while the broker restarts
+    RESTARTS times; the script must have printed that it got each (QoS 2:
+    once) and that the restarts hit its link."""
     expect_line(process, "ready")
-    source = Peer(persistent_broker.port, client_id=f"source-{qos}", clean_session=False)
+    source = Peer(broker.port, client_id=source_id, clean_session=False)
     source.client.reconnect_delay_set(min_delay=0.05, max_delay=0.2)
     stop = threading.Event()
-    restarter = threading.Thread(target=restart_repeatedly, args=(persistent_broker, stop))
+    restarter = threading.Thread(target=restart_repeatedly, args=(broker, stop))
     restarter.start()
     try:
         for number in range(count):
