@@ -327,12 +327,11 @@ static bool configure_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t 
     if (loop_runs_elsewhere(self) || aio_loop_runs(self)) {
         mp_raise_OSError(MP_EBUSY);
     }
-    if (auto_reconnect) {
-        // The client id and a fast clock make each device's jitter its own.
-        client_lock(self);
-        mqtt_session_set_backoff(session_of(self), min_ms, max_ms, bytes_of_str(self->client_id, "client_id"), (uint32_t)mp_hal_ticks_us());
-        client_unlock(self);
-    }
+    // The client id and a fast clock make each device's jitter its own.
+    // Without auto_reconnect: off (a min of 0), whatever an earlier connect() set.
+    client_lock(self);
+    mqtt_session_set_backoff(session_of(self), auto_reconnect ? min_ms : 0, max_ms, bytes_of_str(self->client_id, "client_id"), (uint32_t)mp_hal_ticks_us());
+    client_unlock(self);
     self->auto_reconnect = auto_reconnect;
     self->host = args[ARG_host].u_obj;
     self->keepalive_s = (uint16_t)keepalive;
@@ -580,7 +579,7 @@ static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     outgoing_t message;
     parse_publish(n_args, pos_args, kw_args, &message);
-    if (message.qos > 0) {
+    if (message.qos > 0 && self->auto_reconnect) {
         // Built-in reconnection may bring a lost link back meanwhile.
         wait_for_link(self);
     }

@@ -558,7 +558,8 @@ mqtt_status_t mqtt_session_acknowledge(mqtt_session_t *session,
  * `mqtt_session_next_attempt`, between `min_ms` and `max_ms`, and the
  * subscriptions are sent again (`mqtt_session_resubscribe`) after a
  * reconnect to a broker that kept no session. `client_id` and `entropy`
- * (a fast clock, say) seed the jitter, so that devices differ.
+ * (a fast clock, say) seed the jitter, so that devices differ. A
+ * `min_ms` of 0 turns built-in reconnection off.
  *
  * # Safety
  * `session` comes from `mqtt_session_init`; `client_id` is valid.

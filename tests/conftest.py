@@ -61,6 +61,11 @@ def pytest_configure(config):
         " lwIP's scheduled): tests/run skips it on the sanitizer, esp32-path and newest"
         " MicroPython firmware, whose loop is the plain firmware's thread",
     )
+    config.addinivalue_line(
+        "markers",
+        "longest: a long scenario that tests/run gives a pytest of its own (the 20 outages and"
+        " the broker down for 30 s), beside the other long ones",
+    )
 
 # For tests of what only threads can do (two threads calling the client at
 # once, a callback that blocks the loop's thread while the main one goes on).

@@ -14,7 +14,7 @@ from conftest import LOOP, expect_line
 from peer import Peer
 from proxy import Proxy
 
-pytestmark = pytest.mark.long
+pytestmark = [pytest.mark.long, pytest.mark.longest]
 
 # Allowed lateness of an attempt beyond its drawn wait: the scheduled
 # loop's timer and the thread's sleeps add a few milliseconds.

@@ -112,9 +112,9 @@ impl Session {
     /// Turns built-in reconnection on: the session then times the attempts
     /// ([`Session::next_attempt_delay`]) and, after a reconnect to a broker
     /// that kept no session, has the subscriptions sent again
-    /// ([`Session::resubscribe`]).
+    /// ([`Session::resubscribe`]). A `min_ms` of 0 turns it off.
     pub fn set_backoff(&mut self, min_ms: u32, max_ms: u32, seed: u32) {
-        self.backoff = Some(Backoff::new(min_ms, max_ms, seed));
+        self.backoff = (min_ms > 0).then(|| Backoff::new(min_ms, max_ms, seed));
     }
 
     /// How long to wait before the next attempt to connect, the link being
@@ -239,6 +239,15 @@ mod tests {
             assert!(delay >= u32::MAX / 6, "attempt {k}: {delay}");
         }
         assert!(Backoff::new(0, 0, 0).next_delay(Failure::Link) <= 1);
+    }
+
+    #[test]
+    fn a_min_of_zero_turns_built_in_reconnection_off() {
+        let (mut session, _pipe) = connected(0);
+        session.set_backoff(100, 1000, 3);
+        assert!(session.next_attempt_delay(10, Failure::Link) >= 50);
+        session.set_backoff(0, 0, 3);
+        assert_eq!(session.next_attempt_delay(20, Failure::Link), 0);
     }
 
     #[test]
