@@ -426,6 +426,42 @@ def test_an_untrusted_server_fails_aconnect_as_it_fails_connect(
     assert output.split("\n")[:4] == [reason, "False", "True", "done"], output
 
 
+def test_the_blocking_calls_work_on_a_client_of_the_loop_task(broker, micropython):
+    """publish(), subscribe() and unsubscribe() from a task of a client that
+    aconnect() connected: they hold the event loop until answered (their
+    cycles read the answers), and the loop task then delivers as before."""
+    peer = Peer(broker.port)
+    peer.subscribe("mixed/#", qos=1)
+    output = micropython.run(
+        asynchronous(
+            """
+            got = []
+            async def main():
+                c = mqtt.Client("mixed", command_timeout=5000)
+                await c.aconnect(HOST, 30, port=PORT)
+                print("granted", c.subscribe("mixed/in", lambda client, payload, topic: got.append(payload), qos=1))
+                c.publish("mixed/out", "blocking", qos=1)
+                await c.apublish("mixed/in", "to myself", qos=1)
+                for _ in range(200):
+                    if got:
+                        break
+                    await asyncio.sleep_ms(10)
+                c.unsubscribe("mixed/in")
+                print(got)
+                await c.adisconnect()
+
+            run(main)
+            """),
+        PORT=broker.port,
+    )
+    assert output.split("\n")[:3] == ["granted 1", "[b'to myself']", "done"], output
+    assert sorted((m.topic, m.payload) for m in peer.wait_for(2)) == [
+        ("mixed/in", b"to myself"),
+        ("mixed/out", b"blocking"),
+    ]
+    peer.close()
+
+
 def test_a_refused_connection_raises_its_code(tmp_path, micropython):
     locked = Broker(tmp_path, settings="allow_anonymous false\n")
     try:
