@@ -120,6 +120,16 @@ static mp_obj_t call_method(mp_obj_t object, qstr method, size_t n_args, const m
     return mp_call_method_n_kw(n_args, 0, call);
 }
 
+// Calls the client's callback kept as option `which` (breconnect_cb,
+// aconnect_cb) with the client, if it has one; an exception is printed.
+static void notify(mp_obj_mqtt_client_t *self, size_t which) {
+    mp_obj_t callback = option(self, which);
+    if (callback != mp_const_none) {
+        mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
+        call_and_report(callback, 1, &self_obj);
+    }
+}
+
 // Included together, before this file's own functions: MicroPython's qstr
 // collection keeps only the last stretch of each file in the preprocessed
 // unit, so the MP_QSTR_ names of this file must all come after them.
@@ -135,14 +145,7 @@ static mp_obj_t call_method(mp_obj_t object, qstr method, size_t n_args, const m
 // Connects with the stored parameters, waiting for the CONNACK. Returns
 // its return code; raises OSError when the broker cannot be reached.
 static int do_connect(mp_obj_mqtt_client_t *self) {
-    client_lock(self);
-    // A reconnection under way gives way to this one.
-    self->reconnect_phase = RECONNECT_OFF;
-    end_attempt(self);
-    drop_link(self);
-    self->link_generation++;
-    client_unlock(self);
-
+    give_way(self);
     mp_obj_t sock = MP_OBJ_NULL;
     mp_obj_t stream = MP_OBJ_NULL;
     open_link(self, &sock, &stream);
@@ -181,10 +184,8 @@ static int do_connect(mp_obj_mqtt_client_t *self) {
 // Connects, runs aconnect_cb on success, and returns the return code.
 static int connect_and_notify(mp_obj_mqtt_client_t *self) {
     int code = do_connect(self);
-    mp_obj_t aconnect_cb = option(self, OPTION_ACONNECT_CB);
-    if (code == 0 && aconnect_cb != mp_const_none) {
-        mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
-        call_and_report(aconnect_cb, 1, &self_obj);
+    if (code == 0) {
+        notify(self, OPTION_ACONNECT_CB);
     }
     return code;
 }
@@ -380,10 +381,7 @@ static mp_obj_t client_reconnect(mp_obj_t self_in) {
         // Never connected: nothing to connect to again.
         mp_raise_OSError(MP_ENOTCONN);
     }
-    mp_obj_t breconnect_cb = option(self, OPTION_BRECONNECT_CB);
-    if (breconnect_cb != mp_const_none) {
-        call_and_report(breconnect_cb, 1, &self_in);
-    }
+    notify(self, OPTION_BRECONNECT_CB);
     return MP_OBJ_NEW_SMALL_INT(connect_and_notify(self));
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(client_reconnect_obj, client_reconnect);

@@ -276,12 +276,7 @@ static void aio_enqueue(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t pay
     if (token == 0 && aio->queue_len >= aio->queue_bound) {
         // QoS 0 beyond the bound: dropped, counted, told to on_drop.
         aio->dropped++;
-        mp_obj_t on_drop = option(self, OPTION_ON_DROP);
-        if (on_drop != mp_const_none) {
-            size_t len = bytes_of_buffer(payload).len;
-            mp_obj_t args[3] = { MP_OBJ_FROM_PTR(self), topic, mp_obj_new_int_from_uint(len) };
-            call_and_report(on_drop, 3, args);
-        }
+        tell_on_drop(self, topic, bytes_of_buffer(payload).len);
         return;
     }
     if (aio->queue_len == aio->queue_capacity) {
@@ -537,31 +532,23 @@ static mp_obj_t answer_step(mp_obj_awaitable_t *awaitable) {
     client_lock(self);
     int verdict = mqtt_session_await(session_of(self), ticket, now_ms(), awaitable->since, self->auto_reconnect && aio_loop_runs(self), &code);
     client_unlock(self);
-    switch (verdict) {
-        case MQTT_AWAIT_ANSWERED:
-            if (awaitable->detail == ANSWER_SUBSCRIBE && code == MQTT_EXC_SUBSCRIBE_FAILED) {
-                mp_obj_t smaller;
-                update_subscriptions(self, awaitable->object, MP_OBJ_NULL, 0, &smaller);
-                raise_mqtt(MQTT_EXC_SUBSCRIBE_FAILED, "subscription refused by the broker", NULL);
-            }
-            return mp_make_stop_iteration(awaitable->detail == ANSWER_SUBSCRIBE ? MP_OBJ_NEW_SMALL_INT(code) : mp_const_none);
-        case MQTT_AWAIT_TIMED_OUT:
-            raise_still_in_flight("timeout: no acknowledgement within command_timeout");
-        case MQTT_AWAIT_LINK_LOST_IN_FLIGHT:
-            raise_still_in_flight("link lost: the message stays in flight");
-        case MQTT_AWAIT_LINK_LOST:
-            mp_raise_OSError(MP_ENOTCONN);
-        default:
-            break;
+    if (verdict == MQTT_AWAIT_ANSWERED) {
+        if (awaitable->detail == ANSWER_SUBSCRIBE && code == MQTT_EXC_SUBSCRIBE_FAILED) {
+            mp_obj_t smaller;
+            update_subscriptions(self, awaitable->object, MP_OBJ_NULL, 0, &smaller);
+            raise_mqtt(MQTT_EXC_SUBSCRIBE_FAILED, "subscription refused by the broker", NULL);
+        }
+        return mp_make_stop_iteration(awaitable->detail == ANSWER_SUBSCRIBE ? MP_OBJ_NEW_SMALL_INT(code) : mp_const_none);
+    }
+    if (verdict != MQTT_AWAIT_PENDING && verdict != MQTT_AWAIT_RECONNECT) {
+        raise_unanswered(self, verdict, MQTT_OK);
     }
     if (!aio_loop_runs(self)) {
         // Nothing would read the answer.
         mp_raise_OSError(MP_ENOTCONN);
     }
     // Pending, or the link is being brought back: sleep until the deadline.
-    uint32_t waited = now_ms() - awaitable->since;
-    uint32_t timeout = mqtt_session_command_timeout(session_of(self));
-    aio->waiters[waiter] = sleep_current(aio, waited < timeout ? timeout - waited : 0);
+    aio->waiters[waiter] = sleep_current(aio, command_time_left(self, awaitable->since));
     return mp_const_none;
 }
 
@@ -586,15 +573,14 @@ static mp_obj_t link_step(mp_obj_awaitable_t *awaitable) {
         awaitable->since = now_ms();
         return answer_step(awaitable);
     }
-    uint32_t waited = now_ms() - awaitable->since;
-    uint32_t timeout = mqtt_session_command_timeout(session_of(self));
-    if (waited >= timeout || !aio_loop_runs(self)) {
+    uint32_t left = command_time_left(self, awaitable->since);
+    if (left == 0 || !aio_loop_runs(self)) {
         mp_raise_OSError(MP_ENOTCONN);
     }
     if (aio->link_waiters == MP_OBJ_NULL) {
         aio->link_waiters = mp_obj_new_list(0, NULL);
     }
-    mp_obj_list_append(aio->link_waiters, sleep_current(aio, timeout - waited));
+    mp_obj_list_append(aio->link_waiters, sleep_current(aio, left));
     return mp_const_none;
 }
 
@@ -618,11 +604,7 @@ static mp_obj_t connack_step(mp_obj_awaitable_t *awaitable) {
     aio->connecting = false;
     int status = verdict == MQTT_AWAIT_ANSWERED && code == 0 ? session_accepted(self) : MQTT_OK;
     if (verdict == MQTT_AWAIT_ANSWERED && code == 0 && status == MQTT_OK) {
-        mp_obj_t aconnect_cb = option(self, OPTION_ACONNECT_CB);
-        if (aconnect_cb != mp_const_none) {
-            mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
-            call_and_report(aconnect_cb, 1, &self_obj);
-        }
+        notify(self, OPTION_ACONNECT_CB);
         return mp_make_stop_iteration(mp_const_none);
     }
     // Refused, or failed: the link and the loop task go.
@@ -657,7 +639,7 @@ static void give_up_attempt(mp_obj_mqtt_client_t *self) {
 // Raises OSError(ETIMEDOUT) once command_timeout has passed.
 static mp_obj_t look_again(mp_obj_awaitable_t *awaitable) {
     mp_obj_mqtt_client_t *self = awaitable->client;
-    if (now_ms() - awaitable->since >= mqtt_session_command_timeout(session_of(self))) {
+    if (command_time_left(self, awaitable->since) == 0) {
         give_up_attempt(self);
         mp_raise_OSError(MP_ETIMEDOUT);
     }
@@ -923,13 +905,7 @@ static mp_obj_t client_aconnect(size_t n_args, const mp_obj_t *pos_args, mp_map_
         }
         aio->queue_bound = (uint16_t)bound;
     }
-    client_lock(self);
-    // A reconnection under way gives way to this one.
-    self->reconnect_phase = RECONNECT_OFF;
-    end_attempt(self);
-    drop_link(self);
-    self->link_generation++;
-    client_unlock(self);
+    give_way(self);
     mp_obj_t given = option(self, OPTION_STREAM);
     if (given != mp_const_none) {
         client_lock(self);

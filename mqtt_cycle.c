@@ -256,14 +256,23 @@ static mp_obj_t dropped_topic(message_sink_t *sink) {
     return topic;
 }
 
+// Calls on_drop(client, topic, length) for a message dropped, if the
+// client has one; returns whether it has.
+static bool tell_on_drop(mp_obj_mqtt_client_t *self, mp_obj_t topic, size_t length) {
+    mp_obj_t on_drop = option(self, OPTION_ON_DROP);
+    if (on_drop == mp_const_none) {
+        return false;
+    }
+    mp_obj_t args[3] = { MP_OBJ_FROM_PTR(self), topic, mp_obj_new_int_from_uint(length) };
+    call_and_report(on_drop, 3, args);
+    return true;
+}
+
 // Tells of a message that could not be taken (read past and acknowledged
 // by the engine): on_drop(client, topic, length), or a printed line.
 // Called without the lock.
 static void report_drop(mp_obj_mqtt_client_t *self, mp_obj_t topic, uint32_t length, bool too_large) {
-    mp_obj_t on_drop = option(self, OPTION_ON_DROP);
-    if (on_drop != mp_const_none) {
-        mp_obj_t args[3] = { MP_OBJ_FROM_PTR(self), topic, mp_obj_new_int_from_uint(length) };
-        call_and_report(on_drop, 3, args);
+    if (tell_on_drop(self, topic, length)) {
         return;
     }
     const char *topic_text = topic == mp_const_none ? "?" : mp_obj_str_get_str(topic);
@@ -451,6 +460,37 @@ static NORETURN void raise_still_in_flight(const char *why) {
     raise_mqtt(MQTT_EXC_TIMEOUT, why, NULL);
 }
 
+// What is left of command_timeout since `since` (0 once it has passed).
+static uint32_t command_time_left(mp_obj_mqtt_client_t *self, uint32_t since) {
+    uint32_t waited = now_ms() - since;
+    uint32_t timeout = mqtt_session_command_timeout(session_of(self));
+    return waited < timeout ? timeout - waited : 0;
+}
+
+// Raises what the engine's verdict on a command that will not be answered
+// means (MQTT_AWAIT_CONNECT_TIMED_OUT, _TIMED_OUT, _LINK_LOST_IN_FLIGHT or
+// _LINK_LOST): MQTTException(TIMEOUT) for a publish, which stays in flight
+// and goes again after a reconnect; OSError otherwise. `failure`: the
+// status of the caller's own cycle that lost the link, or MQTT_OK.
+static NORETURN void raise_unanswered(mp_obj_mqtt_client_t *self, int verdict, int failure) {
+    switch (verdict) {
+        case MQTT_AWAIT_CONNECT_TIMED_OUT:
+            // A broker that does not answer CONNECT counts as unreachable.
+            mp_raise_OSError(MP_ETIMEDOUT);
+        case MQTT_AWAIT_TIMED_OUT:
+            raise_still_in_flight("timeout: no acknowledgement within command_timeout");
+        case MQTT_AWAIT_LINK_LOST_IN_FLIGHT:
+            clear_pending(self);
+            raise_still_in_flight("link lost: the message stays in flight");
+        default:
+            if (failure != MQTT_OK) {
+                // What broke the link says more than ENOTCONN.
+                raise_status(self, failure);
+            }
+            mp_raise_OSError(MP_ENOTCONN);
+    }
+}
+
 // Waits until the command behind `ticket` is answered; returns its code
 // (CONNACK or SUBACK return code). Runs cycles itself unless the loop runs
 // on another thread. What an answer that does not come means (a timeout,
@@ -466,31 +506,18 @@ static uint8_t wait_for(mp_obj_mqtt_client_t *self, mqtt_ticket_t ticket) {
         client_lock(self);
         int verdict = mqtt_session_await(session_of(self), ticket, now_ms(), since, loop_runs_elsewhere(self), &code);
         client_unlock(self);
-        switch (verdict) {
-            case MQTT_AWAIT_ANSWERED:
-                return code;
-            case MQTT_AWAIT_CONNECT_TIMED_OUT:
-                // A broker that does not answer CONNECT counts as unreachable.
-                mp_raise_OSError(MP_ETIMEDOUT);
-            case MQTT_AWAIT_TIMED_OUT:
-                raise_still_in_flight("timeout: no acknowledgement within command_timeout");
-            case MQTT_AWAIT_LINK_LOST_IN_FLIGHT:
-                clear_pending(self);
-                raise_still_in_flight("link lost: the message stays in flight");
-            case MQTT_AWAIT_LINK_LOST:
-                if (failure != MQTT_OK) {
-                    // What broke the link says more than ENOTCONN.
-                    raise_status(self, failure);
-                }
-                mp_raise_OSError(MP_ENOTCONN);
-            case MQTT_AWAIT_RECONNECT:
-                // A loop runs elsewhere and may reconnect (in loop_failure);
-                // a scheduled loop's turns run meanwhile.
-                clear_pending(self);
-                pause_briefly(now_ms() - since);
-                continue;
-            default:
-                break;
+        if (verdict == MQTT_AWAIT_ANSWERED) {
+            return code;
+        }
+        if (verdict == MQTT_AWAIT_RECONNECT) {
+            // A loop runs elsewhere and may reconnect (in loop_failure);
+            // a scheduled loop's turns run meanwhile.
+            clear_pending(self);
+            pause_briefly(now_ms() - since);
+            continue;
+        }
+        if (verdict != MQTT_AWAIT_PENDING) {
+            raise_unanswered(self, verdict, failure);
         }
         if (loop_on_other_thread(self)) {
             pause_briefly(now_ms() - since);

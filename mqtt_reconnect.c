@@ -135,6 +135,17 @@ static void end_attempt(mp_obj_mqtt_client_t *self) {
     }
 }
 
+// Clears the way for a new connection (connect(), aconnect()): a
+// reconnection under way gives way to it, and the old link goes.
+static void give_way(mp_obj_mqtt_client_t *self) {
+    client_lock(self);
+    self->reconnect_phase = RECONNECT_OFF;
+    end_attempt(self);
+    drop_link(self);
+    self->link_generation++;
+    client_unlock(self);
+}
+
 // Stops reconnecting (disconnect(), or a loop that ends).
 static void stop_reconnecting(mp_obj_mqtt_client_t *self) {
     client_lock(self);
@@ -249,14 +260,10 @@ static mp_obj_t start_tcp(mp_obj_mqtt_client_t *self) {
 // Phase RECONNECT_WAITING, when the attempt is due: breconnect_cb, then
 // the TCP connection is started without waiting for it.
 static void begin_attempt(mp_obj_mqtt_client_t *self) {
-    mp_obj_t breconnect_cb = option(self, OPTION_BRECONNECT_CB);
-    if (breconnect_cb != mp_const_none) {
-        mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
-        call_and_report(breconnect_cb, 1, &self_obj);
-        if (self->reconnect_phase != RECONNECT_WAITING) {
-            // The callback disconnected, or reconnected itself.
-            return;
-        }
+    notify(self, OPTION_BRECONNECT_CB);
+    if (self->reconnect_phase != RECONNECT_WAITING) {
+        // The callback disconnected, or reconnected itself.
+        return;
     }
     if (option(self, OPTION_STREAM) != mp_const_none) {
         // The application's own stream: it is connected already, so the
@@ -369,14 +376,13 @@ static uint32_t check_tcp(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
         attempt_later(self, MQTT_FAILURE_LINK, 0);
         return 0;
     }
-    uint32_t timeout = mqtt_session_command_timeout(session_of(self));
-    uint32_t spent = now_ms() - self->attempt_at;
-    if (spent >= timeout) {
+    uint32_t left = command_time_left(self, self->attempt_at);
+    if (left == 0) {
         attempt_later(self, MQTT_FAILURE_LINK, 0);
         return 0;
     }
     if (option(self, OPTION_STREAM) == mp_const_none && wait_ms > 0) {
-        wait_ready(sock, socket_fd(sock), MP_STREAM_POLL_WR, MIN(wait_ms, timeout - spent), false);
+        wait_ready(sock, socket_fd(sock), MP_STREAM_POLL_WR, MIN(wait_ms, left), false);
     }
     int progress = tcp_progress(self, sock);
     if (progress < 0) {
@@ -384,7 +390,7 @@ static uint32_t check_tcp(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
         return 0;
     }
     if (progress == 0) {
-        return MIN(timeout - spent, MQTT_TCP_POLL_MS);
+        return MIN(left, MQTT_TCP_POLL_MS);
     }
     send_connect(self, sock);
     return 0;
@@ -419,11 +425,7 @@ static uint32_t check_connack(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
         attempt_later(self, MQTT_FAILURE_LINK, 0);
         return 0;
     }
-    mp_obj_t aconnect_cb = option(self, OPTION_ACONNECT_CB);
-    if (aconnect_cb != mp_const_none) {
-        mp_obj_t self_obj = MP_OBJ_FROM_PTR(self);
-        call_and_report(aconnect_cb, 1, &self_obj);
-    }
+    notify(self, OPTION_ACONNECT_CB);
     return 0;
 }
 
