@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from broker import HOST, Broker, free_port  # noqa: E402 (found through the path above)
 from certificates import Certificates  # noqa: E402
+from proxy import Proxy  # noqa: E402
 
 # MicroPython modules the scripts may import (a stream written in Python,
 # the TLS context): copied beside each script.
@@ -77,6 +78,25 @@ def broker(tmp_path):
     server = Broker(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def persistent_broker(tmp_path):
+    """A broker that keeps its sessions on disk, so that they outlive a
+    restart."""
+    store = tmp_path / "store"
+    store.mkdir()
+    server = Broker(tmp_path, settings=f"allow_anonymous true\npersistence true\npersistence_location {store}/\n")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy(broker):
+    """A TCP proxy to `broker` that can swallow, cut or refuse traffic."""
+    relay = Proxy(broker.port)
+    yield relay
+    relay.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 from broker import Broker
 from conftest import SOCKETS, expect_line
 from peer import Peer
-from proxy import Proxy
 from scripted_broker import CONNECT, PUBACK, PUBLISH, SUBSCRIBE, ScriptedBroker
 from test_malicious_broker import GARBAGE, hostile
 from test_restarts import check_every_number_arrives
@@ -487,13 +486,6 @@ def test_a_refused_connection_raises_its_code(tmp_path, micropython):
 # --- The loop task on a link that dies, a broker that restarts, a broker that lies
 
 
-@pytest.fixture
-def proxy(broker):
-    relay = Proxy(broker.port)
-    yield relay
-    relay.close()
-
-
 def test_a_dead_link_is_found_and_no_await_hangs(proxy, micropython):
     process = micropython.start(
         asynchronous(
@@ -574,15 +566,6 @@ def test_a_qos1_apublish_waits_for_built_in_reconnection(broker, proxy, micropyt
     assert output.split("\n")[:2] == ["acknowledged True", "done"], output
     assert [(m.topic, m.payload) for m in peer.wait_for(1)] == [("outage/1", b"kept")]
     peer.close()
-
-
-@pytest.fixture
-def persistent_broker(tmp_path):
-    store = tmp_path / "store"
-    store.mkdir()
-    broker = Broker(tmp_path, settings=f"allow_anonymous true\npersistence true\npersistence_location {store}/\n")
-    yield broker
-    broker.stop()
 
 
 @pytest.mark.long

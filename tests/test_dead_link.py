@@ -5,16 +5,8 @@ connected() tells the truth throughout."""
 import pytest
 
 from conftest import expect_line
-from proxy import Proxy
 
 KEEPALIVE_S = 2
-
-
-@pytest.fixture
-def proxy(broker):
-    relay = Proxy(broker.port)
-    yield relay
-    relay.close()
 
 
 @pytest.mark.long

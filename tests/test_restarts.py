@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from broker import Broker
 from conftest import RESET_NOTICE_S, expect_line
 from peer import Peer
 
@@ -33,15 +32,6 @@ RECONNECTING = """
                     pass
                 time.sleep_ms(50)
 """
-
-
-@pytest.fixture
-def persistent_broker(tmp_path):
-    store = tmp_path / "store"
-    store.mkdir()
-    broker = Broker(tmp_path, settings=f"allow_anonymous true\npersistence true\npersistence_location {store}/\n")
-    yield broker
-    broker.stop()
 
 
 def link_failures(output):
