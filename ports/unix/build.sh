@@ -69,6 +69,13 @@ tree_with_lwip() {
         lwip=$(find "$work/lwip-source" -maxdepth 1 -type d -name 'lwip-2*' | head -n 1)
     fi
     copy_micropython_tree "$source" "$copy"
+    # MicroPython 1.25's modlwip.c crashes when a reset arrives between a
+    # socket's state check and its use (see the patch's header).
+    local fix="$repo/ports/unix/lwip/modlwip-1.25-reset-race.patch"
+    if [[ $(micropython_version "$copy") == 1.25.0 && ! -f "$copy/.modlwip-patched" ]]; then
+        patch -s -p1 -d "$copy" < "$fix" || exit 1
+        touch "$copy/.modlwip-patched"
+    fi
     if [[ ! -L "$copy/lib/lwip" ]]; then
         rm -rf "$copy/lib/lwip"
         ln -s "$lwip" "$copy/lib/lwip"
