@@ -11,6 +11,74 @@
 #include <stdlib.h>
 
 /**
+ * Largest value of a variable byte integer (four bytes of seven bits).
+ */
+#define VARINT_MAX 268435455
+
+/**
+ * Size of a one-byte property; of a two- and a four-byte one.
+ */
+#define BYTE_PROPERTY_LEN 2
+
+#define TWO_PROPERTY_LEN 3
+
+#define FOUR_PROPERTY_LEN 5
+
+#define PAYLOAD_FORMAT 1
+
+#define MESSAGE_EXPIRY 2
+
+#define CONTENT_TYPE 3
+
+#define RESPONSE_TOPIC 8
+
+#define CORRELATION_DATA 9
+
+#define SUBSCRIPTION_ID 11
+
+#define SESSION_EXPIRY 17
+
+#define ASSIGNED_CLIENT_ID 18
+
+#define SERVER_KEEPALIVE 19
+
+#define AUTH_METHOD 21
+
+#define AUTH_DATA 22
+
+#define REQUEST_PROBLEM_INFO 23
+
+#define WILL_DELAY 24
+
+#define REQUEST_RESPONSE_INFO 25
+
+#define RESPONSE_INFO 26
+
+#define SERVER_REFERENCE 28
+
+#define REASON_STRING 31
+
+#define RECEIVE_MAXIMUM 33
+
+#define TOPIC_ALIAS_MAXIMUM 34
+
+#define TOPIC_ALIAS 35
+
+#define MAXIMUM_QOS 36
+
+#define RETAIN_AVAILABLE 37
+
+#define USER_PROPERTY 38
+
+#define MAXIMUM_PACKET_SIZE 39
+
+#define WILDCARD_AVAILABLE 40
+
+#define SUBSCRIPTION_ID_AVAILABLE 41
+
+#define SHARED_AVAILABLE 42
+
+/**
  * The in-flight table's size: tickets' slots are below this.
  */
 #define MQTT_INFLIGHT_MAX 8
@@ -133,9 +201,13 @@ typedef enum {
    */
   MQTT_ERR_EMPTY_PAYLOAD = -30,
   /**
+   * An MQTT 5 property that is unknown, misplaced, repeated or out of range.
+   */
+  MQTT_ERR_INVALID_PROPERTY = -31,
+  /**
    * A packet a broker may not send at this point.
    */
-  MQTT_ERR_UNEXPECTED_PACKET = -31,
+  MQTT_ERR_UNEXPECTED_PACKET = -32,
 } mqtt_status_t;
 
 /**

@@ -11,6 +11,8 @@
 
 use embedded_io::{Read, ReadExactError, Write};
 
+pub mod properties;
+
 /// Largest value the remaining-length varint can carry (4 bytes, 7 bits each).
 pub const MAX_REMAINING_LENGTH: u32 = 268_435_455;
 
@@ -118,6 +120,9 @@ pub enum DecodeError {
     InvalidReturnCode,
     /// A SUBSCRIBE or UNSUBSCRIBE with no topic filter at all.
     EmptyPayload,
+    /// An MQTT 5 property that is unknown, not allowed in the packet,
+    /// repeated, or whose value is out of range.
+    InvalidProperty,
 }
 
 /// Why a packet could not be encoded.
@@ -340,34 +345,69 @@ pub fn utf8_string(bytes: &[u8]) -> Result<&str, DecodeError> {
 /// random and edge-case input.
 #[allow(unsafe_code)]
 pub fn utf8(bytes: &[u8]) -> Option<&str> {
-    let mut rest = bytes;
-    while let Some((&first, tail)) = rest.split_first() {
-        // How many continuation bytes follow, and the range the second
-        // byte must lie in (which rules out overlong forms, surrogates and
-        // code points above U+10FFFF).
-        let (continuations, second) = match first {
-            0x00..=0x7f => (0, 0x80..=0xbf),
-            0xc2..=0xdf => (1, 0x80..=0xbf),
-            0xe0 => (2, 0xa0..=0xbf),
-            0xe1..=0xec | 0xee..=0xef => (2, 0x80..=0xbf),
-            0xed => (2, 0x80..=0x9f),
-            0xf0 => (3, 0x90..=0xbf),
-            0xf1..=0xf3 => (3, 0x80..=0xbf),
-            0xf4 => (3, 0x80..=0x8f),
-            _ => return None,
-        };
-        let (sequence, after) = tail.split_at_checked(continuations)?;
-        if let Some((&byte, others)) = sequence.split_first()
-            && (!second.contains(&byte) || others.iter().any(|&other| !(0x80..=0xbf).contains(&other)))
-        {
-            return None;
-        }
-        rest = after;
+    let mut check = Utf8Check::default();
+    if !(bytes.iter().all(|&byte| check.push(byte)) && check.is_complete()) {
+        return None;
     }
-    // SAFETY: the loop above accepted only well-formed UTF-8 (the ranges
-    // are those of the Unicode standard's table of well-formed byte
-    // sequences, as in RFC 3629), which is what `str` requires.
+    // SAFETY: `Utf8Check` accepted only well-formed UTF-8, which is what
+    // `str` requires.
     Some(unsafe { core::str::from_utf8_unchecked(bytes) })
+}
+
+/// Checks UTF-8 one byte at a time, so that a string can be checked as it
+/// streams past in pieces. The ranges are those of the Unicode standard's
+/// table of well-formed byte sequences (as in RFC 3629), which rule out
+/// overlong forms, surrogates and code points above U+10FFFF.
+#[derive(Clone, Copy, Debug)]
+pub struct Utf8Check {
+    /// Continuation bytes still expected in the current sequence.
+    expected: u8,
+    /// The range the next continuation byte must lie in.
+    low: u8,
+    high: u8,
+}
+
+impl Default for Utf8Check {
+    fn default() -> Self {
+        Utf8Check {
+            expected: 0,
+            low: 0x80,
+            high: 0xbf,
+        }
+    }
+}
+
+impl Utf8Check {
+    /// Takes the next byte; false when it cannot continue well-formed UTF-8.
+    pub fn push(&mut self, byte: u8) -> bool {
+        if self.expected > 0 {
+            if byte < self.low || byte > self.high {
+                return false;
+            }
+            self.expected = self.expected.saturating_sub(1);
+            self.low = 0x80;
+            self.high = 0xbf;
+            return true;
+        }
+        let (expected, low, high) = match byte {
+            0x00..=0x7f => return true,
+            0xc2..=0xdf => (1, 0x80, 0xbf),
+            0xe0 => (2, 0xa0, 0xbf),
+            0xe1..=0xec | 0xee..=0xef => (2, 0x80, 0xbf),
+            0xed => (2, 0x80, 0x9f),
+            0xf0 => (3, 0x90, 0xbf),
+            0xf1..=0xf3 => (3, 0x80, 0xbf),
+            0xf4 => (3, 0x80, 0x8f),
+            _ => return false,
+        };
+        *self = Utf8Check { expected, low, high };
+        true
+    }
+
+    /// Whether the bytes so far end on a whole character.
+    pub fn is_complete(&self) -> bool {
+        self.expected == 0
+    }
 }
 
 /// A will message carried by CONNECT.

@@ -68,8 +68,10 @@ pub enum mqtt_status_t {
     MQTT_ERR_INVALID_RETURN_CODE = -29,
     /// A SUBSCRIBE or UNSUBSCRIBE without a topic filter.
     MQTT_ERR_EMPTY_PAYLOAD = -30,
+    /// An MQTT 5 property that is unknown, misplaced, repeated or out of range.
+    MQTT_ERR_INVALID_PROPERTY = -31,
     /// A packet a broker may not send at this point.
-    MQTT_ERR_UNEXPECTED_PACKET = -31,
+    MQTT_ERR_UNEXPECTED_PACKET = -32,
 }
 
 use mqtt_await_t::*;
@@ -89,6 +91,7 @@ const BROKEN_RULES: &[u8] = b"remaining length over 4 bytes\0\
     unsupported protocol\0\
     undefined return code\0\
     no topic filter\0\
+    invalid property\0\
     packet not allowed now\0";
 
 /// `mqtt_session_await`: what the caller waiting for an answer does next.
@@ -357,6 +360,7 @@ fn broken_rule(error: DecodeError) -> mqtt_status_t {
         DecodeError::UnsupportedProtocol => MQTT_ERR_UNSUPPORTED_PROTOCOL,
         DecodeError::InvalidReturnCode => MQTT_ERR_INVALID_RETURN_CODE,
         DecodeError::EmptyPayload => MQTT_ERR_EMPTY_PAYLOAD,
+        DecodeError::InvalidProperty => MQTT_ERR_INVALID_PROPERTY,
     }
 }
 
@@ -1123,7 +1127,7 @@ mod tests {
         let rules: std::vec::Vec<_> = (MQTT_ERR_UNEXPECTED_PACKET as c_int..=MQTT_ERR_MALFORMED_LENGTH as c_int)
             .map(|status| rule(status).unwrap())
             .collect();
-        assert_eq!(rules.len(), 12);
+        assert_eq!(rules.len(), 13);
         assert!(rules.iter().all(|text| !text.is_empty()));
         let distinct: std::collections::BTreeSet<_> = rules.iter().collect();
         assert_eq!(distinct.len(), rules.len());
@@ -1136,6 +1140,10 @@ mod tests {
             rule(status(DecodeError::ZeroPacketId.into()) as c_int),
             Some("packet id 0")
         );
+        assert_eq!(
+            rule(status(DecodeError::InvalidProperty.into()) as c_int),
+            Some("invalid property")
+        );
     }
 
     #[test]
@@ -1143,7 +1151,7 @@ mod tests {
         for status in [MQTT_OK, MQTT_ERR_INVALID_TOPIC] {
             assert_eq!(rule(status as c_int), None);
         }
-        for status in [-19, -32, -1000, c_int::MIN, c_int::MAX, 1] {
+        for status in [-19, -33, -1000, c_int::MIN, c_int::MAX, 1] {
             assert_eq!(rule(status), None);
         }
     }
