@@ -12,6 +12,7 @@
 use embedded_io::{Read, ReadExactError, Write};
 
 pub mod properties;
+pub mod v5;
 
 /// Largest value the remaining-length varint can carry (4 bytes, 7 bits each).
 pub const MAX_REMAINING_LENGTH: u32 = 268_435_455;
@@ -759,28 +760,9 @@ fn field_len<E>(bytes: &[u8]) -> Result<usize, EncodeError<E>> {
 
 /// Writes a CONNECT packet.
 pub fn write_connect<W: Write>(io: &mut W, connect: &Connect<'_>) -> Result<(), EncodeError<W::Error>> {
-    let mut flags = 0u8;
-    if connect.clean_session {
-        flags |= 0x02;
-    }
-    let mut will_len = 0;
-    if let Some(will) = &connect.will {
-        flags |= 0x04 | ((will.qos as u8) << 3);
-        if will.retain {
-            flags |= 0x20;
-        }
-        will_len =
-            total(&[field_len(will.topic.as_bytes())?, field_len(will.payload)?]).ok_or(EncodeError::PacketTooLong)?;
-    }
-    let mut credentials_len = 0;
-    if let Some(username) = connect.username {
-        flags |= 0x80;
-        credentials_len = field_len(username.as_bytes())?;
-    }
-    if let Some(password) = connect.password {
-        flags |= 0x40;
-        credentials_len = total(&[credentials_len, field_len(password)?]).ok_or(EncodeError::PacketTooLong)?;
-    }
+    let flags = connect_flags(connect);
+    let will_len = will_fields_len(connect)?;
+    let credentials_len = credentials_len(connect)?;
     // Protocol name (6), level (1), flags (1), keepalive (2).
     let remaining = total(&[10, field_len(connect.client_id.as_bytes())?, will_len, credentials_len])
         .ok_or(EncodeError::PacketTooLong)?;
@@ -794,18 +776,83 @@ pub fn write_connect<W: Write>(io: &mut W, connect: &Connect<'_>) -> Result<(), 
         writer.put_field(will.topic.as_bytes())?;
         writer.put_field(will.payload)?;
     }
+    put_credentials(&mut writer, connect)?;
+    writer.finish()
+}
+
+/// CONNECT's flags byte.
+fn connect_flags(connect: &Connect<'_>) -> u8 {
+    let mut flags = 0u8;
+    if connect.clean_session {
+        flags |= 0x02;
+    }
+    if let Some(will) = &connect.will {
+        flags |= 0x04 | ((will.qos as u8) << 3);
+        if will.retain {
+            flags |= 0x20;
+        }
+    }
+    if connect.username.is_some() {
+        flags |= 0x80;
+    }
+    if connect.password.is_some() {
+        flags |= 0x40;
+    }
+    flags
+}
+
+/// The length of the will's topic and payload (0 without a will).
+fn will_fields_len<E>(connect: &Connect<'_>) -> Result<usize, EncodeError<E>> {
+    match &connect.will {
+        Some(will) => {
+            total(&[field_len(will.topic.as_bytes())?, field_len(will.payload)?]).ok_or(EncodeError::PacketTooLong)
+        }
+        None => Ok(0),
+    }
+}
+
+/// The length of CONNECT's user name and password.
+fn credentials_len<E>(connect: &Connect<'_>) -> Result<usize, EncodeError<E>> {
+    let mut len = 0;
+    if let Some(username) = connect.username {
+        len = field_len(username.as_bytes())?;
+    }
+    if let Some(password) = connect.password {
+        len = total(&[len, field_len(password)?]).ok_or(EncodeError::PacketTooLong)?;
+    }
+    Ok(len)
+}
+
+fn put_credentials<W: Write>(
+    writer: &mut PacketWriter<'_, W>,
+    connect: &Connect<'_>,
+) -> Result<(), EncodeError<W::Error>> {
     if let Some(username) = connect.username {
         writer.put_field(username.as_bytes())?;
     }
     if let Some(password) = connect.password {
         writer.put_field(password)?;
     }
-    writer.finish()
+    Ok(())
 }
 
 /// Writes a PUBLISH packet; the payload goes out without being copied
 /// unless the whole packet fits the gather buffer.
 pub fn write_publish<W: Write>(io: &mut W, publish: &Publish<'_>) -> Result<(), EncodeError<W::Error>> {
+    let id_len = if publish.packet_id.is_some() { 2 } else { 0 };
+    let remaining = total(&[field_len(publish.topic.as_bytes())?, id_len, publish.payload.len()])
+        .ok_or(EncodeError::PacketTooLong)?;
+    let mut writer = PacketWriter::start(io, publish_first_byte(publish), remaining)?;
+    writer.put_field(publish.topic.as_bytes())?;
+    if let Some(packet_id) = publish.packet_id {
+        writer.put_u16(packet_id)?;
+    }
+    writer.put_bytes(publish.payload)?;
+    writer.finish()
+}
+
+/// PUBLISH's first byte: its type, DUP, QoS and RETAIN.
+fn publish_first_byte(publish: &Publish<'_>) -> u8 {
     let mut first = ((PacketType::Publish as u8) << 4) | ((publish.qos as u8) << 1);
     if publish.dup {
         first |= 0x08;
@@ -813,16 +860,7 @@ pub fn write_publish<W: Write>(io: &mut W, publish: &Publish<'_>) -> Result<(), 
     if publish.retain {
         first |= 0x01;
     }
-    let id_len = if publish.packet_id.is_some() { 2 } else { 0 };
-    let remaining = total(&[field_len(publish.topic.as_bytes())?, id_len, publish.payload.len()])
-        .ok_or(EncodeError::PacketTooLong)?;
-    let mut writer = PacketWriter::start(io, first, remaining)?;
-    writer.put_field(publish.topic.as_bytes())?;
-    if let Some(packet_id) = publish.packet_id {
-        writer.put_u16(packet_id)?;
-    }
-    writer.put_bytes(publish.payload)?;
-    writer.finish()
+    first
 }
 
 /// Writes PUBACK, PUBREC, PUBREL, PUBCOMP or UNSUBACK: a packet identifier only.
