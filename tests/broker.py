@@ -24,6 +24,10 @@ def ephemeral_ports():
         return 32768, 60999
 
 
+# The ports free_port() gave in this process.
+_handed_out = set()
+
+
 def free_port():
     """A loopback port that is free now and outside the ephemeral range.
 
@@ -32,25 +36,38 @@ def free_port():
     another broker's probe) also takes its local port: between the moment a
     test picks a port and the moment mosquitto binds it, a connection could
     take it, and mosquitto would exit with "Address already in use". Ports
-    below that range are never given to outgoing connections."""
+    below that range are never given to outgoing connections.
+
+    No port is handed out twice by one process (a broker may not have
+    bound the last one yet). Test processes that run at once take ports
+    from their own share of the range: MQTT_TEST_PORTS="k/n" (tests/run
+    sets it) gives the ports whose remainder modulo n is k."""
     low, _ = ephemeral_ports()
     first = 10000 if low > 12000 else 1024
+    share, shares = (int(part) for part in os.environ.get("MQTT_TEST_PORTS", "0/1").split("/"))
     for _ in range(200):
         port = random.randrange(first, low)
+        port -= (port - share) % shares
+        if port < first or port in _handed_out:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind((HOST, port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     raise RuntimeError(f"no free loopback port between {first} and {low}")
 
 
-def wait_for_port(port, process, timeout=10.0):
+def wait_for_port(port, process, timeout=10.0, log=None):
+    """Returns once `port` accepts connections; raises if `process` exits
+    first (with the end of its `log` file, if given)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"broker exited early with code {process.returncode}")
+            said = Path(log).read_text(errors="replace")[-800:] if log else ""
+            raise RuntimeError(f"broker exited early with code {process.returncode}:\n{said}")
         try:
             with socket.create_connection((HOST, port), timeout=0.2):
                 return
@@ -84,7 +101,7 @@ class Broker:
             ["mosquitto", "-c", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
         )
         for port in self.listeners:
-            wait_for_port(port, self.process)
+            wait_for_port(port, self.process, log=self.log.name)
 
     def terminate(self):
         """Stops mosquitto as a service manager would (SIGTERM: it saves
