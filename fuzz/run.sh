@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${1:-60}
 export RUSTC_BOOTSTRAP=1
-for target in decode session; do
+for target in decode session properties; do
     corpus=".corpus/$target"
     mkdir -p "$corpus" "regressions/$target"
     inputs=("$corpus" "regressions/$target")
