@@ -79,6 +79,16 @@
 #define SHARED_AVAILABLE 42
 
 /**
+ * Bytes of a reason string kept (cut at a character boundary).
+ */
+#define REASON_MAX 64
+
+/**
+ * Bytes of a client identifier the broker assigns that are kept.
+ */
+#define ASSIGNED_ID_MAX 64
+
+/**
  * The in-flight table's size: tickets' slots are below this.
  */
 #define MQTT_INFLIGHT_MAX 8
@@ -156,6 +166,10 @@ typedef enum {
    * The peer closed the connection.
    */
   MQTT_ERR_CLOSED = -13,
+  /**
+   * The broker sent DISCONNECT (MQTT 5), with a reason code.
+   */
+  MQTT_ERR_DISCONNECTED = -14,
   /**
    * The remaining length uses more than four bytes.
    */

@@ -45,6 +45,8 @@ pub enum mqtt_status_t {
     MQTT_ERR_TRANSPORT = -12,
     /// The peer closed the connection.
     MQTT_ERR_CLOSED = -13,
+    /// The broker sent DISCONNECT (MQTT 5), with a reason code.
+    MQTT_ERR_DISCONNECTED = -14,
     // The broker broke a rule of MQTT: `mqtt_broken_rule` names it.
     /// The remaining length uses more than four bytes.
     MQTT_ERR_MALFORMED_LENGTH = -20,
@@ -342,6 +344,7 @@ fn status(error: Error) -> mqtt_status_t {
         Error::UnexpectedPacket => MQTT_ERR_UNEXPECTED_PACKET,
         Error::PingTimeout => MQTT_ERR_PING_TIMEOUT,
         Error::ConnectTimeout => MQTT_ERR_CONNECT_TIMEOUT,
+        Error::Disconnected => MQTT_ERR_DISCONNECTED,
         Error::Transport => MQTT_ERR_TRANSPORT,
         Error::Closed => MQTT_ERR_CLOSED,
     }
@@ -875,7 +878,10 @@ pub unsafe extern "C" fn mqtt_session_step(
             too_large: false,
             payload_len: 0,
         };
-        match session.step(&mut io, now_ms, &mut Sink { sink }).map_err(status)? {
+        match session
+            .step(&mut io, now_ms, &mut Sink { sink }, None)
+            .map_err(status)?
+        {
             Outcome::Idle => {}
             Outcome::ConnAck { code, session_present } => {
                 outcome.kind = MQTT_OUTCOME_CONNACK;

@@ -6,7 +6,8 @@
 use embedded_io::{Read, ReadReady, Write};
 
 use super::read_ahead::Reading;
-use super::{Error, Event, Session, Ticket};
+use super::receive::Incoming;
+use super::{Error, Event, Session, Ticket, V5};
 use crate::codec::QoS;
 
 /// Packets handled in one step at most, so that a flood of
@@ -72,7 +73,6 @@ pub enum Outcome {
 /// A PUBLISH as its header announced it ([`Event::Message`]).
 struct Announced {
     topic_len: usize,
-    payload_len: u32,
     /// As in [`Outcome::Message`].
     flags: u8,
     too_large: bool,
@@ -87,34 +87,40 @@ impl Session {
     /// payload or the finished message, or larger than the configured
     /// maximum) is read past, acknowledged and reported
     /// ([`Outcome::Dropped`]), whatever its QoS. Any error means the link
-    /// is failed.
-    pub fn step<T, S>(&mut self, io: &mut T, now: u32, sink: &mut S) -> Result<Outcome, Error>
+    /// is failed. An MQTT 5 session needs its `v5` state.
+    pub fn step<T, S>(&mut self, io: &mut T, now: u32, sink: &mut S, v5: Option<&mut V5>) -> Result<Outcome, Error>
     where
         T: Read + Write + ReadReady,
         S: MessageSink,
     {
         // The whole step reads through the read-ahead bytes at once.
-        let outcome = self.reading(io, |session, reading| session.handle_arrivals(reading, now, sink))?;
+        let outcome = self.reading(io, |session, reading| session.handle_arrivals(reading, now, sink, v5))?;
         if !matches!(outcome, Outcome::ConnAck { .. }) {
             self.tick(io, now)?;
         }
         Ok(outcome)
     }
 
-    fn handle_arrivals<T, S>(&mut self, io: &mut Reading<'_, T>, now: u32, sink: &mut S) -> Result<Outcome, Error>
+    fn handle_arrivals<T, S>(
+        &mut self,
+        io: &mut Reading<'_, T>,
+        now: u32,
+        sink: &mut S,
+        mut v5: Option<&mut V5>,
+    ) -> Result<Outcome, Error>
     where
         T: Read + Write + ReadReady,
         S: MessageSink,
     {
         for _ in 0..PACKETS_PER_STEP {
-            match self.receive_packet(io, now)? {
+            match self.receive_packet(io, now, v5.as_deref_mut())? {
                 Event::Nothing => break,
                 Event::Handled | Event::Answered(_) => {}
                 Event::Completed(ticket) => sink.completed(ticket),
                 Event::ConnAck { code, session_present } => return Ok(Outcome::ConnAck { code, session_present }),
                 Event::Message {
                     topic_len,
-                    payload_len,
+                    payload_len: _,
                     qos,
                     retain,
                     dup,
@@ -122,11 +128,10 @@ impl Session {
                 } => {
                     let message = Announced {
                         topic_len: usize::from(topic_len),
-                        payload_len,
                         flags: u8::from(retain) | (qos as u8) << 1 | u8::from(dup) << 3,
                         too_large,
                     };
-                    return self.take_message(io, now, sink, message);
+                    return self.take_message(io, now, sink, message, v5);
                 }
             }
         }
@@ -141,6 +146,7 @@ impl Session {
         now: u32,
         sink: &mut S,
         message: Announced,
+        v5: Option<&mut V5>,
     ) -> Result<Outcome, Error>
     where
         T: Read + Write + ReadReady,
@@ -148,14 +154,17 @@ impl Session {
     {
         let Announced {
             topic_len,
-            payload_len,
             flags,
             too_large,
         } = message;
         let qos = QoS::from_bits((flags >> 1) & 0b11).ok_or(Error::WrongState)?;
         let topic = sink.topic(topic_len);
         let topic_read = topic.is_some();
-        let info = self.read_topic_from(io, topic)?;
+        let info = self.read_topic_from(io, topic, v5)?;
+        // Known once the topic (and, in MQTT 5, the properties) are read.
+        let Incoming::Payload { payload_len, .. } = self.incoming else {
+            return Err(Error::WrongState);
+        };
         // A QoS 2 message delivered before is skipped (and acknowledged
         // again); so is one that cannot be delivered, for want of its topic
         // or of room for its payload.
@@ -250,7 +259,7 @@ mod tests {
         pipe.broker_sends(|b| write_publish(&mut VecWriter(b), &publish).unwrap());
         // Retain (bit 0), QoS 1 (bits 1-2), DUP (bit 3).
         assert_eq!(
-            session.step(&mut pipe, 5, &mut sink),
+            session.step(&mut pipe, 5, &mut sink, None),
             Ok(Outcome::Message {
                 acknowledge: true,
                 flags: 0b1011
@@ -271,7 +280,7 @@ mod tests {
             let acknowledge = acknowledgement.is_some();
             let flags = (qos as u8) << 1;
             assert_eq!(
-                session.step(&mut pipe, 5, &mut sink),
+                session.step(&mut pipe, 5, &mut sink, None),
                 Ok(Outcome::Message { acknowledge, flags })
             );
             assert_eq!(sink.messages, [(String::from("a/b"), b"hello".to_vec())]);
@@ -289,7 +298,7 @@ mod tests {
     fn next_message_is_delivered(session: &mut Session, pipe: &mut Pipe, sink: &mut Memory) {
         *sink = Memory::default();
         assert_eq!(
-            session.step(pipe, 7, sink),
+            session.step(pipe, 7, sink, None),
             Ok(Outcome::Message {
                 acknowledge: false,
                 flags: 0
@@ -314,7 +323,7 @@ mod tests {
             broker_publish(&mut pipe, "a/b", b"12345", qos, 3, false);
             broker_publish(&mut pipe, "t", b"next", QoS::AtMostOnce, 0, false);
             assert_eq!(
-                session.step(&mut pipe, 5, &mut sink),
+                session.step(&mut pipe, 5, &mut sink, None),
                 Ok(Outcome::Dropped {
                     payload_len: 5,
                     topic: true,
@@ -339,7 +348,7 @@ mod tests {
         };
         broker_publish(&mut pipe, "t", b"once", QoS::ExactlyOnce, 4, false);
         assert!(matches!(
-            session.step(&mut pipe, 5, &mut sink),
+            session.step(&mut pipe, 5, &mut sink, None),
             Ok(Outcome::Dropped { .. })
         ));
         assert_eq!(pipe.take_sent(), ["PubRec(4)"]);
@@ -349,17 +358,17 @@ mod tests {
         session.connect(&mut pipe, 10, &connect_options(0, false)).unwrap();
         pipe.broker_sends(|b| codec_connack(b, true));
         assert!(matches!(
-            session.step(&mut pipe, 11, &mut sink),
+            session.step(&mut pipe, 11, &mut sink, None),
             Ok(Outcome::ConnAck { code: 0, .. })
         ));
         pipe.take_sent();
         sink.no_payload = false;
         broker_publish(&mut pipe, "t", b"once", QoS::ExactlyOnce, 4, true);
-        assert_eq!(session.step(&mut pipe, 12, &mut sink), Ok(Outcome::Idle));
+        assert_eq!(session.step(&mut pipe, 12, &mut sink, None), Ok(Outcome::Idle));
         assert!(sink.messages.is_empty(), "neither delivered nor reported again");
         assert_eq!(pipe.take_sent(), ["PubRec(4)"]);
         pipe.broker_sends(|b| codec_ack(b, PacketType::PubRel, 4));
-        assert_eq!(session.step(&mut pipe, 13, &mut sink), Ok(Outcome::Idle));
+        assert_eq!(session.step(&mut pipe, 13, &mut sink, None), Ok(Outcome::Idle));
         assert_eq!(pipe.take_sent(), ["PubComp(4)"]);
     }
 
@@ -373,7 +382,7 @@ mod tests {
         broker_publish(&mut pipe, "a/long/topic/name", b"12345", QoS::AtLeastOnce, 3, false);
         broker_publish(&mut pipe, "t", b"next", QoS::AtMostOnce, 0, false);
         assert_eq!(
-            session.step(&mut pipe, 5, &mut sink),
+            session.step(&mut pipe, 5, &mut sink, None),
             Ok(Outcome::Dropped {
                 payload_len: 5,
                 topic: false,
@@ -397,7 +406,7 @@ mod tests {
             };
             pipe.broker_sends(|b| b.extend_from_slice(&bytes));
             assert_eq!(
-                session.step(&mut pipe, 5, &mut sink),
+                session.step(&mut pipe, 5, &mut sink, None),
                 Err(Error::Malformed(DecodeError::InvalidTopic))
             );
         }
@@ -413,7 +422,7 @@ mod tests {
         broker_publish(&mut pipe, "t", b"12345", QoS::AtLeastOnce, 3, false);
         broker_publish(&mut pipe, "t", b"next", QoS::AtMostOnce, 0, false);
         assert_eq!(
-            session.step(&mut pipe, 5, &mut sink),
+            session.step(&mut pipe, 5, &mut sink, None),
             Ok(Outcome::Dropped {
                 payload_len: 5,
                 topic: true,
@@ -436,7 +445,7 @@ mod tests {
         broker_publish(&mut pipe, "big", &[7; 300], QoS::AtLeastOnce, 5, false);
         broker_publish(&mut pipe, "t", b"next", QoS::AtMostOnce, 0, false);
         assert_eq!(
-            session.step(&mut pipe, 5, &mut sink),
+            session.step(&mut pipe, 5, &mut sink, None),
             Ok(Outcome::Dropped {
                 payload_len: 300,
                 topic: true,
@@ -464,7 +473,7 @@ mod tests {
         broker_publish(&mut pipe, "after", b"burst", QoS::AtMostOnce, 0, false);
         let mut answered = Vec::new();
         loop {
-            let outcome = session.step(&mut pipe, 5, &mut sink).unwrap();
+            let outcome = session.step(&mut pipe, 5, &mut sink, None).unwrap();
             answered.push(pipe.take_sent().len());
             if matches!(outcome, Outcome::Message { acknowledge: false, .. }) {
                 break;
@@ -492,7 +501,7 @@ mod tests {
             .unwrap();
         pipe.broker_sends(|b| codec_ack(b, PacketType::PubAck, second.packet_id));
         pipe.broker_sends(|b| codec_ack(b, PacketType::PubAck, first.packet_id));
-        assert_eq!(session.step(&mut pipe, 2, &mut sink), Ok(Outcome::Idle));
+        assert_eq!(session.step(&mut pipe, 2, &mut sink, None), Ok(Outcome::Idle));
         assert_eq!(sink.completed, [second, first]);
     }
 
@@ -501,13 +510,13 @@ mod tests {
         let (mut session, mut pipe) = connected(1);
         let mut sink = Memory::default();
         // Quiet for a keepalive period: the step sends PINGREQ.
-        assert_eq!(session.step(&mut pipe, 1001, &mut sink), Ok(Outcome::Idle));
+        assert_eq!(session.step(&mut pipe, 1001, &mut sink, None), Ok(Outcome::Idle));
         assert_eq!(pipe.take_sent(), ["PingReq"]);
         // Still before the broker's deadline, a packet in and no failure.
         pipe.broker_sends(|b| codec_ack(b, PacketType::PubRel, 1));
-        assert_eq!(session.step(&mut pipe, 1400, &mut sink), Ok(Outcome::Idle));
+        assert_eq!(session.step(&mut pipe, 1400, &mut sink, None), Ok(Outcome::Idle));
         // No PINGRESP within half a period: the link is failed.
-        assert_eq!(session.step(&mut pipe, 1501, &mut sink), Err(Error::PingTimeout));
+        assert_eq!(session.step(&mut pipe, 1501, &mut sink, None), Err(Error::PingTimeout));
     }
 
     fn codec_ack(bytes: &mut Vec<u8>, kind: PacketType, id: u16) {

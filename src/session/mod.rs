@@ -35,6 +35,7 @@ mod reconnect;
 #[cfg(test)]
 mod testing;
 mod timers;
+mod v5;
 
 pub use cycle::{MessageSink, Outcome, PACKETS_PER_STEP};
 pub use inbound_qos2::INBOUND_QOS2_MAX;
@@ -45,6 +46,7 @@ use read_ahead::ReadAhead;
 use receive::Incoming;
 use reconnect::Backoff;
 pub use reconnect::{Failure, Filters};
+pub use v5::{ASSIGNED_ID_MAX, REASON_MAX, ServerLimits, V5};
 
 /// Settings fixed when the session is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +85,8 @@ pub enum Error {
     PingTimeout,
     /// The broker did not answer CONNECT in time.
     ConnectTimeout,
+    /// The broker sent DISCONNECT (MQTT 5): its reason is in the [`V5`].
+    Disconnected,
     // The transport.
     /// The transport reported an error (the caller knows which).
     Transport,
@@ -233,6 +237,8 @@ pub struct Session {
     /// Counts the links (each CONNECT), so that an acknowledgement the
     /// application deferred is never sent on a later link.
     link_count: u8,
+    /// The protocol level: 4 for MQTT 3.1.1, 5 for MQTT 5.
+    version: u8,
 }
 
 fn elapsed(now: u32, since: u32) -> u32 {
@@ -259,7 +265,26 @@ impl Session {
             resubscribe: None,
             resubscriptions_refused: 0,
             link_count: 0,
+            version: 4,
         }
+    }
+
+    /// A session that speaks MQTT 5: its calls that need the MQTT 5 state
+    /// take a [`V5`].
+    pub fn new_v5(config: Config) -> Self {
+        Session {
+            version: 5,
+            ..Session::new(config)
+        }
+    }
+
+    /// The protocol level: 4 (MQTT 3.1.1) or 5 (MQTT 5).
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    pub(super) fn is_v5(&self) -> bool {
+        self.version == 5
     }
 
     /// How long an acknowledgement, or the rest of a started packet, may take.
@@ -275,6 +300,31 @@ impl Session {
     /// Sends CONNECT. The answer arrives as [`Event::ConnAck`]; the
     /// returned ticket follows it with [`Session::command_state`].
     pub fn connect<W: Write>(&mut self, io: &mut W, now: u32, connect: &Connect<'_>) -> Result<Ticket, Error> {
+        self.prepare_connect(now, connect)?;
+        codec::write_connect(io, connect).inspect_err(|_| self.link = Link::Down)?;
+        Ok(Ticket::CONNECT)
+    }
+
+    /// Sends an MQTT 5 CONNECT, with the properties `v5` asks for and
+    /// the will's `will_properties`.
+    pub fn connect_v5<W: Write>(
+        &mut self,
+        io: &mut W,
+        now: u32,
+        connect: &Connect<'_>,
+        will_properties: &codec::v5::MessageProperties<'_>,
+        v5: &V5,
+    ) -> Result<Ticket, Error> {
+        if !self.is_v5() {
+            return Err(Error::WrongState);
+        }
+        self.prepare_connect(now, connect)?;
+        codec::v5::write_connect(io, connect, &v5.connect, will_properties).inspect_err(|_| self.link = Link::Down)?;
+        Ok(Ticket::CONNECT)
+    }
+
+    /// Checks CONNECT's fields and sets the session up for a new link.
+    fn prepare_connect(&mut self, now: u32, connect: &Connect<'_>) -> Result<(), Error> {
         if connect.client_id.is_empty() && !connect.clean_session {
             return Err(Error::InvalidClientId);
         }
@@ -297,8 +347,7 @@ impl Session {
         self.read_ahead = ReadAhead::default();
         self.last_sent = now;
         self.last_received = now;
-        codec::write_connect(io, connect).inspect_err(|_| self.link = Link::Down)?;
-        Ok(Ticket::CONNECT)
+        Ok(())
     }
 
     /// Sends DISCONNECT (when the link is up) and marks the link down.
@@ -349,6 +398,9 @@ mod tests {
             "{}",
             core::mem::size_of::<Session>()
         );
+        // MQTT 5 costs a 3.1.1 client nothing here: its state is a `V5`
+        // of its own, and the protocol level took a byte of padding.
+        assert_eq!(core::mem::size_of::<Session>(), 252);
     }
 
     #[test]

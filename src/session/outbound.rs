@@ -162,7 +162,7 @@ impl Session {
             dup: false,
             payload,
         };
-        let written = codec::write_publish(io, &publish);
+        let written = self.write_publish(io, &publish);
         if let (Err(_), Some(ticket)) = (&written, ticket) {
             // At most part of the packet left, which the broker discards:
             // the message was not sent, and the caller may send it again.
@@ -171,6 +171,15 @@ impl Session {
         written?;
         self.last_sent = now;
         Ok(ticket)
+    }
+
+    /// Writes a PUBLISH in the session's protocol.
+    fn write_publish<W: Write>(&self, io: &mut W, publish: &Publish<'_>) -> Result<(), codec::EncodeError<W::Error>> {
+        if self.is_v5() {
+            codec::v5::write_publish(io, publish, &codec::v5::MessageProperties::default())
+        } else {
+            codec::write_publish(io, publish)
+        }
     }
 
     /// Sends again, on a link that just came up, what the previous one left
@@ -234,7 +243,7 @@ impl Session {
             dup: true,
             payload,
         };
-        codec::write_publish(io, &publish)?;
+        self.write_publish(io, &publish)?;
         self.restart_timer(ticket, now);
         self.last_sent = now;
         Ok(())
@@ -269,7 +278,17 @@ impl Session {
             return Err(Error::NotConnected);
         }
         let ticket = self.start_command(now, Stage::AwaitSubAck)?;
-        codec::write_subscribe(io, ticket.packet_id, &[(filter, qos)])?;
+        if self.is_v5() {
+            let options = codec::v5::SubscriptionOptions {
+                qos,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 0,
+            };
+            codec::v5::write_subscribe(io, ticket.packet_id, filter, &options, 0)?;
+        } else {
+            codec::write_subscribe(io, ticket.packet_id, &[(filter, qos)])?;
+        }
         self.last_sent = now;
         Ok(ticket)
     }
@@ -281,7 +300,11 @@ impl Session {
             return Err(Error::NotConnected);
         }
         let ticket = self.start_command(now, Stage::AwaitUnsubAck)?;
-        codec::write_unsubscribe(io, ticket.packet_id, &[filter])?;
+        if self.is_v5() {
+            codec::v5::write_unsubscribe(io, ticket.packet_id, filter)?;
+        } else {
+            codec::write_unsubscribe(io, ticket.packet_id, &[filter])?;
+        }
         self.last_sent = now;
         Ok(ticket)
     }

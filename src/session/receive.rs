@@ -5,7 +5,8 @@ use embedded_io::{Read, ReadReady, Write};
 
 use super::outbound::Stage;
 use super::read_ahead::Reading;
-use super::{Deferred, Error, Event, Link, MessageInfo, Session};
+use super::{Deferred, Error, Event, Link, MessageInfo, Session, V5};
+use crate::codec::properties::{Property, PropertyReader, allowed, id};
 use crate::codec::{self, DecodeError, FixedHeader, Packet, PacketType, QoS};
 use crate::topic;
 
@@ -63,18 +64,53 @@ fn skip<T: Read>(io: &mut T, len: u32, mut check: impl FnMut(&[u8]) -> Result<()
     Ok(())
 }
 
+/// Reads past a PUBLISH's properties, checking them, from the `rest` of
+/// the packet after its packet id; returns the length of the payload.
+fn read_publish_properties<T: Read>(io: &mut T, rest: u32, v5: &V5) -> Result<u32, Error> {
+    let (mut reader, used) = PropertyReader::start(io, rest, allowed::PUBLISH)?;
+    while let Some(property) = reader.next(io)? {
+        match property {
+            // The client takes as many topic aliases as CONNECT said.
+            Property::Number {
+                id: id::TOPIC_ALIAS,
+                value,
+            } if value > u32::from(v5.connect.topic_alias_maximum) => {
+                return Err(DecodeError::InvalidProperty.into());
+            }
+            Property::Number { .. } => {}
+            Property::Bytes { .. } | Property::UserName { .. } => {
+                reader.take(io, &mut [])?;
+            }
+        }
+    }
+    Ok(rest.saturating_sub(used))
+}
+
 impl Session {
     /// Reads one packet if one has started to arrive and handles it. A
     /// packet whose first byte is here must complete within the transport's
     /// deadline. PUBLISH is read only up to its topic: see [`Event::Message`].
     pub fn receive<T: Read + Write + ReadReady>(&mut self, io: &mut T, now: u32) -> Result<Event, Error> {
-        self.reading(io, |session, reading| session.receive_packet(reading, now))
+        self.reading(io, |session, reading| session.receive_packet(reading, now, None))
     }
 
+    /// As [`Session::receive`], for an MQTT 5 session.
+    pub fn receive_v5<T: Read + Write + ReadReady>(
+        &mut self,
+        io: &mut T,
+        now: u32,
+        v5: &mut V5,
+    ) -> Result<Event, Error> {
+        self.reading(io, |session, reading| session.receive_packet(reading, now, Some(v5)))
+    }
+
+    /// Reads one packet, as [`Session::receive`]; `v5` is the MQTT 5
+    /// state, which an MQTT 5 session needs.
     pub(super) fn receive_packet<T: Read + Write + ReadReady>(
         &mut self,
         io: &mut Reading<'_, T>,
         now: u32,
+        v5: Option<&mut V5>,
     ) -> Result<Event, Error> {
         if self.incoming != Incoming::Idle {
             return Err(Error::WrongState);
@@ -89,6 +125,10 @@ impl Session {
         let remaining_length = read_remaining_length(io)?;
         if kind == PacketType::Publish {
             return self.start_message(io, flags, remaining_length);
+        }
+        if self.is_v5() {
+            let v5 = v5.ok_or(Error::WrongState)?;
+            return self.receive_control_v5(io, now, kind, remaining_length, v5);
         }
         let mut body = [0u8; SMALL_BODY_MAX];
         let body = usize::try_from(remaining_length)
@@ -122,7 +162,9 @@ impl Session {
             return Err(DecodeError::InvalidTopic.into());
         }
         let id_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
-        // Topic length prefix, topic, packet id: at most 65,539 bytes.
+        // Topic length prefix, topic, packet id: at most 65,539 bytes. (In
+        // MQTT 5 the properties come next: `payload_len` holds them too
+        // until `read_topic` has read them.)
         let header_len = u32::from(topic_len).saturating_add(2).saturating_add(id_len);
         let payload_len = remaining_length.checked_sub(header_len).ok_or(DecodeError::BadLength)?;
         self.incoming = Incoming::Topic {
@@ -144,7 +186,17 @@ impl Session {
     /// Reads the topic of the message announced by [`Event::Message`] into
     /// `topic` (exactly `topic_len` bytes) and checks it.
     pub fn read_topic<T: Read>(&mut self, io: &mut T, topic: &mut [u8]) -> Result<MessageInfo, Error> {
-        self.reading(io, |session, reading| session.read_topic_from(reading, Some(topic)))
+        self.reading(io, |session, reading| {
+            session.read_topic_from(reading, Some(topic), None)
+        })
+    }
+
+    /// As [`Session::read_topic`], for an MQTT 5 session: the message's
+    /// properties are read too, and checked.
+    pub fn read_topic_v5<T: Read>(&mut self, io: &mut T, topic: &mut [u8], v5: &mut V5) -> Result<MessageInfo, Error> {
+        self.reading(io, |session, reading| {
+            session.read_topic_from(reading, Some(topic), Some(v5))
+        })
     }
 
     /// As [`Session::read_topic`], or reads the topic past when `topic` is
@@ -153,10 +205,11 @@ impl Session {
         &mut self,
         io: &mut T,
         topic: Option<&mut [u8]>,
+        v5: Option<&mut V5>,
     ) -> Result<MessageInfo, Error> {
         let Incoming::Topic {
             topic_len,
-            payload_len,
+            mut payload_len,
             qos,
             too_large,
         } = self.incoming
@@ -193,6 +246,10 @@ impl Session {
                 id => id,
             }
         };
+        if self.is_v5() {
+            let v5 = v5.ok_or(Error::WrongState)?;
+            payload_len = read_publish_properties(io, payload_len, v5)?;
+        }
         let deliver = !(qos == QoS::ExactlyOnce && self.inbound_qos2.contains(packet_id));
         if qos == QoS::ExactlyOnce && deliver {
             // Remembered before the application gets the message (or it is
@@ -208,6 +265,15 @@ impl Session {
             too_large,
         };
         Ok(info)
+    }
+
+    /// The length of the current message's payload, once its topic is
+    /// read (in MQTT 5 the properties' length is only known then).
+    pub fn payload_len(&self) -> Option<u32> {
+        match self.incoming {
+            Incoming::Payload { payload_len, .. } => Some(payload_len),
+            _ => None,
+        }
     }
 
     /// Reads the payload of the current message into `payload` (exactly
@@ -304,7 +370,7 @@ impl Session {
         Ok(())
     }
 
-    fn handle<W: Write>(&mut self, io: &mut W, now: u32, packet: Packet<'_>) -> Result<Event, Error> {
+    pub(super) fn handle<W: Write>(&mut self, io: &mut W, now: u32, packet: Packet<'_>) -> Result<Event, Error> {
         let awaiting_connack = matches!(self.link, Link::AwaitingConnAck { .. });
         match packet {
             Packet::ConnAck { code, session_present } if awaiting_connack => {

@@ -148,6 +148,24 @@ pub(super) fn read_message<T: Read + Write + ReadReady>(
     Some((String::from_utf8(topic).unwrap(), payload, info))
 }
 
+/// As `read_message`, for an MQTT 5 session.
+pub(super) fn read_message_v5(
+    session: &mut Session,
+    pipe: &mut Pipe,
+    v5: &mut crate::session::V5,
+) -> Option<(String, Vec<u8>, MessageInfo)> {
+    let Event::Message { topic_len, .. } = session.receive_v5(pipe, 0, v5).unwrap() else {
+        return None;
+    };
+    let mut topic = vec![0; usize::from(topic_len)];
+    let info = session.read_topic_v5(pipe, &mut topic, v5).unwrap();
+    let payload_len = session.payload_len().unwrap();
+    let mut payload = vec![0; payload_len as usize];
+    session.read_payload(pipe, Some(&mut payload)).unwrap();
+    session.finish_message(pipe, 0).unwrap();
+    Some((String::from_utf8(topic).unwrap(), payload, info))
+}
+
 pub(super) fn broker_publish(pipe: &mut Pipe, topic: &str, payload: &[u8], qos: QoS, id: u16, dup: bool) {
     let publish = Publish {
         topic,

@@ -1,0 +1,596 @@
+//! What an MQTT 5 session adds to a 3.1.1 one: the properties CONNECT
+//! sends, the limits the broker's CONNACK sets, the reason codes and
+//! reason strings of its answers, and its DISCONNECT.
+//!
+//! This state lives apart from [`Session`], in a [`V5`] that only an MQTT
+//! 5 client has (the binding allocates it after the session), so that a
+//! 3.1.1 client pays nothing for it. The session's calls that need it take
+//! it as an argument.
+
+use embedded_io::{Read, ReadReady, Write};
+
+use super::outbound::Stage;
+use super::read_ahead::Reading;
+use super::{Error, Event, Link, Session};
+use crate::codec::properties::{Property, PropertyReader, ReadError, allowed, id};
+use crate::codec::v5::ConnectProperties;
+use crate::codec::{self, DecodeError, Packet, PacketType, QoS};
+
+/// Bytes of a reason string kept (cut at a character boundary).
+pub const REASON_MAX: usize = 64;
+
+/// Bytes of a client identifier the broker assigns that are kept.
+pub const ASSIGNED_ID_MAX: usize = 64;
+
+/// What the broker's CONNACK allows, its defaults when it says nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// QoS 1 and 2 publishes the broker takes unacknowledged at once.
+    pub receive_maximum: u16,
+    /// The largest packet, whole, the broker takes (0: no limit).
+    pub maximum_packet_size: u32,
+    /// Topic aliases the broker takes from the client.
+    pub topic_alias_maximum: u16,
+    pub maximum_qos: QoS,
+    pub retain_available: bool,
+    pub wildcards_available: bool,
+    pub subscription_ids_available: bool,
+    pub shared_available: bool,
+    /// The session expiry the broker chose instead of the client's.
+    pub session_expiry_s: Option<u32>,
+    /// The keepalive the broker chose instead of the client's.
+    pub keepalive_s: Option<u16>,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            receive_maximum: u16::MAX,
+            maximum_packet_size: 0,
+            topic_alias_maximum: 0,
+            maximum_qos: QoS::ExactlyOnce,
+            retain_available: true,
+            wildcards_available: true,
+            subscription_ids_available: true,
+            shared_available: true,
+            session_expiry_s: None,
+            keepalive_s: None,
+        }
+    }
+}
+
+/// The MQTT 5 state of a session (see the module's documentation).
+#[derive(Clone, Debug)]
+pub struct V5 {
+    /// What CONNECT asks for.
+    pub connect: ConnectProperties,
+    /// What the last CONNACK allowed.
+    pub server: ServerLimits,
+    /// The reason code of the broker's last refusal: a CONNACK, an
+    /// acknowledgement with a failure code, or a DISCONNECT.
+    pub reason_code: u8,
+    reason: [u8; REASON_MAX],
+    reason_len: u8,
+    assigned_id: [u8; ASSIGNED_ID_MAX],
+    assigned_id_len: u8,
+}
+
+impl V5 {
+    pub fn new(connect: ConnectProperties) -> Self {
+        V5 {
+            connect,
+            server: ServerLimits::default(),
+            reason_code: 0,
+            reason: [0; REASON_MAX],
+            reason_len: 0,
+            assigned_id: [0; ASSIGNED_ID_MAX],
+            assigned_id_len: 0,
+        }
+    }
+
+    /// The reason string that came with [`V5::reason_code`] (empty when
+    /// none did), at most [`REASON_MAX`] bytes of it.
+    pub fn reason(&self) -> &str {
+        codec::utf8(self.reason.get(..usize::from(self.reason_len)).unwrap_or(&[])).unwrap_or("")
+    }
+
+    /// The client identifier the broker assigned in the last CONNACK
+    /// (empty when it assigned none).
+    pub fn assigned_client_id(&self) -> &str {
+        codec::utf8(self.assigned_id.get(..usize::from(self.assigned_id_len)).unwrap_or(&[])).unwrap_or("")
+    }
+}
+
+/// Whether `code` is a reason code MQTT 5 defines for a CONNACK.
+fn is_connack_code(code: u8) -> bool {
+    matches!(code, 0x00 | 0x80..=0x8a | 0x8c | 0x90 | 0x95 | 0x97 | 0x99..=0x9d | 0x9f)
+}
+
+/// Whether `code` is one for PUBACK or PUBREC.
+fn is_publish_ack_code(code: u8) -> bool {
+    matches!(code, 0x00 | 0x10 | 0x80 | 0x83 | 0x87 | 0x90 | 0x91 | 0x97 | 0x99)
+}
+
+/// Whether `code` is one for a SUBACK (a granted QoS, or a refusal).
+fn is_suback_code(code: u8) -> bool {
+    matches!(
+        code,
+        0x00..=0x02 | 0x80 | 0x83 | 0x87 | 0x8f | 0x91 | 0x97 | 0x9e | 0xa1 | 0xa2
+    )
+}
+
+/// Whether `code` is one for an UNSUBACK.
+fn is_unsuback_code(code: u8) -> bool {
+    matches!(code, 0x00 | 0x11 | 0x80 | 0x83 | 0x87 | 0x8f | 0x91)
+}
+
+/// Whether `code` is one for a DISCONNECT from the broker.
+fn is_disconnect_code(code: u8) -> bool {
+    matches!(code, 0x00 | 0x80..=0x83 | 0x87 | 0x89 | 0x8b | 0x8d..=0x9a | 0x9c..=0xa2)
+}
+
+/// Reads a packet's fields byte by byte within its remaining length.
+struct Body<'a, T> {
+    io: &'a mut T,
+    left: u32,
+}
+
+impl<T: Read> Body<'_, T> {
+    fn u8(&mut self) -> Result<u8, Error> {
+        self.left = self.left.checked_sub(1).ok_or(DecodeError::BadLength)?;
+        let mut byte = [0u8; 1];
+        codec::read_exact(self.io, &mut byte)?;
+        Ok(byte[0])
+    }
+
+    fn packet_id(&mut self) -> Result<u16, Error> {
+        let high = self.u8()?;
+        let low = self.u8()?;
+        match u16::from_be_bytes([high, low]) {
+            0 => Err(DecodeError::ZeroPacketId.into()),
+            id => Ok(id),
+        }
+    }
+
+    /// The reason code that may end the packet's short form: `default`
+    /// when the packet ends before it.
+    fn reason_or(&mut self, default: u8) -> Result<u8, Error> {
+        if self.left == 0 { Ok(default) } else { self.u8() }
+    }
+
+    /// Reads the property block, when the packet has one (it may end
+    /// before it), handing each property to `v5`, and checks that the
+    /// packet ends with it unless `more` follows.
+    fn properties(
+        &mut self,
+        v5: &mut V5,
+        allowed_ids: crate::codec::properties::IdSet,
+        more: bool,
+    ) -> Result<(), Error> {
+        if self.left == 0 {
+            return Ok(());
+        }
+        let (mut reader, used) = PropertyReader::start(self.io, self.left, allowed_ids)?;
+        self.left = self.left.saturating_sub(used);
+        v5.reason_len = 0;
+        while let Some(property) = reader.next(self.io)? {
+            match property {
+                Property::Number { id, value } => v5.server.set(id, value),
+                Property::Bytes {
+                    id: id::REASON_STRING, ..
+                } => {
+                    let kept = reader.take(self.io, &mut v5.reason)?;
+                    v5.reason_len = u8::try_from(kept).unwrap_or(0);
+                }
+                Property::Bytes {
+                    id: id::ASSIGNED_CLIENT_ID,
+                    len,
+                    ..
+                } => {
+                    // An identifier that does not fit cannot be used again:
+                    // better no identifier than a wrong one.
+                    let kept = reader.take(self.io, &mut v5.assigned_id)?;
+                    v5.assigned_id_len = if kept == usize::from(len) {
+                        u8::try_from(kept).unwrap_or(0)
+                    } else {
+                        0
+                    };
+                }
+                // User properties, a server reference, response
+                // information and authentication data are read past.
+                Property::Bytes { .. } | Property::UserName { .. } => {
+                    reader.take(self.io, &mut [])?;
+                }
+            }
+        }
+        if !more && self.left != 0 {
+            return Err(DecodeError::BadLength.into());
+        }
+        Ok(())
+    }
+}
+
+impl<E> From<ReadError<E>> for Error {
+    fn from(error: ReadError<E>) -> Self {
+        match error {
+            ReadError::Io(error) => error.into(),
+            ReadError::Malformed(error) => error.into(),
+        }
+    }
+}
+
+impl ServerLimits {
+    /// Takes a number from the broker's CONNACK (others are ignored).
+    fn set(&mut self, property: u8, value: u32) {
+        let two = u16::try_from(value).unwrap_or(u16::MAX);
+        let flag = value != 0;
+        match property {
+            id::RECEIVE_MAXIMUM => self.receive_maximum = two,
+            id::MAXIMUM_PACKET_SIZE => self.maximum_packet_size = value,
+            id::TOPIC_ALIAS_MAXIMUM => self.topic_alias_maximum = two,
+            id::MAXIMUM_QOS => self.maximum_qos = if flag { QoS::AtLeastOnce } else { QoS::AtMostOnce },
+            id::RETAIN_AVAILABLE => self.retain_available = flag,
+            id::WILDCARD_AVAILABLE => self.wildcards_available = flag,
+            id::SUBSCRIPTION_ID_AVAILABLE => self.subscription_ids_available = flag,
+            id::SHARED_AVAILABLE => self.shared_available = flag,
+            id::SESSION_EXPIRY => self.session_expiry_s = Some(value),
+            id::SERVER_KEEPALIVE => self.keepalive_s = Some(two),
+            _ => {}
+        }
+    }
+}
+
+impl Session {
+    /// Reads and handles an MQTT 5 packet other than PUBLISH, whose fixed
+    /// header is read: its reason code and properties go to `v5`.
+    pub(super) fn receive_control_v5<T: Read + Write + ReadReady>(
+        &mut self,
+        io: &mut Reading<'_, T>,
+        now: u32,
+        kind: PacketType,
+        remaining_length: u32,
+        v5: &mut V5,
+    ) -> Result<Event, Error> {
+        let mut body = Body {
+            io,
+            left: remaining_length,
+        };
+        let awaiting_connack = matches!(self.link, Link::AwaitingConnAck { .. });
+        if kind != PacketType::ConnAck && kind != PacketType::Disconnect && self.link != Link::Up {
+            return Err(Error::UnexpectedPacket);
+        }
+        match kind {
+            PacketType::ConnAck if awaiting_connack => {
+                let ack_flags = body.u8()?;
+                if ack_flags & 0xfe != 0 {
+                    return Err(DecodeError::InvalidFlags.into());
+                }
+                let code = body.u8()?;
+                if !is_connack_code(code) {
+                    return Err(DecodeError::InvalidReturnCode.into());
+                }
+                v5.server = ServerLimits::default();
+                v5.assigned_id_len = 0;
+                // The property block is required here.
+                if body.left == 0 {
+                    return Err(DecodeError::BadLength.into());
+                }
+                body.properties(v5, allowed::CONNACK, false)?;
+                v5.reason_code = code;
+                if let Some(keepalive_s) = v5.server.keepalive_s {
+                    self.keepalive_ms = u32::from(keepalive_s).saturating_mul(1000);
+                }
+                let packet = Packet::ConnAck {
+                    session_present: ack_flags & 1 == 1,
+                    code,
+                };
+                self.handle(body.io.io, now, packet)
+            }
+            PacketType::PubAck | PacketType::PubRec | PacketType::PubRel | PacketType::PubComp => {
+                let packet_id = body.packet_id()?;
+                let code = body.reason_or(0)?;
+                let valid = match kind {
+                    PacketType::PubAck | PacketType::PubRec => is_publish_ack_code(code),
+                    _ => matches!(code, 0x00 | 0x92),
+                };
+                if !valid {
+                    return Err(DecodeError::InvalidReturnCode.into());
+                }
+                body.properties(v5, allowed::ACK, false)?;
+                if kind == PacketType::PubRec && code >= 0x80 {
+                    // Refused: the exchange ends here, without PUBREL.
+                    if let Some(ticket) = self.find(packet_id, |stage| matches!(stage, Stage::AwaitPubRec { .. })) {
+                        v5.reason_code = code;
+                        self.release(ticket);
+                        return Ok(Event::Completed(ticket));
+                    }
+                    return Ok(Event::Handled);
+                }
+                if kind == PacketType::PubAck && code >= 0x80 {
+                    v5.reason_code = code;
+                }
+                let packet = match kind {
+                    PacketType::PubAck => Packet::PubAck(packet_id),
+                    PacketType::PubRec => Packet::PubRec(packet_id),
+                    PacketType::PubRel => Packet::PubRel(packet_id),
+                    _ => Packet::PubComp(packet_id),
+                };
+                self.handle(body.io.io, now, packet)
+            }
+            PacketType::SubAck | PacketType::UnsubAck => {
+                let packet_id = body.packet_id()?;
+                if body.left == 0 {
+                    return Err(DecodeError::BadLength.into());
+                }
+                body.properties(v5, allowed::ACK, true)?;
+                // One filter per SUBSCRIBE or UNSUBSCRIBE: one code.
+                let code = body.u8()?;
+                if body.left != 0 {
+                    return Err(DecodeError::BadLength.into());
+                }
+                if kind == PacketType::SubAck {
+                    if !is_suback_code(code) {
+                        return Err(DecodeError::InvalidReturnCode.into());
+                    }
+                    return self.handle(
+                        body.io.io,
+                        now,
+                        Packet::SubAck {
+                            packet_id,
+                            codes: &[code],
+                        },
+                    );
+                }
+                if !is_unsuback_code(code) {
+                    return Err(DecodeError::InvalidReturnCode.into());
+                }
+                let event = self.handle(body.io.io, now, Packet::UnsubAck(packet_id))?;
+                if let Event::Answered(ticket) = event {
+                    self.set_stage(ticket, Stage::Answered(code), now);
+                }
+                Ok(event)
+            }
+            PacketType::PingResp if remaining_length == 0 => self.handle(body.io.io, now, Packet::PingResp),
+            PacketType::Disconnect => {
+                let code = body.reason_or(0)?;
+                if !is_disconnect_code(code) {
+                    return Err(DecodeError::InvalidReturnCode.into());
+                }
+                body.properties(v5, allowed::DISCONNECT, false)?;
+                v5.reason_code = code;
+                Err(Error::Disconnected)
+            }
+            PacketType::PingResp => Err(DecodeError::BadLength.into()),
+            _ => Err(Error::UnexpectedPacket),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::properties::id;
+    use crate::session::testing::*;
+    use crate::session::{CommandState, Config};
+
+    fn v5_session() -> (Session, V5, Pipe) {
+        let session = Session::new_v5(CONFIG);
+        let v5 = V5::new(ConnectProperties {
+            session_expiry_s: 0,
+            receive_maximum: 32,
+            maximum_packet_size: 4096,
+            topic_alias_maximum: 0,
+        });
+        (session, v5, Pipe::default())
+    }
+
+    fn connack(pipe: &mut Pipe, code: u8, properties: &[u8]) {
+        let mut bytes = vec![0x20, 0, 0, code, properties.len() as u8];
+        bytes.extend_from_slice(properties);
+        bytes[1] = (bytes.len() - 2) as u8;
+        pipe.broker_sends(|b| b.extend(bytes));
+    }
+
+    fn connected_v5(properties: &[u8]) -> (Session, V5, Pipe) {
+        let (mut session, mut v5, mut pipe) = v5_session();
+        session
+            .connect_v5(&mut pipe, 0, &connect_options(30, true), &Default::default(), &v5)
+            .unwrap();
+        connack(&mut pipe, 0, properties);
+        let event = session.receive_v5(&mut pipe, 1, &mut v5).unwrap();
+        assert_eq!(
+            event,
+            Event::ConnAck {
+                code: 0,
+                session_present: false
+            }
+        );
+        pipe.outbound.clear();
+        (session, v5, pipe)
+    }
+
+    #[test]
+    fn connect_is_sent_in_mqtt_5_form() {
+        let (mut session, v5, mut pipe) = v5_session();
+        session
+            .connect_v5(&mut pipe, 0, &connect_options(30, true), &Default::default(), &v5)
+            .unwrap();
+        #[rustfmt::skip]
+        let expected = [
+            0x10, 23, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 30,
+            8, id::RECEIVE_MAXIMUM, 0, 32, id::MAXIMUM_PACKET_SIZE, 0, 0, 16, 0,
+            0, 2, b'c', b'1',
+        ];
+        assert_eq!(pipe.outbound, expected);
+    }
+
+    #[test]
+    fn connack_sets_the_limits_and_the_assigned_id() {
+        #[rustfmt::skip]
+        let properties = [
+            id::RECEIVE_MAXIMUM, 0, 2,
+            id::MAXIMUM_QOS, 1,
+            id::RETAIN_AVAILABLE, 0,
+            id::SERVER_KEEPALIVE, 0, 10,
+            id::ASSIGNED_CLIENT_ID, 0, 3, b'a', b'-', b'1',
+            id::USER_PROPERTY, 0, 1, b'k', 0, 1, b'v',
+        ];
+        let (session, v5, _) = connected_v5(&properties);
+        assert!(session.is_connected());
+        assert_eq!(v5.server.receive_maximum, 2);
+        assert_eq!(v5.server.maximum_qos, QoS::AtLeastOnce);
+        assert!(!v5.server.retain_available);
+        assert_eq!(v5.server.keepalive_s, Some(10));
+        assert_eq!(session.keepalive_ms, 10_000);
+        assert_eq!(v5.assigned_client_id(), "a-1");
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_code_and_reason() {
+        let (mut session, mut v5, mut pipe) = v5_session();
+        let ticket = session
+            .connect_v5(&mut pipe, 0, &connect_options(30, true), &Default::default(), &v5)
+            .unwrap();
+        connack(&mut pipe, 0x87, &[id::REASON_STRING, 0, 2, b'n', b'o']);
+        session.receive_v5(&mut pipe, 1, &mut v5).unwrap();
+        assert_eq!(session.command_state(ticket, 1), CommandState::Done(0x87));
+        assert_eq!((v5.reason_code, v5.reason()), (0x87, "no"));
+        assert!(!session.is_connected());
+    }
+
+    #[test]
+    fn malformed_connacks_fail_the_link() {
+        for (code, properties) in [
+            (0x01u8, &[][..]),                                  // a 3.1.1 code
+            (0, &[id::TOPIC_ALIAS, 0, 1][..]),                  // not a CONNACK property
+            (0, &[id::MAXIMUM_QOS, 1, id::MAXIMUM_QOS, 1][..]), // repeated
+        ] {
+            let (mut session, mut v5, mut pipe) = v5_session();
+            session
+                .connect_v5(&mut pipe, 0, &connect_options(30, true), &Default::default(), &v5)
+                .unwrap();
+            connack(&mut pipe, code, properties);
+            assert!(matches!(
+                session.receive_v5(&mut pipe, 1, &mut v5),
+                Err(Error::Malformed(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn acknowledgements_carry_reason_codes() {
+        let (mut session, mut v5, mut pipe) = connected_v5(&[]);
+        let ticket = session
+            .publish(&mut pipe, 2, "t", b"x", QoS::AtLeastOnce, false)
+            .unwrap()
+            .unwrap();
+        // PUBACK: id, "not authorized", a reason string.
+        pipe.broker_sends(|b| b.extend([0x40, 7, 0, ticket.packet_id as u8, 0x87, 3, id::REASON_STRING, 0, 0]));
+        assert_eq!(
+            session.receive_v5(&mut pipe, 3, &mut v5).unwrap(),
+            Event::Completed(ticket)
+        );
+        assert_eq!(v5.reason_code, 0x87);
+        // The short form, and a success code with no properties.
+        let ticket = session
+            .publish(&mut pipe, 2, "t", b"x", QoS::AtLeastOnce, false)
+            .unwrap()
+            .unwrap();
+        pipe.broker_sends(|b| b.extend([0x40, 3, 0, ticket.packet_id as u8, 0x10]));
+        assert_eq!(
+            session.receive_v5(&mut pipe, 3, &mut v5).unwrap(),
+            Event::Completed(ticket)
+        );
+    }
+
+    #[test]
+    fn a_refused_pubrec_ends_the_exchange_without_pubrel() {
+        let (mut session, mut v5, mut pipe) = connected_v5(&[]);
+        let ticket = session
+            .publish(&mut pipe, 2, "t", b"x", QoS::ExactlyOnce, false)
+            .unwrap()
+            .unwrap();
+        pipe.outbound.clear();
+        pipe.broker_sends(|b| b.extend([0x50, 3, 0, ticket.packet_id as u8, 0x97]));
+        assert_eq!(
+            session.receive_v5(&mut pipe, 3, &mut v5).unwrap(),
+            Event::Completed(ticket)
+        );
+        assert!(pipe.outbound.is_empty());
+        assert_eq!(v5.reason_code, 0x97);
+    }
+
+    #[test]
+    fn suback_and_unsuback_answer_with_their_code() {
+        let (mut session, mut v5, mut pipe) = connected_v5(&[]);
+        let ticket = session.subscribe(&mut pipe, 2, "a/#", QoS::AtLeastOnce).unwrap();
+        // The SUBSCRIBE went in MQTT 5 form: empty properties, options byte.
+        assert_eq!(
+            pipe.outbound,
+            [0x82, 9, 0, ticket.packet_id as u8, 0, 0, 3, b'a', b'/', b'#', 1]
+        );
+        pipe.broker_sends(|b| b.extend([0x90, 4, 0, ticket.packet_id as u8, 0, 0x97]));
+        assert_eq!(
+            session.receive_v5(&mut pipe, 3, &mut v5).unwrap(),
+            Event::Answered(ticket)
+        );
+        assert_eq!(session.command_state(ticket, 3), CommandState::Done(0x97));
+        let ticket = session.unsubscribe(&mut pipe, 4, "a/#").unwrap();
+        pipe.broker_sends(|b| b.extend([0xb0, 4, 0, ticket.packet_id as u8, 0, 0x11]));
+        assert_eq!(
+            session.receive_v5(&mut pipe, 5, &mut v5).unwrap(),
+            Event::Answered(ticket)
+        );
+        assert_eq!(session.command_state(ticket, 5), CommandState::Done(0x11));
+    }
+
+    #[test]
+    fn the_brokers_disconnect_ends_the_link_with_its_reason() {
+        let (mut session, mut v5, mut pipe) = connected_v5(&[]);
+        pipe.broker_sends(|b| b.extend([0xe0, 6, 0x8e, 4, id::REASON_STRING, 0, 1, b'x']));
+        assert_eq!(session.receive_v5(&mut pipe, 3, &mut v5), Err(Error::Disconnected));
+        assert_eq!((v5.reason_code, v5.reason()), (0x8e, "x"));
+        let (mut session, mut v5, mut pipe) = connected_v5(&[]);
+        pipe.broker_sends(|b| b.extend([0xe0, 1, 0x04]));
+        assert!(matches!(
+            session.receive_v5(&mut pipe, 3, &mut v5),
+            Err(Error::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn publishes_go_in_mqtt_5_form_and_arrive_with_their_properties_checked() {
+        let (mut session, mut v5, mut pipe) = connected_v5(&[]);
+        session
+            .publish(&mut pipe, 2, "t", b"x", QoS::AtMostOnce, false)
+            .unwrap();
+        assert_eq!(pipe.outbound, [0x30, 5, 0, 1, b't', 0, b'x']);
+        // Inbound: a message expiry and a user property, then the payload.
+        #[rustfmt::skip]
+        let publish = [
+            0x32, 19, 0, 1, b't', 0, 9,
+            11, id::MESSAGE_EXPIRY, 0, 0, 0, 5, id::USER_PROPERTY, 0, 1, b'k', 0, 0,
+            b'h', b'i',
+        ];
+        pipe.broker_sends(|b| b.extend(publish));
+        let (topic, payload, info) = read_message_v5(&mut session, &mut pipe, &mut v5).unwrap();
+        assert_eq!((topic.as_str(), &payload[..], info.packet_id), ("t", &b"hi"[..], 9));
+        // A topic alias the client never allowed fails the link.
+        pipe.broker_sends(|b| b.extend([0x30, 8, 0, 1, b't', 3, id::TOPIC_ALIAS, 0, 1, b'x']));
+        let Event::Message { topic_len, .. } = session.receive_v5(&mut pipe, 3, &mut v5).unwrap() else {
+            panic!("no message")
+        };
+        let mut topic = vec![0; usize::from(topic_len)];
+        assert!(matches!(
+            session.read_topic_v5(&mut pipe, &mut topic, &mut v5),
+            Err(Error::Malformed(DecodeError::InvalidProperty))
+        ));
+    }
+
+    #[test]
+    fn a_3_1_1_session_is_unchanged() {
+        let config = Config { ..CONFIG };
+        assert_eq!(Session::new(config).version(), 4);
+        assert_eq!(Session::new_v5(config).version(), 5);
+    }
+}
