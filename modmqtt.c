@@ -193,15 +193,18 @@ static int connect_and_notify(mp_obj_mqtt_client_t *self) {
 // ---------------------------------------------------------------------------
 // The Client class
 
-// Client(client_id, clean_session=True, cycle_timeout=500, command_timeout=60000, *, max_packet_size=1048576)
+// Client(client_id, clean_session=True, cycle_timeout=500, command_timeout=60000, *,
+//        max_packet_size=1048576, protocol=MQTTv311, session_expiry=None)
 static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t n_kw, const mp_obj_t *all_args) {
-    enum { ARG_client_id, ARG_clean_session, ARG_cycle_timeout, ARG_command_timeout, ARG_max_packet_size };
+    enum { ARG_client_id, ARG_clean_session, ARG_cycle_timeout, ARG_command_timeout, ARG_max_packet_size, ARG_protocol, ARG_session_expiry };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_client_id, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_clean_session, MP_ARG_BOOL, {.u_bool = true} },
         { MP_QSTR_cycle_timeout, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(500)} },
         { MP_QSTR_command_timeout, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(60000)} },
         { MP_QSTR_max_packet_size, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(MQTT_DEFAULT_MAX_PACKET)} },
+        { MP_QSTR_protocol, MP_ARG_KW_ONLY | MP_ARG_INT, {.u_int = 4} },
+        { MP_QSTR_session_expiry, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
     };
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
     mp_arg_parse_all_kw_array(n_args, n_kw, all_args, MP_ARRAY_SIZE(allowed), allowed, args);
@@ -220,8 +223,17 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
         mp_raise_ValueError(MP_ERROR_TEXT("command_timeout must be positive"));
     }
     uint32_t max_packet_size = non_negative_of(args[ARG_max_packet_size].u_obj, "max_packet_size");
+    mp_int_t protocol = args[ARG_protocol].u_int;
+    if (protocol != 4 && protocol != 5) {
+        mp_raise_ValueError(MP_ERROR_TEXT("protocol must be MQTTv311 or MQTTv5"));
+    }
+    mp_obj_t session_expiry = args[ARG_session_expiry].u_obj;
+    if (session_expiry != mp_const_none && protocol != 5) {
+        mp_raise_ValueError(MP_ERROR_TEXT("session_expiry needs protocol=MQTTv5"));
+    }
 
-    size_t session_size = mqtt_session_size();
+    // An MQTT 5 session is larger: its MQTT 5 state follows it.
+    size_t session_size = mqtt_session_size((uint8_t)protocol);
     // Zeroed: what is not set below starts as 0, false, NULL or MP_OBJ_NULL.
     mp_obj_mqtt_client_t *self = m_malloc0(sizeof(mp_obj_mqtt_client_t) + session_size);
     self->base.type = type;
@@ -233,14 +245,17 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     self->cycle_timeout_ms = cycle_timeout;
     self->port = 1883;
     self->clean_session = clean_session;
-    self->return_code = -1;
+    self->return_code = MQTT_NO_RETURN_CODE;
     self->owns_stream = true;
     #if MICROPY_PY_THREAD
     mp_thread_mutex_init(&self->lock);
     #endif
     // Cannot fail: the memory has the size the engine asked for, and the
     // alignment it needs (see session_of).
-    mqtt_session_init(self->session_memory, session_size, command_timeout, max_packet_size);
+    mqtt_session_init(self->session_memory, session_size, command_timeout, max_packet_size, (uint8_t)protocol);
+    if (session_expiry != mp_const_none) {
+        mqtt_session_set_session_expiry(session_of(self), non_negative_of(session_expiry, "session_expiry"));
+    }
     return MP_OBJ_FROM_PTR(self);
 }
 
@@ -347,9 +362,12 @@ static bool configure_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t 
     return args[ARG_start_loop].u_bool;
 }
 
-// Raises MQTTException for a CONNACK refusal (the engine accepts no
-// return code above 5).
-static NORETURN void raise_refusal(int code) {
+// Raises MQTTException for a CONNACK refusal: a return code 1-5 (the
+// engine accepts no other) in MQTT 3.1.1, a reason code in MQTT 5.
+static NORETURN void raise_refusal(mp_obj_mqtt_client_t *self, int code) {
+    if (speaks_v5(self)) {
+        nlr_raise(reason_exception(self, "connection refused", code));
+    }
     raise_mqtt(code, "connection refused: %s", refusals[code - 1]);
 }
 
@@ -365,7 +383,7 @@ static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t
     }
     int code = connect_and_notify(self);
     if (code != 0) {
-        raise_refusal(code);
+        raise_refusal(self, code);
     }
     if (start_loop) {
         loop_start(self);
@@ -388,7 +406,8 @@ static MP_DEFINE_CONST_FUN_OBJ_1(client_reconnect_obj, client_reconnect);
 
 // Client.get_return_code() -> CONNACK return code of the last attempt, or -1
 static mp_obj_t client_get_return_code(mp_obj_t self_in) {
-    return MP_OBJ_NEW_SMALL_INT(client_of(self_in)->return_code);
+    uint8_t code = client_of(self_in)->return_code;
+    return MP_OBJ_NEW_SMALL_INT(code == MQTT_NO_RETURN_CODE ? -1 : code);
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(client_get_return_code_obj, client_get_return_code);
 
@@ -401,6 +420,40 @@ static mp_obj_t client_connected(mp_obj_t self_in) {
     return mp_obj_new_bool(connected);
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(client_connected_obj, client_connected);
+
+// Client.disconnect_reason() -> (code, reason string) or None: the reason
+// code of the MQTT 5 broker's last DISCONNECT and the reason string of its
+// last refusal; None before any (and always with MQTT 3.1.1).
+static mp_obj_t client_disconnect_reason(mp_obj_t self_in) {
+    mp_obj_mqtt_client_t *self = client_of(self_in);
+    char text[MQTT_REASON_MAX];
+    mqtt_bytes_t reason;
+    client_lock(self);
+    int code = mqtt_session_disconnect_reason(session_of(self), &reason);
+    size_t len = code < 0 ? 0 : (reason.len < sizeof(text) ? reason.len : sizeof(text));
+    memcpy(text, reason.data, len);
+    client_unlock(self);
+    if (code < 0) {
+        return mp_const_none;
+    }
+    mp_obj_t items[2] = { MP_OBJ_NEW_SMALL_INT(code), mp_obj_new_str(text, len) };
+    return mp_obj_new_tuple(2, items);
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(client_disconnect_reason_obj, client_disconnect_reason);
+
+// Client.assigned_client_id() -> str or None: the client identifier the
+// MQTT 5 broker assigned when the client connected with an empty one.
+static mp_obj_t client_assigned_client_id(mp_obj_t self_in) {
+    mp_obj_mqtt_client_t *self = client_of(self_in);
+    char text[MQTT_ASSIGNED_ID_MAX];
+    client_lock(self);
+    mqtt_bytes_t id = mqtt_session_assigned_client_id(session_of(self));
+    size_t len = id.len < sizeof(text) ? id.len : sizeof(text);
+    memcpy(text, id.data, len);
+    client_unlock(self);
+    return len == 0 ? mp_const_none : mp_obj_new_str(text, len);
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(client_assigned_client_id_obj, client_assigned_client_id);
 
 // Client.message_flags() -> int or None: inside a message callback, the
 // flags of the message's PUBLISH header (bit 0 retain, bits 1-2 QoS, bit 3
@@ -688,8 +741,9 @@ static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_ma
     if (nlr_push(&nlr) == 0) {
         *ticket = send_subscription(self, filter, qos, false);
         uint8_t code = !wait || in_callback(self) ? 0 : wait_for(self, *ticket);
-        if (code == MQTT_EXC_SUBSCRIBE_FAILED) {
-            raise_mqtt(MQTT_EXC_SUBSCRIBE_FAILED, "subscription refused by the broker", NULL);
+        // 0x80 in MQTT 3.1.1; any code from 0x80 up in MQTT 5.
+        if (code >= MQTT_EXC_SUBSCRIBE_FAILED) {
+            raise_subscription_refused(self, code);
         }
         nlr_pop();
         return code;
@@ -773,6 +827,8 @@ static const mp_rom_map_elem_t client_locals_table[] = {
     { MP_ROM_QSTR(MP_QSTR_connect), MP_ROM_PTR(&client_connect_obj) },
     { MP_ROM_QSTR(MP_QSTR_reconnect), MP_ROM_PTR(&client_reconnect_obj) },
     { MP_ROM_QSTR(MP_QSTR_get_return_code), MP_ROM_PTR(&client_get_return_code_obj) },
+    { MP_ROM_QSTR(MP_QSTR_disconnect_reason), MP_ROM_PTR(&client_disconnect_reason_obj) },
+    { MP_ROM_QSTR(MP_QSTR_assigned_client_id), MP_ROM_PTR(&client_assigned_client_id_obj) },
     { MP_ROM_QSTR(MP_QSTR_connected), MP_ROM_PTR(&client_connected_obj) },
     { MP_ROM_QSTR(MP_QSTR_message_flags), MP_ROM_PTR(&client_message_flags_obj) },
     { MP_ROM_QSTR(MP_QSTR_loop), MP_ROM_PTR(&client_loop_obj) },
@@ -816,6 +872,9 @@ static const mp_rom_map_elem_t mqtt_module_globals_table[] = {
     { MP_ROM_QSTR(MP_QSTR_SUBSCRIBE_FAILED), MP_ROM_INT(MQTT_EXC_SUBSCRIBE_FAILED) },
     { MP_ROM_QSTR(MP_QSTR_TIMEOUT), MP_ROM_INT(MQTT_EXC_TIMEOUT) },
     { MP_ROM_QSTR(MP_QSTR_PROTOCOL_ERROR), MP_ROM_INT(MQTT_EXC_PROTOCOL) },
+    { MP_ROM_QSTR(MP_QSTR_REASON), MP_ROM_INT(MQTT_EXC_REASON) },
+    { MP_ROM_QSTR(MP_QSTR_MQTTv311), MP_ROM_INT(4) },
+    { MP_ROM_QSTR(MP_QSTR_MQTTv5), MP_ROM_INT(5) },
     { MP_ROM_QSTR(MP_QSTR_LOOP), MP_ROM_QSTR(MQTT_LOOP_NAME) },
 };
 static MP_DEFINE_CONST_DICT(mqtt_module_globals, mqtt_module_globals_table);

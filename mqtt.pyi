@@ -39,7 +39,8 @@ class _DropCallback(Protocol):
 
 class MQTTException(Exception):
     """Raised with (code, text): a refused connection (code 1-5),
-    SUBSCRIBE_FAILED, TIMEOUT or PROTOCOL_ERROR."""
+    SUBSCRIBE_FAILED, TIMEOUT or PROTOCOL_ERROR; with MQTT 5, REASON plus
+    the reason code of the broker's refusal or DISCONNECT."""
 
     args: tuple[int, str]
     def __init__(self, code: int, text: str, /) -> None: ...
@@ -61,6 +62,13 @@ CONNECTION_REFUSED_NOT_AUTHORIZED: Final[int] = 5
 SUBSCRIBE_FAILED: Final[int] = 0x80
 TIMEOUT: Final[int] = 0x100
 PROTOCOL_ERROR: Final[int] = 0x101
+# With MQTT 5, MQTTException carries REASON + the broker's reason code
+# (0x87 "not authorized" as REASON + 0x87), apart from the codes above.
+REASON: Final[int] = 0x200
+
+# The protocol a Client speaks (Client(protocol=...)).
+MQTTv311: Final[int] = 4
+MQTTv5: Final[int] = 5
 
 # What connect(start_loop=True) starts on this port: a background thread,
 # turns run by the scheduler, or nothing ('cycle': call Client.cycle()).
@@ -75,9 +83,14 @@ class Client:
         command_timeout: int = 60000,
         *,
         max_packet_size: int = 1048576,
+        protocol: int = 4,
+        session_expiry: int | None = None,
     ) -> None:
         """Makes a client; timeouts are in milliseconds and max_packet_size is
-        the largest incoming packet accepted, in bytes."""
+        the largest incoming packet accepted, in bytes. protocol is MQTTv311
+        or MQTTv5; session_expiry (MQTT 5, seconds) is how long the broker
+        keeps the session after the link ends (default: 0 for a clean
+        session, for ever otherwise, as in MQTT 3.1.1)."""
 
     def connect(
         self,
@@ -109,6 +122,15 @@ class Client:
 
     def get_return_code(self) -> int:
         """The CONNACK return code of the last connection attempt, or -1."""
+
+    def disconnect_reason(self) -> tuple[int, str] | None:
+        """MQTT 5: the reason code of the broker's last DISCONNECT and the
+        reason string of its last refusal; None before any, and with MQTT
+        3.1.1."""
+
+    def assigned_client_id(self) -> str | None:
+        """MQTT 5: the client identifier the broker assigned to a client
+        made with an empty one, once connected; None otherwise."""
 
     def connected(self) -> bool:
         """Whether the link is up and the broker accepted the connection."""

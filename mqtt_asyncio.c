@@ -23,7 +23,7 @@
 
 // What the asyncio methods share with the blocking ones (modmqtt.c).
 static bool configure_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, mp_obj_t *queue);
-static NORETURN void raise_refusal(int code);
+static NORETURN void raise_refusal(mp_obj_mqtt_client_t *self, int code);
 static void parse_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, outgoing_t *message);
 static bool publish_now(mp_obj_mqtt_client_t *self, const outgoing_t *message, mqtt_ticket_t *ticket);
 static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, bool wait, mqtt_ticket_t *ticket, mp_obj_t *filter_out);
@@ -533,10 +533,11 @@ static mp_obj_t answer_step(mp_obj_awaitable_t *awaitable) {
     int verdict = mqtt_session_await(session_of(self), ticket, now_ms(), awaitable->since, self->auto_reconnect && aio_loop_runs(self), &code);
     client_unlock(self);
     if (verdict == MQTT_AWAIT_ANSWERED) {
-        if (awaitable->detail == ANSWER_SUBSCRIBE && code == MQTT_EXC_SUBSCRIBE_FAILED) {
+        // 0x80 in MQTT 3.1.1; any code from 0x80 up in MQTT 5.
+        if (awaitable->detail == ANSWER_SUBSCRIBE && code >= MQTT_EXC_SUBSCRIBE_FAILED) {
             mp_obj_t smaller;
             update_subscriptions(self, awaitable->object, MP_OBJ_NULL, 0, &smaller);
-            raise_mqtt(MQTT_EXC_SUBSCRIBE_FAILED, "subscription refused by the broker", NULL);
+            raise_subscription_refused(self, code);
         }
         return mp_make_stop_iteration(awaitable->detail == ANSWER_SUBSCRIBE ? MP_OBJ_NEW_SMALL_INT(code) : mp_const_none);
     }
@@ -613,7 +614,7 @@ static mp_obj_t connack_step(mp_obj_awaitable_t *awaitable) {
     drop_link(self);
     client_unlock(self);
     if (verdict == MQTT_AWAIT_ANSWERED && code != 0) {
-        raise_refusal(code);
+        raise_refusal(self, code);
     }
     if (verdict == MQTT_AWAIT_CONNECT_TIMED_OUT) {
         mp_raise_OSError(MP_ETIMEDOUT);

@@ -54,6 +54,12 @@
 #define MQTT_EXC_SUBSCRIBE_FAILED (0x80)
 #define MQTT_EXC_TIMEOUT (0x100)
 #define MQTT_EXC_PROTOCOL (0x101)
+// An MQTT 5 reason code r (a refusal, the broker's DISCONNECT) is carried
+// as MQTT_EXC_REASON + r, apart from the 3.1.1 codes above.
+#define MQTT_EXC_REASON (0x200)
+
+// Client.return_code before a CONNACK answered (no code MQTT defines).
+#define MQTT_NO_RETURN_CODE (0xff)
 
 // Values loop_failure returns.
 #define MQTT_BREAK_LOOP (0)
@@ -149,7 +155,9 @@ typedef struct _mp_obj_mqtt_client_t {
     uint16_t link_generation;
     uint16_t port;
     uint16_t keepalive_s;
-    int8_t return_code;
+    // The CONNACK's return code (a reason code in MQTT 5) of the last
+    // attempt, or MQTT_NO_RETURN_CODE before an answer.
+    uint8_t return_code;
     uint8_t will_qos;
     bool will_retain;
     bool clean_session;
@@ -218,6 +226,10 @@ static mp_obj_t option(mp_obj_mqtt_client_t *self, size_t which) {
 static uint32_t now_ms(void) {
     return (uint32_t)mp_hal_ticks_ms();
 }
+
+// The client's lock (mqtt_cycle.c), around every engine call.
+static void client_lock(mp_obj_mqtt_client_t *self);
+static void client_unlock(mp_obj_mqtt_client_t *self);
 
 // What the loop back-end (MQTT_LOOP_FILE) provides.
 

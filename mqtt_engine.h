@@ -11,84 +11,6 @@
 #include <stdlib.h>
 
 /**
- * Largest value of a variable byte integer (four bytes of seven bits).
- */
-#define VARINT_MAX 268435455
-
-/**
- * Size of a one-byte property; of a two- and a four-byte one.
- */
-#define BYTE_PROPERTY_LEN 2
-
-#define TWO_PROPERTY_LEN 3
-
-#define FOUR_PROPERTY_LEN 5
-
-#define PAYLOAD_FORMAT 1
-
-#define MESSAGE_EXPIRY 2
-
-#define CONTENT_TYPE 3
-
-#define RESPONSE_TOPIC 8
-
-#define CORRELATION_DATA 9
-
-#define SUBSCRIPTION_ID 11
-
-#define SESSION_EXPIRY 17
-
-#define ASSIGNED_CLIENT_ID 18
-
-#define SERVER_KEEPALIVE 19
-
-#define AUTH_METHOD 21
-
-#define AUTH_DATA 22
-
-#define REQUEST_PROBLEM_INFO 23
-
-#define WILL_DELAY 24
-
-#define REQUEST_RESPONSE_INFO 25
-
-#define RESPONSE_INFO 26
-
-#define SERVER_REFERENCE 28
-
-#define REASON_STRING 31
-
-#define RECEIVE_MAXIMUM 33
-
-#define TOPIC_ALIAS_MAXIMUM 34
-
-#define TOPIC_ALIAS 35
-
-#define MAXIMUM_QOS 36
-
-#define RETAIN_AVAILABLE 37
-
-#define USER_PROPERTY 38
-
-#define MAXIMUM_PACKET_SIZE 39
-
-#define WILDCARD_AVAILABLE 40
-
-#define SUBSCRIPTION_ID_AVAILABLE 41
-
-#define SHARED_AVAILABLE 42
-
-/**
- * Bytes of a reason string kept (cut at a character boundary).
- */
-#define REASON_MAX 64
-
-/**
- * Bytes of a client identifier the broker assigns that are kept.
- */
-#define ASSIGNED_ID_MAX 64
-
-/**
  * The in-flight table's size: tickets' slots are below this.
  */
 #define MQTT_INFLIGHT_MAX 8
@@ -108,6 +30,16 @@
  * The TLS handshake failed.
  */
 #define MQTT_FAILURE_HANDSHAKE 2
+
+/**
+ * The longest reason string `mqtt_session_reason` gives, in bytes.
+ */
+#define MQTT_REASON_MAX 64
+
+/**
+ * The longest client identifier `mqtt_session_assigned_client_id` gives.
+ */
+#define MQTT_ASSIGNED_ID_MAX 64
 
 /**
  * The alignment, in bytes, that session memory has at least.
@@ -143,13 +75,20 @@ typedef enum {
    */
   MQTT_ERR_NOT_CONNECTED = -5,
   /**
-   * Every in-flight slot is taken.
+   * Every in-flight slot is taken (or as many QoS 1/2 publishes are in
+   * flight as an MQTT 5 broker's Receive Maximum allows).
    */
   MQTT_ERR_INFLIGHT_FULL = -6,
   /**
    * The call does not fit the session's state (a bug in the caller).
    */
   MQTT_ERR_WRONG_STATE = -7,
+  /**
+   * The MQTT 5 broker's CONNACK does not allow it: a QoS above its
+   * maximum, RETAIN without retained messages, a packet over its
+   * maximum size.
+   */
+  MQTT_ERR_BROKER_LIMIT = -8,
   /**
    * The broker did not answer PINGREQ in time: the link is dead.
    */
@@ -442,9 +381,10 @@ typedef struct {
 } mqtt_filters_t;
 
 /**
- * Bytes of memory a session needs.
+ * Bytes of memory a session of `protocol` (4: MQTT 3.1.1, 5: MQTT 5)
+ * needs; 0 for another protocol level.
  */
-size_t mqtt_session_size(void);
+size_t mqtt_session_size(uint8_t protocol);
 
 /**
  * Sets up a session in `memory` (`size` bytes, see `mqtt_session_size`,
@@ -460,7 +400,8 @@ size_t mqtt_session_size(void);
 mqtt_session_t *mqtt_session_init(void *memory,
                                   size_t size,
                                   uint32_t command_timeout_ms,
-                                  uint32_t max_packet_size);
+                                  uint32_t max_packet_size,
+                                  uint8_t protocol);
 
 /**
  * The rule of MQTT that the broker broke, when `status` says it broke
@@ -711,5 +652,60 @@ mqtt_status_t mqtt_topic_check(mqtt_bytes_t bytes, bool filter);
  * Both point to valid bytes of the given lengths.
  */
 bool mqtt_topic_matches(mqtt_bytes_t filter, mqtt_bytes_t topic);
+
+/**
+ * The protocol level of `session`: 4 (MQTT 3.1.1) or 5 (MQTT 5); 0
+ * for a null session.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`.
+ */
+uint8_t mqtt_session_protocol(mqtt_session_t *session);
+
+/**
+ * Sets the Session Expiry Interval an MQTT 5 session's CONNECT asks for
+ * (without one: 0 for a clean session, never for another, as in MQTT
+ * 3.1.1). Does nothing to an MQTT 3.1.1 session.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`.
+ */
+void mqtt_session_set_session_expiry(mqtt_session_t *session, uint32_t seconds);
+
+/**
+ * What an MQTT 5 reason code means, as a NUL-terminated text (null for
+ * a code the standard does not define).
+ */
+const char *mqtt_reason_text(uint8_t code);
+
+/**
+ * The reason code of the MQTT 5 broker's last refusal (a CONNACK, an
+ * acknowledgement, a DISCONNECT) and its reason string (`*reason`, at
+ * most `MQTT_REASON_MAX` bytes of it, not NUL-terminated; empty when none
+ * came). 0 for an MQTT 3.1.1 session.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`; `reason` is valid.
+ */
+uint8_t mqtt_session_reason(mqtt_session_t *session, mqtt_bytes_t *reason);
+
+/**
+ * The reason code of the MQTT 5 broker's last DISCONNECT, or -1 when
+ * none came (or for an MQTT 3.1.1 session); `*reason` as for
+ * `mqtt_session_reason`.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`; `reason` is valid.
+ */
+int mqtt_session_disconnect_reason(mqtt_session_t *session, mqtt_bytes_t *reason);
+
+/**
+ * The client identifier the MQTT 5 broker assigned in its last CONNACK
+ * (empty when it assigned none), valid until the next call on `session`.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`.
+ */
+mqtt_bytes_t mqtt_session_assigned_client_id(mqtt_session_t *session);
 
 #endif  /* MQTT_ENGINE_H */

@@ -194,6 +194,45 @@ static NORETURN void raise_mqtt(int code, const char *text, const char *detail) 
     nlr_raise(mqtt_exception(code, text, detail));
 }
 
+// MQTTException(MQTT_EXC_REASON + code, "<what>: <meaning> (0x..)[: <reason
+// string>]") for an MQTT 5 reason code the broker sent, with the reason
+// string of the broker's last refusal; `code` -1: the last refusal's code.
+// Takes the lock for a moment: call without it.
+static mp_obj_t reason_exception(mp_obj_mqtt_client_t *self, const char *what, int code) {
+    // Copied out under the lock; nothing is allocated while it is held.
+    char text[MQTT_REASON_MAX];
+    mqtt_bytes_t reason;
+    client_lock(self);
+    uint8_t last = mqtt_session_reason(session_of(self), &reason);
+    size_t len = reason.len < sizeof(text) ? reason.len : sizeof(text);
+    memcpy(text, reason.data, len);
+    client_unlock(self);
+    uint8_t shown = code < 0 ? last : (uint8_t)code;
+    const char *meaning = mqtt_reason_text(shown);
+    vstr_t message;
+    vstr_init(&message, 0);
+    vstr_printf(&message, "%s: %s (0x%02x)", what, meaning != NULL ? meaning : "reason code", shown);
+    if (len > 0) {
+        vstr_add_str(&message, ": ");
+        vstr_add_strn(&message, text, len);
+    }
+    mp_obj_t args[2] = { MP_OBJ_NEW_SMALL_INT(MQTT_EXC_REASON + shown), mp_obj_new_str_from_vstr(&message) };
+    return mp_obj_new_exception_args(&mp_type_MQTTException, 2, args);
+}
+
+// Whether the client speaks MQTT 5.
+static bool speaks_v5(mp_obj_mqtt_client_t *self) {
+    return mqtt_session_protocol(session_of(self)) == 5;
+}
+
+// Raises what a subscription refused with `code` means.
+static NORETURN void raise_subscription_refused(mp_obj_mqtt_client_t *self, uint8_t code) {
+    if (speaks_v5(self)) {
+        nlr_raise(reason_exception(self, "subscription refused", code));
+    }
+    raise_mqtt(MQTT_EXC_SUBSCRIBE_FAILED, "subscription refused by the broker", NULL);
+}
+
 static mp_obj_t os_error(int errcode) {
     return mp_obj_new_exception_arg1(&mp_type_OSError, MP_OBJ_NEW_SMALL_INT(errcode));
 }
@@ -223,6 +262,10 @@ static mp_obj_t exception_for_status(mp_obj_mqtt_client_t *self, int status) {
             return os_error(MP_ENOTCONN);
         case MQTT_ERR_INFLIGHT_FULL:
             return os_error(MP_ENOBUFS);
+        case MQTT_ERR_BROKER_LIMIT:
+            return mp_obj_new_exception_msg(&mp_type_ValueError, MP_ERROR_TEXT("not allowed by the broker (its maximum QoS, retain or packet size)"));
+        case MQTT_ERR_DISCONNECTED:
+            return reason_exception(self, "disconnected by the broker", -1);
         case MQTT_ERR_PING_TIMEOUT:
             return mqtt_exception(MQTT_EXC_TIMEOUT, "timeout: no answer to keepalive ping", NULL);
         case MQTT_ERR_CONNECT_TIMEOUT:

@@ -89,7 +89,7 @@ static int start_session(mp_obj_mqtt_client_t *self, mp_obj_t sock, mp_obj_t str
     self->stream_buffers = stream != sock;
     self->owns_stream = option(self, OPTION_STREAM) == mp_const_none;
     self->sock_fd = socket_fd(sock);
-    self->return_code = -1;
+    self->return_code = MQTT_NO_RETURN_CODE;
     clear_pending(self);
     if (self->clean_session && self->held != NULL) {
         memset(self->held, 0, sizeof(mp_obj_t) * 2 * MQTT_INFLIGHT_MAX);
@@ -176,7 +176,13 @@ static void attempt_later(mp_obj_mqtt_client_t *self, int failure, uint8_t code)
         return;
     }
     if (failure == MQTT_FAILURE_REFUSED) {
-        mp_printf(MICROPY_ERROR_PRINTER, "mqtt: connection refused: %s; next attempt in %u ms\n", refusals[code - 1], (unsigned)delay);
+        if (speaks_v5(self)) {
+            const char *meaning = mqtt_reason_text(code);
+            mp_printf(MICROPY_ERROR_PRINTER, "mqtt: connection refused: %s (0x%02x); next attempt in %u ms\n",
+                meaning != NULL ? meaning : "reason code", (unsigned)code, (unsigned)delay);
+        } else {
+            mp_printf(MICROPY_ERROR_PRINTER, "mqtt: connection refused: %s; next attempt in %u ms\n", refusals[code - 1], (unsigned)delay);
+        }
     } else if (failure == MQTT_FAILURE_HANDSHAKE) {
         mp_printf(MICROPY_ERROR_PRINTER, "mqtt: TLS handshake failed; next attempt in %u ms\n", (unsigned)delay);
     }
@@ -404,8 +410,8 @@ static uint32_t check_connack(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
         // A callback disconnected or reconnected.
         return 0;
     }
-    if (self->return_code > 0) {
-        attempt_later(self, MQTT_FAILURE_REFUSED, (uint8_t)self->return_code);
+    if (self->return_code != 0 && self->return_code != MQTT_NO_RETURN_CODE) {
+        attempt_later(self, MQTT_FAILURE_REFUSED, self->return_code);
         return 0;
     }
     if (status != MQTT_OK && status != MQTT_LINK_REPLACED) {

@@ -13,8 +13,13 @@ use core::mem::{align_of, size_of};
 
 use cty::{c_char, c_int, intptr_t, size_t};
 
+use crate::codec::properties::{VARINT_MAX, varint_len};
+use crate::codec::v5::ConnectProperties;
 use crate::codec::{Connect, DecodeError, QoS, Will};
-use crate::session::{Config, Deferred, Error, Failure, Filters, Kept, MessageSink, Outcome, Session, Ticket, Verdict};
+use crate::session::{
+    Config, Deferred, Error, Failure, Filters, INBOUND_QOS2_MAX, Kept, MessageSink, Outcome, Session, Ticket, V5,
+    Verdict,
+};
 
 /// What a call did: `MQTT_OK`, or why it failed.
 #[repr(C)]
@@ -33,10 +38,15 @@ pub enum mqtt_status_t {
     MQTT_ERR_INVALID_ARGUMENT = -4,
     /// The operation needs an accepted connection.
     MQTT_ERR_NOT_CONNECTED = -5,
-    /// Every in-flight slot is taken.
+    /// Every in-flight slot is taken (or as many QoS 1/2 publishes are in
+    /// flight as an MQTT 5 broker's Receive Maximum allows).
     MQTT_ERR_INFLIGHT_FULL = -6,
     /// The call does not fit the session's state (a bug in the caller).
     MQTT_ERR_WRONG_STATE = -7,
+    /// The MQTT 5 broker's CONNACK does not allow it: a QoS above its
+    /// maximum, RETAIN without retained messages, a packet over its
+    /// maximum size.
+    MQTT_ERR_BROKER_LIMIT = -8,
     /// The broker did not answer PINGREQ in time: the link is dead.
     MQTT_ERR_PING_TIMEOUT = -10,
     /// The broker did not answer CONNECT in time.
@@ -339,6 +349,7 @@ fn status(error: Error) -> mqtt_status_t {
         Error::InvalidClientId => MQTT_ERR_INVALID_CLIENT_ID,
         Error::NotConnected => MQTT_ERR_NOT_CONNECTED,
         Error::InflightFull => MQTT_ERR_INFLIGHT_FULL,
+        Error::BrokerLimit => MQTT_ERR_BROKER_LIMIT,
         Error::WrongState => MQTT_ERR_WRONG_STATE,
         Error::Malformed(error) => broken_rule(error),
         Error::UnexpectedPacket => MQTT_ERR_UNEXPECTED_PACKET,
@@ -384,6 +395,25 @@ unsafe fn session_mut<'a>(session: *mut mqtt_session_t) -> Option<&'a mut Sessio
     // SAFETY: non-null and aligned; the caller promises it was initialised
     // and that no other call uses it at the same time.
     unsafe { session.as_mut() }
+}
+
+/// Where an MQTT 5 session's [`V5`] lies in its memory: after the session.
+const V5_OFFSET: usize = size_of::<Session>().next_multiple_of(align_of::<V5>());
+
+/// The session and, for an MQTT 5 one, its MQTT 5 state.
+///
+/// # Safety
+/// As [`session_mut`].
+unsafe fn session_parts<'a>(session: *mut mqtt_session_t) -> Option<(&'a mut Session, Option<&'a mut V5>)> {
+    // SAFETY: as the caller promises.
+    let whole = unsafe { session_mut(session) }?;
+    if whole.version() != 5 {
+        return Some((whole, None));
+    }
+    // SAFETY: `mqtt_session_init` made an MQTT 5 session only in memory
+    // that holds its V5 at V5_OFFSET, initialised, apart from the session.
+    let v5 = unsafe { session.cast::<u8>().add(V5_OFFSET).cast::<V5>().as_mut() }?;
+    Some((whole, Some(v5)))
 }
 
 /// # Safety
@@ -450,15 +480,31 @@ fn ticket_out(ticket: Ticket) -> mqtt_ticket_t {
     }
 }
 
+/// The longest reason string `mqtt_session_reason` gives, in bytes.
+pub const MQTT_REASON_MAX: usize = 64;
+
+const _: () = assert!(MQTT_REASON_MAX == crate::session::REASON_MAX);
+
+/// The longest client identifier `mqtt_session_assigned_client_id` gives.
+pub const MQTT_ASSIGNED_ID_MAX: usize = 64;
+
+const _: () = assert!(MQTT_ASSIGNED_ID_MAX == crate::session::ASSIGNED_ID_MAX);
+
 /// The alignment, in bytes, that session memory has at least.
 pub const MQTT_SESSION_ALIGN: usize = 8;
 
 const _: () = assert!(align_of::<Session>() <= MQTT_SESSION_ALIGN);
+const _: () = assert!(align_of::<V5>() <= MQTT_SESSION_ALIGN);
 
-/// Bytes of memory a session needs.
+/// Bytes of memory a session of `protocol` (4: MQTT 3.1.1, 5: MQTT 5)
+/// needs; 0 for another protocol level.
 #[unsafe(no_mangle)]
-pub extern "C" fn mqtt_session_size() -> size_t {
-    size_of::<Session>()
+pub extern "C" fn mqtt_session_size(protocol: u8) -> size_t {
+    match protocol {
+        4 => size_of::<Session>(),
+        5 => V5_OFFSET.saturating_add(size_of::<V5>()),
+        _ => 0,
+    }
 }
 
 /// Sets up a session in `memory` (`size` bytes, see `mqtt_session_size`,
@@ -476,18 +522,42 @@ pub unsafe extern "C" fn mqtt_session_init(
     size: size_t,
     command_timeout_ms: u32,
     max_packet_size: u32,
+    protocol: u8,
 ) -> *mut mqtt_session_t {
     let session = memory.cast::<Session>();
-    if session.is_null() || !session.is_aligned() || size < size_of::<Session>() {
+    let needed = mqtt_session_size(protocol);
+    if session.is_null() || !session.is_aligned() || needed == 0 || size < needed {
         return core::ptr::null_mut();
     }
     let config = Config {
         command_timeout_ms,
         max_packet_size,
     };
-    // SAFETY: non-null, aligned and large enough, as checked above.
-    unsafe { session.write(Session::new(config)) };
+    if protocol == 5 {
+        // SAFETY: the memory holds `needed` bytes: the session, then its
+        // V5 at V5_OFFSET, which is aligned as the memory is.
+        unsafe {
+            session.write(Session::new_v5(config));
+            let v5 = memory.cast::<u8>().add(V5_OFFSET).cast::<V5>();
+            v5.write(V5::new(ConnectProperties::default()));
+        }
+    } else {
+        // SAFETY: non-null, aligned and large enough, as checked above.
+        unsafe { session.write(Session::new(config)) };
+    }
     memory.cast()
+}
+
+/// The Maximum Packet Size an MQTT 5 CONNECT states for a client that
+/// takes packets whose remaining length is up to `max_packet_size`: the
+/// whole packet's size, less one byte, for mosquitto (2.0.11 at least)
+/// leaves the first byte out when it compares, and so sends packets one
+/// byte over what is stated. 0 (none stated) when no limit applies.
+fn stated_maximum_packet_size(max_packet_size: u32) -> u32 {
+    if max_packet_size >= VARINT_MAX {
+        return 0;
+    }
+    max_packet_size.saturating_add(varint_len(max_packet_size))
 }
 
 /// The rule of MQTT that the broker broke, when `status` says it broke
@@ -537,7 +607,7 @@ pub unsafe extern "C" fn mqtt_session_connect(
 ) -> mqtt_status_t {
     let run = || -> Result<(), mqtt_status_t> {
         // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
-        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let (session, v5) = unsafe { session_parts(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: `options` is null or valid (the caller's promise).
         let options = unsafe { options.as_ref() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: `ticket` is null or valid (the caller's promise).
@@ -572,7 +642,24 @@ pub unsafe extern "C" fn mqtt_session_connect(
             username,
             password,
         };
-        *ticket = ticket_out(session.connect(&mut io, now_ms, &connect).map_err(status)?);
+        let sent = match v5 {
+            Some(v5) => {
+                // Without a session expiry of its own, a session that is
+                // not clean outlives the link, as in MQTT 3.1.1.
+                let default_expiry = if options.clean_session { 0 } else { u32::MAX };
+                v5.connect = ConnectProperties {
+                    session_expiry_s: v5.session_expiry_s.unwrap_or(default_expiry),
+                    // No more unacknowledged QoS 1/2 messages than the
+                    // QoS 2 ids the session can remember.
+                    receive_maximum: u16::try_from(INBOUND_QOS2_MAX).unwrap_or(u16::MAX),
+                    maximum_packet_size: stated_maximum_packet_size(session.max_packet_size()),
+                    topic_alias_maximum: 0,
+                };
+                session.connect_v5(&mut io, now_ms, &connect, &Default::default(), v5)
+            }
+            None => session.connect(&mut io, now_ms, &connect),
+        };
+        *ticket = ticket_out(sent.map_err(status)?);
         Ok(())
     };
     run().err().unwrap_or(MQTT_OK)
@@ -622,7 +709,7 @@ pub unsafe extern "C" fn mqtt_session_publish(
 ) -> mqtt_status_t {
     let run = || -> Result<(), mqtt_status_t> {
         // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
-        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let (session, v5) = unsafe { session_parts(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: `ticket` is null or valid (the caller's promise).
         let ticket = unsafe { ticket.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: `transport` is null or valid (the caller's promise).
@@ -631,6 +718,11 @@ pub unsafe extern "C" fn mqtt_session_publish(
         let topic = unsafe { text(topic) }?.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: `payload.data` is null or valid for `payload.len` bytes (the caller's promise).
         let payload = unsafe { slice(payload) }.unwrap_or(&[]);
+        if let Some(v5) = v5 {
+            session
+                .check_publish_v5(v5, topic.len(), payload.len(), qos(qos_level)?, retain)
+                .map_err(status)?;
+        }
         let sent = session
             .publish(&mut io, now_ms, topic, payload, qos(qos_level)?, retain)
             .map_err(status)?;
@@ -861,7 +953,7 @@ pub unsafe extern "C" fn mqtt_session_step(
 ) -> mqtt_status_t {
     let run = || -> Result<(), mqtt_status_t> {
         // SAFETY: the caller promises the pointers are valid or null.
-        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let (session, v5) = unsafe { session_parts(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: as above.
         let outcome = unsafe { outcome.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: as above.
@@ -878,10 +970,7 @@ pub unsafe extern "C" fn mqtt_session_step(
             too_large: false,
             payload_len: 0,
         };
-        match session
-            .step(&mut io, now_ms, &mut Sink { sink }, None)
-            .map_err(status)?
-        {
+        match session.step(&mut io, now_ms, &mut Sink { sink }, v5).map_err(status)? {
             Outcome::Idle => {}
             Outcome::ConnAck { code, session_present } => {
                 outcome.kind = MQTT_OUTCOME_CONNACK;
@@ -1116,6 +1205,103 @@ pub unsafe extern "C" fn mqtt_topic_matches(filter: mqtt_bytes_t, topic: mqtt_by
     // SAFETY: `filter.data` is null or valid for `filter.len` bytes (the caller's promise).
     let (filter, topic) = unsafe { (slice(filter).unwrap_or(&[]), slice(topic).unwrap_or(&[])) };
     crate::topic::matches(filter, topic)
+}
+
+/// The protocol level of `session`: 4 (MQTT 3.1.1) or 5 (MQTT 5); 0
+/// for a null session.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_protocol(session: *mut mqtt_session_t) -> u8 {
+    // SAFETY: the caller promises a valid pointer or null.
+    unsafe { session_mut(session) }.map_or(0, |session| session.version())
+}
+
+/// Sets the Session Expiry Interval an MQTT 5 session's CONNECT asks for
+/// (without one: 0 for a clean session, never for another, as in MQTT
+/// 3.1.1). Does nothing to an MQTT 3.1.1 session.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_set_session_expiry(session: *mut mqtt_session_t, seconds: u32) {
+    // SAFETY: the caller promises a valid pointer or null.
+    if let Some((_, Some(v5))) = unsafe { session_parts(session) } {
+        v5.session_expiry_s = Some(seconds);
+    }
+}
+
+/// What an MQTT 5 reason code means, as a NUL-terminated text (null for
+/// a code the standard does not define).
+#[unsafe(no_mangle)]
+pub extern "C" fn mqtt_reason_text(code: u8) -> *const c_char {
+    crate::session::reason_text(code).map_or(core::ptr::null(), |text| text.as_ptr())
+}
+
+/// The reason code of the MQTT 5 broker's last refusal (a CONNACK, an
+/// acknowledgement, a DISCONNECT) and its reason string (`*reason`, at
+/// most `MQTT_REASON_MAX` bytes of it, not NUL-terminated; empty when none
+/// came). 0 for an MQTT 3.1.1 session.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `reason` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_reason(session: *mut mqtt_session_t, reason: *mut mqtt_bytes_t) -> u8 {
+    // SAFETY: the caller promises valid pointers or null.
+    let (Some((_, v5)), Some(reason)) = (unsafe { session_parts(session) }, unsafe { reason.as_mut() }) else {
+        return 0;
+    };
+    let (code, text) = v5.map_or((0, ""), |v5| (v5.reason_code, v5.reason()));
+    *reason = mqtt_bytes_t {
+        data: text.as_ptr(),
+        len: text.len(),
+    };
+    code
+}
+
+/// The reason code of the MQTT 5 broker's last DISCONNECT, or -1 when
+/// none came (or for an MQTT 3.1.1 session); `*reason` as for
+/// `mqtt_session_reason`.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`; `reason` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_disconnect_reason(
+    session: *mut mqtt_session_t,
+    reason: *mut mqtt_bytes_t,
+) -> c_int {
+    // SAFETY: the caller promises valid pointers or null.
+    let (Some((_, Some(v5))), Some(reason)) = (unsafe { session_parts(session) }, unsafe { reason.as_mut() }) else {
+        return -1;
+    };
+    let Some(code) = v5.disconnect_code else {
+        return -1;
+    };
+    let text = v5.reason();
+    *reason = mqtt_bytes_t {
+        data: text.as_ptr(),
+        len: text.len(),
+    };
+    c_int::from(code)
+}
+
+/// The client identifier the MQTT 5 broker assigned in its last CONNACK
+/// (empty when it assigned none), valid until the next call on `session`.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_assigned_client_id(session: *mut mqtt_session_t) -> mqtt_bytes_t {
+    // SAFETY: the caller promises a valid pointer or null.
+    let text = match unsafe { session_parts(session) } {
+        Some((_, Some(v5))) => v5.assigned_client_id(),
+        _ => "",
+    };
+    mqtt_bytes_t {
+        data: text.as_ptr(),
+        len: text.len(),
+    }
 }
 
 #[cfg(test)]

@@ -12,12 +12,16 @@ from broker import HOST
 class Peer:
     """Connected (CONNACK received) when the constructor returns."""
 
-    def __init__(self, port, client_id="peer", clean_session=True):
+    def __init__(self, port, client_id="peer", clean_session=True, protocol=4):
+        """`protocol` 5 speaks MQTT 5 (clean_session is then Clean Start)."""
         self.messages = []
         self.arrived = threading.Condition()
-        self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session
-        )
+        if protocol == 5:
+            self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        else:
+            self.client = paho.Client(
+                paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session
+            )
         self.client.on_message = self._on_message
         connack = []
         connected = threading.Event()
@@ -27,7 +31,10 @@ class Peer:
             connected.set()
 
         self.client.on_connect = on_connect
-        self.client.connect(HOST, port)
+        if protocol == 5:
+            self.client.connect(HOST, port, clean_start=clean_session)
+        else:
+            self.client.connect(HOST, port)
         self.client.loop_start()
         # paho's connect() returns once CONNECT is sent: a test that relies
         # on the peer's session (a message queued for it, its will) must not
@@ -47,8 +54,8 @@ class Peer:
         self.client.subscribe(topic, qos)
         assert done.wait(5), "peer subscription not acknowledged"
 
-    def publish(self, topic, payload, qos=0, retain=False):
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic, payload, qos=0, retain=False, properties=None):
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         info.wait_for_publish(10)
 
     def wait_for(self, count, timeout=10):

@@ -43,37 +43,37 @@ type Reads<T, V> = Result<V, ReadError<<T as embedded_io::ErrorType>::Error>>;
 
 /// The property identifiers of MQTT 5.0 (section 2.2.2.2).
 pub mod id {
-    pub const PAYLOAD_FORMAT: u8 = 0x01;
-    pub const MESSAGE_EXPIRY: u8 = 0x02;
-    pub const CONTENT_TYPE: u8 = 0x03;
-    pub const RESPONSE_TOPIC: u8 = 0x08;
-    pub const CORRELATION_DATA: u8 = 0x09;
-    pub const SUBSCRIPTION_ID: u8 = 0x0b;
-    pub const SESSION_EXPIRY: u8 = 0x11;
-    pub const ASSIGNED_CLIENT_ID: u8 = 0x12;
-    pub const SERVER_KEEPALIVE: u8 = 0x13;
-    pub const AUTH_METHOD: u8 = 0x15;
-    pub const AUTH_DATA: u8 = 0x16;
-    pub const REQUEST_PROBLEM_INFO: u8 = 0x17;
-    pub const WILL_DELAY: u8 = 0x18;
-    pub const REQUEST_RESPONSE_INFO: u8 = 0x19;
-    pub const RESPONSE_INFO: u8 = 0x1a;
-    pub const SERVER_REFERENCE: u8 = 0x1c;
-    pub const REASON_STRING: u8 = 0x1f;
-    pub const RECEIVE_MAXIMUM: u8 = 0x21;
-    pub const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
-    pub const TOPIC_ALIAS: u8 = 0x23;
-    pub const MAXIMUM_QOS: u8 = 0x24;
-    pub const RETAIN_AVAILABLE: u8 = 0x25;
-    pub const USER_PROPERTY: u8 = 0x26;
-    pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
-    pub const WILDCARD_AVAILABLE: u8 = 0x28;
-    pub const SUBSCRIPTION_ID_AVAILABLE: u8 = 0x29;
-    pub const SHARED_AVAILABLE: u8 = 0x2a;
+    pub(crate) const PAYLOAD_FORMAT: u8 = 0x01;
+    pub(crate) const MESSAGE_EXPIRY: u8 = 0x02;
+    pub(crate) const CONTENT_TYPE: u8 = 0x03;
+    pub(crate) const RESPONSE_TOPIC: u8 = 0x08;
+    pub(crate) const CORRELATION_DATA: u8 = 0x09;
+    pub(crate) const SUBSCRIPTION_ID: u8 = 0x0b;
+    pub(crate) const SESSION_EXPIRY: u8 = 0x11;
+    pub(crate) const ASSIGNED_CLIENT_ID: u8 = 0x12;
+    pub(crate) const SERVER_KEEPALIVE: u8 = 0x13;
+    pub(crate) const AUTH_METHOD: u8 = 0x15;
+    pub(crate) const AUTH_DATA: u8 = 0x16;
+    pub(crate) const REQUEST_PROBLEM_INFO: u8 = 0x17;
+    pub(crate) const WILL_DELAY: u8 = 0x18;
+    pub(crate) const REQUEST_RESPONSE_INFO: u8 = 0x19;
+    pub(crate) const RESPONSE_INFO: u8 = 0x1a;
+    pub(crate) const SERVER_REFERENCE: u8 = 0x1c;
+    pub(crate) const REASON_STRING: u8 = 0x1f;
+    pub(crate) const RECEIVE_MAXIMUM: u8 = 0x21;
+    pub(crate) const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
+    pub(crate) const TOPIC_ALIAS: u8 = 0x23;
+    pub(crate) const MAXIMUM_QOS: u8 = 0x24;
+    pub(crate) const RETAIN_AVAILABLE: u8 = 0x25;
+    pub(crate) const USER_PROPERTY: u8 = 0x26;
+    pub(crate) const MAXIMUM_PACKET_SIZE: u8 = 0x27;
+    pub(crate) const WILDCARD_AVAILABLE: u8 = 0x28;
+    pub(crate) const SUBSCRIPTION_ID_AVAILABLE: u8 = 0x29;
+    pub(crate) const SHARED_AVAILABLE: u8 = 0x2a;
 }
 
 /// Largest value of a variable byte integer (four bytes of seven bits).
-pub const VARINT_MAX: u32 = 268_435_455;
+pub(crate) const VARINT_MAX: u32 = 268_435_455;
 
 /// A set of property identifiers, one bit each (all are below 64).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -455,9 +455,9 @@ pub fn put_varint<W: Write>(writer: &mut PacketWriter<'_, W>, value: u32) -> Res
 }
 
 /// Size of a one-byte property; of a two- and a four-byte one.
-pub const BYTE_PROPERTY_LEN: u32 = 2;
-pub const TWO_PROPERTY_LEN: u32 = 3;
-pub const FOUR_PROPERTY_LEN: u32 = 5;
+pub(crate) const BYTE_PROPERTY_LEN: u32 = 2;
+pub(crate) const TWO_PROPERTY_LEN: u32 = 3;
+pub(crate) const FOUR_PROPERTY_LEN: u32 = 5;
 
 /// Size of a string or binary property of `len` bytes.
 pub fn bytes_property_len(len: usize) -> u32 {

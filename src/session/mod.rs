@@ -46,7 +46,7 @@ use read_ahead::ReadAhead;
 use receive::Incoming;
 use reconnect::Backoff;
 pub use reconnect::{Failure, Filters};
-pub use v5::{ASSIGNED_ID_MAX, REASON_MAX, ServerLimits, V5};
+pub use v5::{ASSIGNED_ID_MAX, REASON_MAX, ServerLimits, V5, reason_text};
 
 /// Settings fixed when the session is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,8 +71,13 @@ pub enum Error {
     InvalidClientId,
     /// The operation needs an accepted connection.
     NotConnected,
-    /// Every in-flight slot is taken.
+    /// Every in-flight slot is taken (or, in MQTT 5, as many QoS 1/2
+    /// publishes are in flight as the broker's Receive Maximum allows).
     InflightFull,
+    /// The broker's CONNACK does not allow it (MQTT 5): a QoS above its
+    /// maximum, RETAIN without retained messages, a packet over its
+    /// maximum size.
+    BrokerLimit,
     /// The call does not fit the session's state (e.g. reading a payload
     /// when no message is being received, or a buffer of the wrong size).
     WrongState,
@@ -290,6 +295,11 @@ impl Session {
     /// How long an acknowledgement, or the rest of a started packet, may take.
     pub fn command_timeout_ms(&self) -> u32 {
         self.config.command_timeout_ms
+    }
+
+    /// Largest incoming packet accepted (fixed header excluded).
+    pub fn max_packet_size(&self) -> u32 {
+        self.config.max_packet_size
     }
 
     /// Whether the broker accepted the connection and the link is up.

@@ -173,6 +173,27 @@ impl Session {
         Ok(ticket)
     }
 
+    /// Writes a SUBSCRIBE for one filter in the session's protocol.
+    pub(super) fn write_subscribe<W: Write>(
+        &self,
+        io: &mut W,
+        packet_id: u16,
+        filter: &str,
+        qos: QoS,
+    ) -> Result<(), codec::EncodeError<W::Error>> {
+        if self.is_v5() {
+            let options = codec::v5::SubscriptionOptions {
+                qos,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 0,
+            };
+            codec::v5::write_subscribe(io, packet_id, filter, &options, 0)
+        } else {
+            codec::write_subscribe(io, packet_id, &[(filter, qos)])
+        }
+    }
+
     /// Writes a PUBLISH in the session's protocol.
     fn write_publish<W: Write>(&self, io: &mut W, publish: &Publish<'_>) -> Result<(), codec::EncodeError<W::Error>> {
         if self.is_v5() {
@@ -201,6 +222,15 @@ impl Session {
             }
         }
         self.resend_releases(io, now)
+    }
+
+    /// How many QoS 1/2 publishes are in flight.
+    pub(super) fn publishes_in_flight(&self) -> usize {
+        self.inflight
+            .iter()
+            .flatten()
+            .filter(|entry| entry.is_publish())
+            .count()
     }
 
     /// Slots of in-flight publishes that must be sent again on this
@@ -278,17 +308,7 @@ impl Session {
             return Err(Error::NotConnected);
         }
         let ticket = self.start_command(now, Stage::AwaitSubAck)?;
-        if self.is_v5() {
-            let options = codec::v5::SubscriptionOptions {
-                qos,
-                no_local: false,
-                retain_as_published: false,
-                retain_handling: 0,
-            };
-            codec::v5::write_subscribe(io, ticket.packet_id, filter, &options, 0)?;
-        } else {
-            codec::write_subscribe(io, ticket.packet_id, &[(filter, qos)])?;
-        }
+        self.write_subscribe(io, ticket.packet_id, filter, qos)?;
         self.last_sent = now;
         Ok(ticket)
     }

@@ -12,7 +12,7 @@ use embedded_io::Write;
 
 use super::outbound::Stage;
 use super::{Error, Session, elapsed};
-use crate::codec::{self, QoS};
+use crate::codec::QoS;
 
 /// Why the link is down, as far as the wait before the next attempt goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,15 +20,20 @@ pub enum Failure {
     /// The link was lost, the broker could not be reached, or it did not
     /// answer CONNECT in time: worth trying again soon.
     Link,
-    /// The broker answered CONNECT with this refusal (CONNACK 1-5).
+    /// The broker answered CONNECT with this refusal (a CONNACK return
+    /// code 1-5 in MQTT 3.1.1, a reason code from 0x80 in MQTT 5).
     Refused(u8),
     /// The TLS handshake failed (a certificate that does not verify, say).
     Handshake,
 }
 
-/// The CONNACK return code "server unavailable": the broker expects to be
-/// back, so it is retried like a lost link.
-const SERVER_UNAVAILABLE: u8 = 3;
+/// The refusals after which the broker expects to take the client soon,
+/// so that it is retried like a lost link: "server unavailable" (3 in
+/// MQTT 3.1.1), and in MQTT 5 "server unavailable", "server busy", "quota
+/// exceeded" and "connection rate exceeded".
+fn is_transient_refusal(code: u8) -> bool {
+    matches!(code, 3 | 0x88 | 0x89 | 0x97 | 0x9f)
+}
 
 impl Failure {
     /// Retrying at full pace will not fix a refusal of these credentials or
@@ -39,7 +44,7 @@ impl Failure {
     fn is_slow(self) -> bool {
         match self {
             Failure::Link => false,
-            Failure::Refused(code) => code != SERVER_UNAVAILABLE,
+            Failure::Refused(code) => !is_transient_refusal(code),
             Failure::Handshake => true,
         }
     }
@@ -157,7 +162,7 @@ impl Session {
                 break;
             };
             let ticket = self.start_command(now, Stage::AwaitResubAck)?;
-            codec::write_subscribe(io, ticket.packet_id, &[(filter, qos)])?;
+            self.write_subscribe(io, ticket.packet_id, filter, qos)?;
             self.last_sent = now;
             self.resubscribe = next.checked_add(1);
         }
@@ -176,7 +181,8 @@ impl Session {
     /// A SUBACK answered a resubscription: nobody waits for it, so its slot
     /// is free at once; a refusal is counted for the caller to report.
     pub(super) fn resubscribed(&mut self, code: u8) {
-        if code == SUBSCRIPTION_REFUSED {
+        // 0x80 in MQTT 3.1.1; any code from 0x80 up in MQTT 5.
+        if code >= SUBSCRIPTION_REFUSED {
             self.resubscriptions_refused = self.resubscriptions_refused.saturating_add(1);
         }
     }
@@ -185,7 +191,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{Packet, write_suback};
+    use crate::codec::{self, Packet, write_suback};
     use crate::session::testing::*;
     use std::string::String;
     use std::vec::Vec;
@@ -229,8 +235,14 @@ mod tests {
         let mut backoff = Backoff::new(100, 8000, 7);
         assert!(backoff.next_delay(Failure::Refused(5)) >= 4000);
         assert!(backoff.next_delay(Failure::Handshake) >= 4000);
+        // Server unavailable (3.1.1), and MQTT 5's "server busy".
+        for code in [3, 0x89] {
+            let mut backoff = Backoff::new(100, 8000, 7);
+            assert!(backoff.next_delay(Failure::Refused(code)) <= 100);
+        }
+        // MQTT 5's "not authorized" waits as 3.1.1's does.
         let mut backoff = Backoff::new(100, 8000, 7);
-        assert!(backoff.next_delay(Failure::Refused(SERVER_UNAVAILABLE)) <= 100);
+        assert!(backoff.next_delay(Failure::Refused(0x87)) >= 4000);
     }
 
     #[test]

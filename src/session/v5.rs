@@ -64,11 +64,15 @@ impl Default for ServerLimits {
 pub struct V5 {
     /// What CONNECT asks for.
     pub connect: ConnectProperties,
+    /// The Session Expiry Interval the application asked for, if any.
+    pub session_expiry_s: Option<u32>,
     /// What the last CONNACK allowed.
     pub server: ServerLimits,
     /// The reason code of the broker's last refusal: a CONNACK, an
     /// acknowledgement with a failure code, or a DISCONNECT.
     pub reason_code: u8,
+    /// The reason code of the broker's last DISCONNECT, if one came.
+    pub disconnect_code: Option<u8>,
     reason: [u8; REASON_MAX],
     reason_len: u8,
     assigned_id: [u8; ASSIGNED_ID_MAX],
@@ -79,8 +83,10 @@ impl V5 {
     pub fn new(connect: ConnectProperties) -> Self {
         V5 {
             connect,
+            session_expiry_s: None,
             server: ServerLimits::default(),
             reason_code: 0,
+            disconnect_code: None,
             reason: [0; REASON_MAX],
             reason_len: 0,
             assigned_id: [0; ASSIGNED_ID_MAX],
@@ -99,6 +105,54 @@ impl V5 {
     pub fn assigned_client_id(&self) -> &str {
         codec::utf8(self.assigned_id.get(..usize::from(self.assigned_id_len)).unwrap_or(&[])).unwrap_or("")
     }
+}
+
+/// What an MQTT 5 reason code that a broker may send means (section
+/// 2.4), or `None` for a code the standard does not define.
+pub fn reason_text(code: u8) -> Option<&'static core::ffi::CStr> {
+    Some(match code {
+        0x00 => c"success",
+        0x01 => c"granted QoS 1",
+        0x02 => c"granted QoS 2",
+        0x10 => c"no matching subscribers",
+        0x11 => c"no subscription existed",
+        0x80 => c"unspecified error",
+        0x81 => c"malformed packet",
+        0x82 => c"protocol error",
+        0x83 => c"implementation specific error",
+        0x84 => c"unsupported protocol version",
+        0x85 => c"client identifier not valid",
+        0x86 => c"bad user name or password",
+        0x87 => c"not authorized",
+        0x88 => c"server unavailable",
+        0x89 => c"server busy",
+        0x8a => c"banned",
+        0x8b => c"server shutting down",
+        0x8c => c"bad authentication method",
+        0x8d => c"keep alive timeout",
+        0x8e => c"session taken over",
+        0x8f => c"topic filter invalid",
+        0x90 => c"topic name invalid",
+        0x91 => c"packet identifier in use",
+        0x92 => c"packet identifier not found",
+        0x93 => c"receive maximum exceeded",
+        0x94 => c"topic alias invalid",
+        0x95 => c"packet too large",
+        0x96 => c"message rate too high",
+        0x97 => c"quota exceeded",
+        0x98 => c"administrative action",
+        0x99 => c"payload format invalid",
+        0x9a => c"retain not supported",
+        0x9b => c"QoS not supported",
+        0x9c => c"use another server",
+        0x9d => c"server moved",
+        0x9e => c"shared subscriptions not supported",
+        0x9f => c"connection rate exceeded",
+        0xa0 => c"maximum connect time",
+        0xa1 => c"subscription identifiers not supported",
+        0xa2 => c"wildcard subscriptions not supported",
+        _ => return None,
+    })
 }
 
 /// Whether `code` is a reason code MQTT 5 defines for a CONNACK.
@@ -241,6 +295,44 @@ impl ServerLimits {
 }
 
 impl Session {
+    /// Whether the broker's CONNACK lets this publish go: a QoS no higher
+    /// than its Maximum QoS, RETAIN only where it has retained messages,
+    /// a packet no larger than its Maximum Packet Size (all
+    /// [`Error::BrokerLimit`]), and no more QoS 1/2 publishes in flight
+    /// than its Receive Maximum ([`Error::InflightFull`]: wait for one to
+    /// complete). Nothing is sent.
+    pub fn check_publish_v5(
+        &self,
+        v5: &V5,
+        topic_len: usize,
+        payload_len: usize,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), Error> {
+        let server = &v5.server;
+        if qos > server.maximum_qos || (retain && !server.retain_available) {
+            return Err(Error::BrokerLimit);
+        }
+        if server.maximum_packet_size != 0 {
+            // Topic, packet id, an empty property block, the payload.
+            let id_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
+            let body = [topic_len, 2, id_len, 1, payload_len]
+                .iter()
+                .try_fold(0usize, |sum, &part| sum.checked_add(part));
+            let body = body.and_then(|body| u32::try_from(body).ok()).ok_or(Error::TooLong)?;
+            let whole = body
+                .saturating_add(1)
+                .saturating_add(crate::codec::properties::varint_len(body));
+            if whole > server.maximum_packet_size {
+                return Err(Error::BrokerLimit);
+            }
+        }
+        if qos != QoS::AtMostOnce && self.publishes_in_flight() >= usize::from(server.receive_maximum) {
+            return Err(Error::InflightFull);
+        }
+        Ok(())
+    }
+
     /// Reads and handles an MQTT 5 packet other than PUBLISH, whose fixed
     /// header is read: its reason code and properties go to `v5`.
     pub(super) fn receive_control_v5<T: Read + Write + ReadReady>(
@@ -358,6 +450,7 @@ impl Session {
                 }
                 body.properties(v5, allowed::DISCONNECT, false)?;
                 v5.reason_code = code;
+                v5.disconnect_code = Some(code);
                 Err(Error::Disconnected)
             }
             PacketType::PingResp => Err(DecodeError::BadLength.into()),
@@ -549,7 +642,7 @@ mod tests {
         let (mut session, mut v5, mut pipe) = connected_v5(&[]);
         pipe.broker_sends(|b| b.extend([0xe0, 6, 0x8e, 4, id::REASON_STRING, 0, 1, b'x']));
         assert_eq!(session.receive_v5(&mut pipe, 3, &mut v5), Err(Error::Disconnected));
-        assert_eq!((v5.reason_code, v5.reason()), (0x8e, "x"));
+        assert_eq!((v5.disconnect_code, v5.reason()), (Some(0x8e), "x"));
         let (mut session, mut v5, mut pipe) = connected_v5(&[]);
         pipe.broker_sends(|b| b.extend([0xe0, 1, 0x04]));
         assert!(matches!(
@@ -585,6 +678,40 @@ mod tests {
             session.read_topic_v5(&mut pipe, &mut topic, &mut v5),
             Err(Error::Malformed(DecodeError::InvalidProperty))
         ));
+    }
+
+    #[test]
+    fn publishes_stay_within_the_brokers_limits() {
+        #[rustfmt::skip]
+        let properties = [
+            id::RECEIVE_MAXIMUM, 0, 1,
+            id::MAXIMUM_QOS, 1,
+            id::RETAIN_AVAILABLE, 0,
+            id::MAXIMUM_PACKET_SIZE, 0, 0, 0, 20,
+        ];
+        let (mut session, v5, mut pipe) = connected_v5(&properties);
+        assert_eq!(
+            session.check_publish_v5(&v5, 1, 0, QoS::ExactlyOnce, false),
+            Err(Error::BrokerLimit)
+        );
+        assert_eq!(
+            session.check_publish_v5(&v5, 1, 0, QoS::AtMostOnce, true),
+            Err(Error::BrokerLimit)
+        );
+        // 20 bytes whole: header 2, topic 3, id 2, properties 1, payload 12.
+        assert_eq!(session.check_publish_v5(&v5, 1, 12, QoS::AtLeastOnce, false), Ok(()));
+        assert_eq!(
+            session.check_publish_v5(&v5, 1, 13, QoS::AtLeastOnce, false),
+            Err(Error::BrokerLimit)
+        );
+        session
+            .publish(&mut pipe, 1, "t", b"", QoS::AtLeastOnce, false)
+            .unwrap();
+        assert_eq!(
+            session.check_publish_v5(&v5, 1, 0, QoS::AtLeastOnce, false),
+            Err(Error::InflightFull)
+        );
+        assert_eq!(session.check_publish_v5(&v5, 1, 0, QoS::AtMostOnce, false), Ok(()));
     }
 
     #[test]
