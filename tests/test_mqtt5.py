@@ -191,3 +191,74 @@ def test_bad_protocol_settings_are_refused(micropython, arguments, error):
         """
     )
     assert output.strip().startswith(error), output
+
+
+@pytest.mark.parametrize("protocol", [4, 5], ids=["MQTT 3.1.1", "MQTT 5"])
+def test_maximum_packet_size_at_the_limit_and_one_byte_over(broker, micropython, protocol):
+    """A PUBLISH to the client whose remaining length is max_packet_size
+    arrives; one byte more, and with MQTT 5 mosquitto never sends it (the
+    client stated its Maximum Packet Size in CONNECT), while with 3.1.1
+    it comes and the client reads it past and reports it dropped."""
+    peer = Peer(broker.port, client_id="big-sender")
+    process = micropython.start(
+        """
+        got = []
+        drops = []
+        c = mqtt.Client("small", protocol=PROTOCOL, max_packet_size=100)
+        c.connect(HOST, 30, port=PORT, on_drop=lambda client, topic, length: drops.append((topic, length)))
+        c.subscribe("m", lambda client, payload, topic: got.append(len(payload)))
+        print("subscribed")
+        print(wait_until(lambda: got and got[-1] == 1, 10000), got, drops)
+        c.disconnect()
+        """,
+        PORT=broker.port,
+        PROTOCOL=protocol,
+    )
+    assert process.stdout.readline().strip() == "subscribed"
+    # Remaining length: topic (3), in MQTT 5 an empty property block (1),
+    # and the payload.
+    header = 3 + (1 if protocol == 5 else 0)
+    for size in (100 - header, 101 - header, 1):
+        peer.publish("m", b"x" * size)
+    output, _ = process.communicate(timeout=30)
+    peer.close()
+    assert process.returncode == 0, output
+    at_limit, over = 100 - header, 101 - header
+    if protocol == 5:
+        assert output.strip() == f"True [{at_limit}, 1] []"
+    else:
+        assert output.strip() == f"True [{at_limit}, 1] [('m', {over})]"
+
+
+def test_a_publish_over_the_brokers_maximum_packet_size_raises_before_it_is_sent(tmp_path, micropython):
+    broker = Broker(tmp_path, settings="allow_anonymous true\nmax_packet_size 100\n")
+    peer = Peer(broker.port, client_id="watcher", protocol=5)
+    peer.subscribe("m")
+    try:
+        output = micropython.run(
+            """
+            c = mqtt.Client("bounded", protocol=mqtt.MQTTv5)
+            c.connect(HOST, 30, port=PORT)
+            # The whole packet: 2 bytes of fixed header, topic 3, an empty
+            # property block 1, then the payload: 94 bytes make 100.
+            c.publish("m", b"x" * 94)
+            try:
+                c.publish("m", b"x" * 95)
+                print("sent: WRONG")
+            except ValueError as e:
+                print("ValueError", e)
+            c.publish("m", b"end")
+            print(c.connected())
+            c.disconnect()
+            """,
+            PORT=broker.port,
+        )
+        messages = peer.wait_for(2)
+    finally:
+        peer.close()
+        broker.stop()
+    assert output.strip().splitlines() == [
+        "ValueError not allowed by the broker (its maximum QoS, retain or packet size)",
+        "True",
+    ]
+    assert [len(m.payload) for m in messages] == [94, 3]
