@@ -208,7 +208,7 @@ def test_maximum_packet_size_at_the_limit_and_one_byte_over(broker, micropython,
         c.connect(HOST, 30, port=PORT, on_drop=lambda client, topic, length: drops.append((topic, length)))
         c.subscribe("m", lambda client, payload, topic: got.append(len(payload)))
         print("subscribed")
-        print(wait_until(lambda: got and got[-1] == 1, 10000), got, drops)
+        print(wait_until(lambda: got[-1:] == [1], 10000), got, drops)
         c.disconnect()
         """,
         PORT=broker.port,
