@@ -55,7 +55,7 @@ payload = b"x" * PAYLOAD
 gc.collect(); base = gc.mem_alloc()
 import mqtt
 gc.collect(); print("heap_import", gc.mem_alloc() - base)
-client = mqtt.Client("bench-mqtt")
+client = mqtt.Client("bench-mqtt", protocol=4)
 client.connect(HOST, 60, port=PORT)
 client.subscribe("bench/mqtt/rt", on_message)
 gc.collect(); print("heap_connected", gc.mem_alloc() - base)
@@ -601,31 +601,37 @@ def print_waiting_table(default, esp32, count):
 
 def heap_figures(firmwares, port):
     """heap_connected of each firmware (name: (path, whether its sockets are
-    lwIP's)), against the broker on `port`; an lwIP firmware's against a
-    broker inside a namespace of its own (root only: else "-")."""
+    lwIP's)), for MQTT 3.1.1 and MQTT 5 (keyed (name, protocol)), against
+    the broker on `port`; an lwIP firmware's against a broker inside a
+    namespace of its own (root only: else "-")."""
     figures = {}
     counts = {"PORT": port, "PAYLOAD": PAYLOAD}
     for name, (firmware, lwip) in firmwares.items():
-        if not lwip:
-            figures[name] = run_micropython(firmware, CONNECTED_HEAP_SCRIPT, counts, lambda: None)["heap_connected"]
-        elif os.geteuid() == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                network = LwipNetwork(directory)
-                try:
-                    lwip_port = free_port()
-                    network.start_broker(lwip_port)
-                    figures[name] = run_micropython(
-                        firmware, CONNECTED_HEAP_SCRIPT, dict(counts, PORT=lwip_port), lambda: None, network
-                    )["heap_connected"]
-                finally:
-                    network.close()
+        for protocol in (4, 5):
+            # The protocol is written into the script: a global of its own
+            # would change the script's globals, and so the heap measured.
+            script = CONNECTED_HEAP_SCRIPT.replace("protocol=4", f"protocol={protocol}")
+            if not lwip:
+                result = run_micropython(firmware, script, counts, lambda: None)
+                figures[name, protocol] = result["heap_connected"]
+            elif os.geteuid() == 0:
+                with tempfile.TemporaryDirectory() as directory:
+                    network = LwipNetwork(directory)
+                    try:
+                        lwip_port = free_port()
+                        network.start_broker(lwip_port)
+                        figures[name, protocol] = run_micropython(
+                            firmware, script, dict(counts, PORT=lwip_port), lambda: None, network
+                        )["heap_connected"]
+                    finally:
+                        network.close()
     return figures
 
 
 def print_heap_table(figures, firmwares):
     print("\nheap after import + Client() + connect() + subscribe(), per firmware (B)\n")
-    lines = [["firmware", "heap"]]
-    lines += [[name, cell(figures.get(name))] for name in firmwares]
+    lines = [["firmware", "MQTT 3.1.1", "MQTT 5"]]
+    lines += [[name, cell(figures.get((name, 4))), cell(figures.get((name, 5)))] for name in firmwares]
     print_rows(lines)
 
 

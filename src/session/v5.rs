@@ -715,6 +715,12 @@ mod tests {
     }
 
     #[test]
+    fn the_mqtt5_state_is_small() {
+        // It follows the session in an MQTT 5 client's heap object.
+        assert_eq!(core::mem::size_of::<V5>(), 184);
+    }
+
+    #[test]
     fn a_3_1_1_session_is_unchanged() {
         let config = Config { ..CONFIG };
         assert_eq!(Session::new(config).version(), 4);
