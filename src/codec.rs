@@ -760,24 +760,7 @@ fn field_len<E>(bytes: &[u8]) -> Result<usize, EncodeError<E>> {
 
 /// Writes a CONNECT packet.
 pub fn write_connect<W: Write>(io: &mut W, connect: &Connect<'_>) -> Result<(), EncodeError<W::Error>> {
-    let flags = connect_flags(connect);
-    let will_len = will_fields_len(connect)?;
-    let credentials_len = credentials_len(connect)?;
-    // Protocol name (6), level (1), flags (1), keepalive (2).
-    let remaining = total(&[10, field_len(connect.client_id.as_bytes())?, will_len, credentials_len])
-        .ok_or(EncodeError::PacketTooLong)?;
-    let mut writer = PacketWriter::start(io, (PacketType::Connect as u8) << 4, remaining)?;
-    writer.put_field(b"MQTT")?;
-    writer.put_u8(4)?;
-    writer.put_u8(flags)?;
-    writer.put_u16(connect.keepalive_s)?;
-    writer.put_field(connect.client_id.as_bytes())?;
-    if let Some(will) = &connect.will {
-        writer.put_field(will.topic.as_bytes())?;
-        writer.put_field(will.payload)?;
-    }
-    put_credentials(&mut writer, connect)?;
-    writer.finish()
+    v5::write_connect(io, connect, None)
 }
 
 /// CONNECT's flags byte.
@@ -839,16 +822,7 @@ fn put_credentials<W: Write>(
 /// Writes a PUBLISH packet; the payload goes out without being copied
 /// unless the whole packet fits the gather buffer.
 pub fn write_publish<W: Write>(io: &mut W, publish: &Publish<'_>) -> Result<(), EncodeError<W::Error>> {
-    let id_len = if publish.packet_id.is_some() { 2 } else { 0 };
-    let remaining = total(&[field_len(publish.topic.as_bytes())?, id_len, publish.payload.len()])
-        .ok_or(EncodeError::PacketTooLong)?;
-    let mut writer = PacketWriter::start(io, publish_first_byte(publish), remaining)?;
-    writer.put_field(publish.topic.as_bytes())?;
-    if let Some(packet_id) = publish.packet_id {
-        writer.put_u16(packet_id)?;
-    }
-    writer.put_bytes(publish.payload)?;
-    writer.finish()
+    v5::write_publish(io, publish, None)
 }
 
 /// PUBLISH's first byte: its type, DUP, QoS and RETAIN.

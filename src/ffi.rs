@@ -1236,7 +1236,7 @@ pub unsafe extern "C" fn mqtt_session_set_session_expiry(session: *mut mqtt_sess
 /// a code the standard does not define).
 #[unsafe(no_mangle)]
 pub extern "C" fn mqtt_reason_text(code: u8) -> *const c_char {
-    crate::session::reason_text(code).map_or(core::ptr::null(), |text| text.as_ptr())
+    crate::session::reason_text(code).map_or(core::ptr::null(), |text| text.as_ptr().cast())
 }
 
 /// The reason code of the MQTT 5 broker's last refusal (a CONNACK, an

@@ -1,7 +1,9 @@
-//! The MQTT 5 forms of the packets a client sends: CONNECT, PUBLISH,
+//! The packets a client sends, in their MQTT 5 form: CONNECT, PUBLISH,
 //! SUBSCRIBE, UNSUBSCRIBE, the acknowledgements and DISCONNECT. Each is
 //! the 3.1.1 packet with a property block (and, for some, a reason code);
-//! a property that has its default value is left out.
+//! a property that has its default value is left out. CONNECT, PUBLISH,
+//! SUBSCRIBE and UNSUBSCRIBE are written in their 3.1.1 form when given
+//! no properties: one function per packet keeps the engine small.
 
 use embedded_io::Write;
 
@@ -133,26 +135,39 @@ impl ConnectProperties {
     }
 }
 
-/// Writes an MQTT 5 CONNECT: `connect`'s fields (Clean Start for
-/// `clean_session`), `properties`, and the will's properties.
+/// The properties of an MQTT 5 CONNECT: its own, and its will's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectBlocks<'a> {
+    pub connect: &'a ConnectProperties,
+    pub will: &'a MessageProperties<'a>,
+}
+
+/// Writes CONNECT: `connect`'s fields (in MQTT 5, Clean Start for
+/// `clean_session`), and in MQTT 5 (`properties` given) its properties
+/// and the will's; in MQTT 3.1.1 without them.
 pub fn write_connect<W: Write>(
     io: &mut W,
     connect: &Connect<'_>,
-    properties: &ConnectProperties,
-    will_properties: &MessageProperties<'_>,
+    properties: Option<ConnectBlocks<'_>>,
 ) -> Result<(), EncodeError<W::Error>> {
     let flags = super::connect_flags(connect);
-    let will_properties_len = will_properties.len().ok_or(EncodeError::PacketTooLong)?;
+    let will_properties_len = match properties {
+        Some(blocks) => Some(blocks.will.len().ok_or(EncodeError::PacketTooLong)?),
+        None => None,
+    };
     let mut will_len = 0;
     if connect.will.is_some() {
-        will_len = total(&[block_len(will_properties_len), super::will_fields_len(connect)?])
-            .ok_or(EncodeError::PacketTooLong)?;
+        will_len = total(&[
+            will_properties_len.map_or(0, block_len),
+            super::will_fields_len(connect)?,
+        ])
+        .ok_or(EncodeError::PacketTooLong)?;
     }
     let credentials_len = super::credentials_len(connect)?;
     // Protocol name (6), level (1), flags (1), keepalive (2).
     let remaining = total(&[
         10,
-        block_len(properties.len()),
+        properties.map_or(0, |blocks| block_len(blocks.connect.len())),
         field_len(connect.client_id.as_bytes())?,
         will_len,
         credentials_len,
@@ -160,13 +175,17 @@ pub fn write_connect<W: Write>(
     .ok_or(EncodeError::PacketTooLong)?;
     let mut writer = PacketWriter::start(io, (PacketType::Connect as u8) << 4, remaining)?;
     writer.put_field(b"MQTT")?;
-    writer.put_u8(5)?;
+    writer.put_u8(if properties.is_some() { 5 } else { 4 })?;
     writer.put_u8(flags)?;
     writer.put_u16(connect.keepalive_s)?;
-    properties.put(&mut writer)?;
+    if let Some(blocks) = properties {
+        blocks.connect.put(&mut writer)?;
+    }
     writer.put_field(connect.client_id.as_bytes())?;
     if let Some(will) = &connect.will {
-        will_properties.put(&mut writer, will_properties_len)?;
+        if let (Some(blocks), Some(len)) = (properties, will_properties_len) {
+            blocks.will.put(&mut writer, len)?;
+        }
         writer.put_field(will.topic.as_bytes())?;
         writer.put_field(will.payload)?;
     }
@@ -174,19 +193,23 @@ pub fn write_connect<W: Write>(
     writer.finish()
 }
 
-/// Writes an MQTT 5 PUBLISH. With a topic alias, `publish.topic` may be
-/// empty (the alias stands for a topic the broker already knows).
+/// Writes PUBLISH: in MQTT 5 (`properties` given) with its property
+/// block, in MQTT 3.1.1 without. With a topic alias, `publish.topic` may
+/// be empty (the alias stands for a topic the broker already knows).
 pub fn write_publish<W: Write>(
     io: &mut W,
     publish: &Publish<'_>,
-    properties: &MessageProperties<'_>,
+    properties: Option<&MessageProperties<'_>>,
 ) -> Result<(), EncodeError<W::Error>> {
-    let properties_len = properties.len().ok_or(EncodeError::PacketTooLong)?;
+    let properties_len = match properties {
+        Some(properties) => Some(properties.len().ok_or(EncodeError::PacketTooLong)?),
+        None => None,
+    };
     let id_len = if publish.packet_id.is_some() { 2 } else { 0 };
     let remaining = total(&[
         field_len(publish.topic.as_bytes())?,
         id_len,
-        block_len(properties_len),
+        properties_len.map_or(0, block_len),
         publish.payload.len(),
     ])
     .ok_or(EncodeError::PacketTooLong)?;
@@ -195,7 +218,9 @@ pub fn write_publish<W: Write>(
     if let Some(packet_id) = publish.packet_id {
         writer.put_u16(packet_id)?;
     }
-    properties.put(&mut writer, properties_len)?;
+    if let (Some(properties), Some(len)) = (properties, properties_len) {
+        properties.put(&mut writer, len)?;
+    }
     writer.put_bytes(publish.payload)?;
     writer.finish()
 }
@@ -226,40 +251,59 @@ impl SubscriptionOptions {
     }
 }
 
-/// Writes an MQTT 5 SUBSCRIBE for one filter, with a subscription
-/// identifier when `subscription_id` is not 0.
+/// Writes a SUBSCRIBE for one filter: in MQTT 5 (`subscription_id`
+/// given) with a property block, holding the identifier unless it is 0;
+/// in MQTT 3.1.1 without, and only the options' QoS.
 pub fn write_subscribe<W: Write>(
     io: &mut W,
     packet_id: u16,
     filter: &str,
     options: &SubscriptionOptions,
-    subscription_id: u32,
+    subscription_id: Option<u32>,
 ) -> Result<(), EncodeError<W::Error>> {
-    let properties_len = if subscription_id == 0 {
-        0
-    } else {
-        p::varint_len(subscription_id).saturating_add(1)
+    let properties_len = match subscription_id {
+        None | Some(0) => 0,
+        Some(id) => p::varint_len(id).saturating_add(1),
     };
-    let remaining =
-        total(&[2, block_len(properties_len), field_len(filter.as_bytes())?, 1]).ok_or(EncodeError::PacketTooLong)?;
+    let block = if subscription_id.is_some() {
+        block_len(properties_len)
+    } else {
+        0
+    };
+    let remaining = total(&[2, block, field_len(filter.as_bytes())?, 1]).ok_or(EncodeError::PacketTooLong)?;
     let mut writer = PacketWriter::start(io, ((PacketType::Subscribe as u8) << 4) | 0b0010, remaining)?;
     writer.put_u16(packet_id)?;
-    p::put_varint(&mut writer, properties_len)?;
-    if subscription_id != 0 {
-        writer.put_u8(id::SUBSCRIPTION_ID)?;
-        p::put_varint(&mut writer, subscription_id)?;
+    if let Some(subscription_id) = subscription_id {
+        p::put_varint(&mut writer, properties_len)?;
+        if subscription_id != 0 {
+            writer.put_u8(id::SUBSCRIPTION_ID)?;
+            p::put_varint(&mut writer, subscription_id)?;
+        }
     }
     writer.put_field(filter.as_bytes())?;
-    writer.put_u8(options.byte())?;
+    let byte = if subscription_id.is_some() {
+        options.byte()
+    } else {
+        options.qos as u8
+    };
+    writer.put_u8(byte)?;
     writer.finish()
 }
 
-/// Writes an MQTT 5 UNSUBSCRIBE for one filter.
-pub fn write_unsubscribe<W: Write>(io: &mut W, packet_id: u16, filter: &str) -> Result<(), EncodeError<W::Error>> {
-    let remaining = total(&[3, field_len(filter.as_bytes())?]).ok_or(EncodeError::PacketTooLong)?;
+/// Writes an UNSUBSCRIBE for one filter: in MQTT 5 (`v5`) with an empty
+/// property block, in MQTT 3.1.1 without.
+pub fn write_unsubscribe<W: Write>(
+    io: &mut W,
+    packet_id: u16,
+    filter: &str,
+    v5: bool,
+) -> Result<(), EncodeError<W::Error>> {
+    let remaining = total(&[2, usize::from(v5), field_len(filter.as_bytes())?]).ok_or(EncodeError::PacketTooLong)?;
     let mut writer = PacketWriter::start(io, ((PacketType::Unsubscribe as u8) << 4) | 0b0010, remaining)?;
     writer.put_u16(packet_id)?;
-    writer.put_u8(0)?;
+    if v5 {
+        writer.put_u8(0)?;
+    }
     writer.put_field(filter.as_bytes())?;
     writer.finish()
 }
@@ -355,7 +399,11 @@ mod tests {
             username: Some("u"),
             ..connect()
         };
-        let bytes = written(|io| write_connect(io, &options, &properties, &will).unwrap());
+        let blocks = ConnectBlocks {
+            connect: &properties,
+            will: &will,
+        };
+        let bytes = written(|io| write_connect(io, &options, Some(blocks)).unwrap());
         #[rustfmt::skip]
         let expected = [
             0x10, 44,
@@ -376,7 +424,11 @@ mod tests {
             receive_maximum: u16::MAX,
             ..Default::default()
         };
-        let bytes = written(|io| write_connect(io, &connect(), &properties, &MessageProperties::default()).unwrap());
+        let blocks = ConnectBlocks {
+            connect: &properties,
+            will: &MessageProperties::default(),
+        };
+        let bytes = written(|io| write_connect(io, &connect(), Some(blocks)).unwrap());
         assert_eq!(
             bytes,
             [0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 1, b'c']
@@ -400,7 +452,7 @@ mod tests {
             topic_alias: 3,
             ..Default::default()
         };
-        let bytes = written(|io| write_publish(io, &publish, &properties).unwrap());
+        let bytes = written(|io| write_publish(io, &publish, Some(&properties)).unwrap());
         #[rustfmt::skip]
         let expected = [
             0x33, 25,
@@ -417,7 +469,7 @@ mod tests {
                     retain: false,
                     ..publish
                 },
-                &Default::default(),
+                Some(&Default::default()),
             )
             .unwrap()
         });
@@ -432,7 +484,7 @@ mod tests {
             retain_as_published: true,
             retain_handling: 2,
         };
-        let bytes = written(|io| write_subscribe(io, 9, "a/+", &options, 200).unwrap());
+        let bytes = written(|io| write_subscribe(io, 9, "a/+", &options, Some(200)).unwrap());
         assert_eq!(
             bytes,
             [
@@ -459,7 +511,7 @@ mod tests {
             retain_handling: 0,
         };
         assert_eq!(
-            written(|io| write_subscribe(io, 1, "x", &plain, 0).unwrap()),
+            written(|io| write_subscribe(io, 1, "x", &plain, Some(0)).unwrap()),
             [0x82, 7, 0, 1, 0, 0, 1, b'x', 0]
         );
     }
@@ -467,7 +519,7 @@ mod tests {
     #[test]
     fn unsubscribe_acks_and_disconnect() {
         assert_eq!(
-            written(|io| write_unsubscribe(io, 2, "x").unwrap()),
+            written(|io| write_unsubscribe(io, 2, "x", true).unwrap()),
             [0xa2, 6, 0, 2, 0, 0, 1, b'x']
         );
         assert_eq!(

@@ -329,7 +329,11 @@ impl Session {
             return Err(Error::WrongState);
         }
         self.prepare_connect(now, connect)?;
-        codec::v5::write_connect(io, connect, &v5.connect, will_properties).inspect_err(|_| self.link = Link::Down)?;
+        let blocks = codec::v5::ConnectBlocks {
+            connect: &v5.connect,
+            will: will_properties,
+        };
+        codec::v5::write_connect(io, connect, Some(blocks)).inspect_err(|_| self.link = Link::Down)?;
         Ok(Ticket::CONNECT)
     }
 

@@ -181,26 +181,19 @@ impl Session {
         filter: &str,
         qos: QoS,
     ) -> Result<(), codec::EncodeError<W::Error>> {
-        if self.is_v5() {
-            let options = codec::v5::SubscriptionOptions {
-                qos,
-                no_local: false,
-                retain_as_published: false,
-                retain_handling: 0,
-            };
-            codec::v5::write_subscribe(io, packet_id, filter, &options, 0)
-        } else {
-            codec::write_subscribe(io, packet_id, &[(filter, qos)])
-        }
+        let options = codec::v5::SubscriptionOptions {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+        };
+        codec::v5::write_subscribe(io, packet_id, filter, &options, self.is_v5().then_some(0))
     }
 
     /// Writes a PUBLISH in the session's protocol.
     fn write_publish<W: Write>(&self, io: &mut W, publish: &Publish<'_>) -> Result<(), codec::EncodeError<W::Error>> {
-        if self.is_v5() {
-            codec::v5::write_publish(io, publish, &codec::v5::MessageProperties::default())
-        } else {
-            codec::write_publish(io, publish)
-        }
+        let properties = codec::v5::MessageProperties::default();
+        codec::v5::write_publish(io, publish, self.is_v5().then_some(&properties))
     }
 
     /// Sends again, on a link that just came up, what the previous one left
@@ -320,11 +313,7 @@ impl Session {
             return Err(Error::NotConnected);
         }
         let ticket = self.start_command(now, Stage::AwaitUnsubAck)?;
-        if self.is_v5() {
-            codec::v5::write_unsubscribe(io, ticket.packet_id, filter)?;
-        } else {
-            codec::write_unsubscribe(io, ticket.packet_id, &[filter])?;
-        }
+        codec::v5::write_unsubscribe(io, ticket.packet_id, filter, self.is_v5())?;
         self.last_sent = now;
         Ok(ticket)
     }

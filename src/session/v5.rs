@@ -107,52 +107,60 @@ impl V5 {
     }
 }
 
-/// What an MQTT 5 reason code that a broker may send means (section
-/// 2.4), or `None` for a code the standard does not define.
-pub fn reason_text(code: u8) -> Option<&'static core::ffi::CStr> {
-    Some(match code {
-        0x00 => c"success",
-        0x01 => c"granted QoS 1",
-        0x02 => c"granted QoS 2",
-        0x10 => c"no matching subscribers",
-        0x11 => c"no subscription existed",
-        0x80 => c"unspecified error",
-        0x81 => c"malformed packet",
-        0x82 => c"protocol error",
-        0x83 => c"implementation specific error",
-        0x84 => c"unsupported protocol version",
-        0x85 => c"client identifier not valid",
-        0x86 => c"bad user name or password",
-        0x87 => c"not authorized",
-        0x88 => c"server unavailable",
-        0x89 => c"server busy",
-        0x8a => c"banned",
-        0x8b => c"server shutting down",
-        0x8c => c"bad authentication method",
-        0x8d => c"keep alive timeout",
-        0x8e => c"session taken over",
-        0x8f => c"topic filter invalid",
-        0x90 => c"topic name invalid",
-        0x91 => c"packet identifier in use",
-        0x92 => c"packet identifier not found",
-        0x93 => c"receive maximum exceeded",
-        0x94 => c"topic alias invalid",
-        0x95 => c"packet too large",
-        0x96 => c"message rate too high",
-        0x97 => c"quota exceeded",
-        0x98 => c"administrative action",
-        0x99 => c"payload format invalid",
-        0x9a => c"retain not supported",
-        0x9b => c"QoS not supported",
-        0x9c => c"use another server",
-        0x9d => c"server moved",
-        0x9e => c"shared subscriptions not supported",
-        0x9f => c"connection rate exceeded",
-        0xa0 => c"maximum connect time",
-        0xa1 => c"subscription identifiers not supported",
-        0xa2 => c"wildcard subscriptions not supported",
-        _ => return None,
-    })
+/// The reason codes a broker may send (section 2.4), and what each means,
+/// in the same order, each text ending in NUL: one table, smaller on a
+/// microcontroller than a match over the codes.
+const REASON_CODES: [u8; 40] = [
+    0x00, 0x01, 0x02, 0x10, 0x11, 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c, 0x8d,
+    0x8e, 0x8f, 0x90, 0x91, 0x92, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99, 0x9a, 0x9b, 0x9c, 0x9d, 0x9e, 0x9f, 0xa0,
+    0xa1, 0xa2,
+];
+const REASON_TEXTS: &[u8] = b"success\0\
+    granted QoS 1\0\
+    granted QoS 2\0\
+    no matching subscribers\0\
+    no subscription existed\0\
+    unspecified error\0\
+    malformed packet\0\
+    protocol error\0\
+    implementation specific error\0\
+    unsupported protocol version\0\
+    client identifier not valid\0\
+    bad user name or password\0\
+    not authorized\0\
+    server unavailable\0\
+    server busy\0\
+    banned\0\
+    server shutting down\0\
+    bad authentication method\0\
+    keep alive timeout\0\
+    session taken over\0\
+    topic filter invalid\0\
+    topic name invalid\0\
+    packet identifier in use\0\
+    packet identifier not found\0\
+    receive maximum exceeded\0\
+    topic alias invalid\0\
+    packet too large\0\
+    message rate too high\0\
+    quota exceeded\0\
+    administrative action\0\
+    payload format invalid\0\
+    retain not supported\0\
+    QoS not supported\0\
+    use another server\0\
+    server moved\0\
+    shared subscriptions not supported\0\
+    connection rate exceeded\0\
+    maximum connect time\0\
+    subscription identifiers not supported\0\
+    wildcard subscriptions not supported\0";
+
+/// What an MQTT 5 reason code that a broker may send means, as a text
+/// ending in NUL, or `None` for a code the standard does not define.
+pub fn reason_text(code: u8) -> Option<&'static [u8]> {
+    let index = REASON_CODES.iter().position(|&known| known == code)?;
+    REASON_TEXTS.split_inclusive(|&byte| byte == 0).nth(index)
 }
 
 /// Whether `code` is a reason code MQTT 5 defines for a CONNACK.
@@ -712,6 +720,20 @@ mod tests {
             Err(Error::InflightFull)
         );
         assert_eq!(session.check_publish_v5(&v5, 1, 0, QoS::AtMostOnce, false), Ok(()));
+    }
+
+    #[test]
+    fn every_reason_code_has_its_own_text() {
+        let texts: Vec<_> = REASON_CODES.iter().map(|&code| reason_text(code).unwrap()).collect();
+        assert_eq!(
+            REASON_TEXTS.iter().filter(|&&byte| byte == 0).count(),
+            REASON_CODES.len()
+        );
+        assert!(texts.iter().all(|text| text.len() > 1 && text.ends_with(&[0])));
+        assert_eq!(reason_text(0x87), Some(&b"not authorized\0"[..]));
+        assert_eq!(reason_text(0xa2), Some(&b"wildcard subscriptions not supported\0"[..]));
+        assert_eq!(reason_text(0x03), None);
+        assert_eq!(reason_text(0xff), None);
     }
 
     #[test]
