@@ -4,7 +4,8 @@
 //! larger than the configured maximum is announced unless marked too large
 //! (and then no memory is asked for its payload), a delivered topic, or
 //! one a dropped message's report names, is UTF-8, and everything the
-//! session writes is a well-formed packet a client may send.
+//! session writes is a well-formed packet a client may send. The session
+//! speaks MQTT 3.1.1 or MQTT 5, as the input says.
 #![no_main]
 
 use std::collections::VecDeque;
@@ -12,8 +13,9 @@ use std::collections::VecDeque;
 use arbitrary::Arbitrary;
 use embedded_io::{ErrorKind, ErrorType, Read, ReadReady, Write};
 use libfuzzer_sys::fuzz_target;
-use mqtt_engine::codec::{self, Connect, Packet, QoS, Will};
-use mqtt_engine::session::{Config, Event, Failure, Filters, Kept, MessageSink, Outcome, Session, Ticket};
+use mqtt_engine::codec::v5::ConnectProperties;
+use mqtt_engine::codec::{self, Connect, FixedHeader, Packet, PacketType, QoS, Will};
+use mqtt_engine::session::{Config, Event, Failure, Filters, Kept, MessageSink, Outcome, Session, Ticket, V5};
 
 const MAX_PACKET: u32 = 4096;
 
@@ -52,7 +54,10 @@ enum Step {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    /// Largest number of bytes one transport read returns (0 means 1).
+    /// Bits 0-6: the largest number of bytes one transport read returns
+    /// (0 means 1); bit 7: the session speaks MQTT 5. (One byte as before
+    /// MQTT 5 came, so that the inputs kept in regressions/ still mean
+    /// what they meant.)
     chunk: u8,
     steps: Vec<Step>,
 }
@@ -146,8 +151,30 @@ impl Filters for Table {
     }
 }
 
-/// Everything the client wrote must decode, whole, as packets a client sends.
-fn check_written(link: &mut Link) {
+/// Everything the client wrote must decode, whole, as packets a client
+/// sends (in MQTT 5: fixed headers whose lengths add up, of such packets).
+fn check_written(link: &mut Link, v5: bool) {
+    if v5 {
+        let mut rest = &link.outbound[..];
+        while !rest.is_empty() {
+            let Ok(Some((header, header_len))) = FixedHeader::parse(rest) else {
+                panic!("the session wrote a malformed packet: {rest:?}");
+            };
+            assert!(
+                !matches!(
+                    header.kind,
+                    PacketType::ConnAck | PacketType::SubAck | PacketType::UnsubAck | PacketType::PingResp
+                ),
+                "a client may not send {:?}",
+                header.kind
+            );
+            let total = header_len + header.remaining_length as usize;
+            assert!(total <= rest.len(), "a packet cut short: {rest:?}");
+            rest = &rest[total..];
+        }
+        link.outbound.clear();
+        return;
+    }
     let mut rest = &link.outbound[..];
     while !rest.is_empty() {
         let (packet, used) = match codec::decode(rest) {
@@ -177,17 +204,37 @@ fn qos(value: u8) -> QoS {
 }
 
 fuzz_target!(|input: Input| {
-    let mut session = Session::new(Config { command_timeout_ms: 1000, max_packet_size: MAX_PACKET });
+    let config = Config { command_timeout_ms: 1000, max_packet_size: MAX_PACKET };
+    let speaks_v5 = input.chunk & 0x80 != 0;
+    let mut session = if speaks_v5 { Session::new_v5(config) } else { Session::new(config) };
+    let mut v5 = speaks_v5.then(|| {
+        V5::new(ConnectProperties {
+            session_expiry_s: 0,
+            receive_maximum: 32,
+            maximum_packet_size: MAX_PACKET,
+            topic_alias_maximum: 0,
+        })
+    });
     let mut link = Link { inbound: VecDeque::new(), outbound: Vec::new(), chunk: usize::from(input.chunk.max(1)) };
     let mut now: u32 = 0;
     for step in input.steps {
         match step {
             Step::BrokerSends(bytes) => link.inbound.extend(bytes),
             Step::Receive => {
-                if let Ok(Event::Message { topic_len, payload_len, too_large, .. }) = session.receive(&mut link, now) {
+                let event = match v5.as_mut() {
+                    Some(v5) => session.receive_v5(&mut link, now, v5),
+                    None => session.receive(&mut link, now),
+                };
+                if let Ok(Event::Message { topic_len, payload_len, too_large, .. }) = event {
                     assert!(too_large || payload_len <= MAX_PACKET, "announced {payload_len} bytes");
                     let mut topic = vec![0; usize::from(topic_len)];
-                    if session.read_topic(&mut link, &mut topic).is_ok() {
+                    let read = match v5.as_mut() {
+                        Some(v5) => session.read_topic_v5(&mut link, &mut topic, v5),
+                        None => session.read_topic(&mut link, &mut topic),
+                    };
+                    if read.is_ok() {
+                        // What is left once the properties are read.
+                        let payload_len = session.payload_len().unwrap();
                         // Memory for half the payloads, never for one too large
                         // (it may only be read past).
                         let keep = !too_large && payload_len % 2 == 0;
@@ -202,7 +249,7 @@ fuzz_target!(|input: Input| {
             Step::Cycle { memory } => {
                 let mut sink = Sink { topic: Vec::new(), payload: Vec::new(), fail: memory };
                 if let Ok(Outcome::Dropped { payload_len, topic, too_large, .. }) =
-                    session.step(&mut link, now, &mut sink)
+                    session.step(&mut link, now, &mut sink, v5.as_mut())
                 {
                     assert!(too_large || payload_len <= MAX_PACKET);
                     assert!(!topic || std::str::from_utf8(&sink.topic).is_ok(), "topic {:?}", sink.topic);
@@ -224,10 +271,19 @@ fuzz_target!(|input: Input| {
                     username: None,
                     password: None,
                 };
-                let _ = session.connect(&mut link, now, &connect);
+                let _ = match v5.as_ref() {
+                    Some(v5) => session.connect_v5(&mut link, now, &connect, &Default::default(), v5),
+                    None => session.connect(&mut link, now, &connect),
+                };
             }
             Step::Publish { topic, payload, qos: level, retain } => {
-                let _ = session.publish(&mut link, now, &topic, &payload, qos(level), retain);
+                let allowed = match v5.as_ref() {
+                    Some(v5) => session.check_publish_v5(v5, topic.len(), payload.len(), qos(level), retain).is_ok(),
+                    None => true,
+                };
+                if allowed {
+                    let _ = session.publish(&mut link, now, &topic, &payload, qos(level), retain);
+                }
             }
             Step::Subscribe { filter, qos: level } => {
                 let _ = session.subscribe(&mut link, now, &filter, qos(level));
@@ -267,6 +323,6 @@ fuzz_target!(|input: Input| {
             }
         }
         let _ = session.next_timer(now, 1000);
-        check_written(&mut link);
+        check_written(&mut link, speaks_v5);
     }
 });

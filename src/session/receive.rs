@@ -10,9 +10,9 @@ use crate::codec::properties::{Property, PropertyReader, allowed, id};
 use crate::codec::{self, DecodeError, FixedHeader, Packet, PacketType, QoS};
 use crate::topic;
 
-/// Longest body of any packet other than PUBLISH that a client accepts
-/// (a SUBACK for one filter is the longest: 3 bytes).
-const SMALL_BODY_MAX: usize = 4;
+/// Longest body of any MQTT 3.1.1 packet other than PUBLISH that a
+/// client accepts (a SUBACK for one filter is the longest: 3 bytes).
+pub(super) const SMALL_BODY_MAX: u32 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Incoming {
@@ -126,19 +126,10 @@ impl Session {
         if kind == PacketType::Publish {
             return self.start_message(io, flags, remaining_length);
         }
-        if self.is_v5() {
-            let v5 = v5.ok_or(Error::WrongState)?;
-            return self.receive_control_v5(io, now, kind, remaining_length, v5);
+        if self.is_v5() != v5.is_some() {
+            return Err(Error::WrongState);
         }
-        let mut body = [0u8; SMALL_BODY_MAX];
-        let body = usize::try_from(remaining_length)
-            .ok()
-            .and_then(|len| body.get_mut(..len))
-            .ok_or(Error::Malformed(DecodeError::BadLength))?;
-        codec::read_exact(io, body)?;
-        let packet = codec::decode_from_broker(kind, flags, body)?;
-        // Answers go straight to the transport (one copy of the writers).
-        self.handle(io.io, now, packet)
+        self.receive_control(io, now, kind, remaining_length, v5)
     }
 
     fn start_message<T: Read>(&mut self, io: &mut T, flags: u8, remaining_length: u32) -> Result<Event, Error> {

@@ -11,10 +11,11 @@ use embedded_io::{Read, ReadReady, Write};
 
 use super::outbound::Stage;
 use super::read_ahead::Reading;
+use super::receive::SMALL_BODY_MAX;
 use super::{Error, Event, Link, Session};
 use crate::codec::properties::{Property, PropertyReader, ReadError, allowed, id};
 use crate::codec::v5::ConnectProperties;
-use crate::codec::{self, DecodeError, Packet, PacketType, QoS};
+use crate::codec::{self, DecodeError, Packet, PacketType, QoS, SUBACK_FAILURE};
 
 /// Bytes of a reason string kept (cut at a character boundary).
 pub const REASON_MAX: usize = 64;
@@ -341,128 +342,162 @@ impl Session {
         Ok(())
     }
 
-    /// Reads and handles an MQTT 5 packet other than PUBLISH, whose fixed
-    /// header is read: its reason code and properties go to `v5`.
-    pub(super) fn receive_control_v5<T: Read + Write + ReadReady>(
+    /// Reads and handles a packet other than PUBLISH, whose fixed header
+    /// is read. In MQTT 5 (`v5` given) its reason code and properties go
+    /// to `v5`; in MQTT 3.1.1 it is a few bytes at most.
+    pub(super) fn receive_control<T: Read + Write + ReadReady>(
         &mut self,
         io: &mut Reading<'_, T>,
         now: u32,
         kind: PacketType,
         remaining_length: u32,
-        v5: &mut V5,
+        mut v5: Option<&mut V5>,
     ) -> Result<Event, Error> {
+        if v5.is_none() && remaining_length > SMALL_BODY_MAX {
+            return Err(DecodeError::BadLength.into());
+        }
         let mut body = Body {
             io,
             left: remaining_length,
         };
-        let awaiting_connack = matches!(self.link, Link::AwaitingConnAck { .. });
-        if kind != PacketType::ConnAck && kind != PacketType::Disconnect && self.link != Link::Up {
-            return Err(Error::UnexpectedPacket);
-        }
-        match kind {
-            PacketType::ConnAck if awaiting_connack => {
+        // A refusal's reason code (MQTT 5), for the packets that carry one.
+        let mut code = 0;
+        let mut codes = [0u8; 2];
+        let packet = match kind {
+            PacketType::ConnAck => {
                 let ack_flags = body.u8()?;
                 if ack_flags & 0xfe != 0 {
                     return Err(DecodeError::InvalidFlags.into());
                 }
-                let code = body.u8()?;
-                if !is_connack_code(code) {
-                    return Err(DecodeError::InvalidReturnCode.into());
+                code = body.u8()?;
+                match v5.as_deref_mut() {
+                    None if code > 5 => return Err(DecodeError::InvalidReturnCode.into()),
+                    None => {}
+                    Some(v5) => {
+                        if !is_connack_code(code) {
+                            return Err(DecodeError::InvalidReturnCode.into());
+                        }
+                        // The property block is required here.
+                        if body.left == 0 {
+                            return Err(DecodeError::BadLength.into());
+                        }
+                        v5.server = ServerLimits::default();
+                        v5.assigned_id_len = 0;
+                        body.properties(v5, allowed::CONNACK, false)?;
+                        v5.reason_code = code;
+                        if let Some(keepalive_s) = v5.server.keepalive_s {
+                            self.keepalive_ms = u32::from(keepalive_s).saturating_mul(1000);
+                        }
+                    }
                 }
-                v5.server = ServerLimits::default();
-                v5.assigned_id_len = 0;
-                // The property block is required here.
-                if body.left == 0 {
-                    return Err(DecodeError::BadLength.into());
-                }
-                body.properties(v5, allowed::CONNACK, false)?;
-                v5.reason_code = code;
-                if let Some(keepalive_s) = v5.server.keepalive_s {
-                    self.keepalive_ms = u32::from(keepalive_s).saturating_mul(1000);
-                }
-                let packet = Packet::ConnAck {
+                Packet::ConnAck {
                     session_present: ack_flags & 1 == 1,
                     code,
-                };
-                self.handle(body.io.io, now, packet)
+                }
             }
             PacketType::PubAck | PacketType::PubRec | PacketType::PubRel | PacketType::PubComp => {
                 let packet_id = body.packet_id()?;
-                let code = body.reason_or(0)?;
-                let valid = match kind {
-                    PacketType::PubAck | PacketType::PubRec => is_publish_ack_code(code),
-                    _ => matches!(code, 0x00 | 0x92),
-                };
-                if !valid {
-                    return Err(DecodeError::InvalidReturnCode.into());
-                }
-                body.properties(v5, allowed::ACK, false)?;
-                if kind == PacketType::PubRec && code >= 0x80 {
-                    // Refused: the exchange ends here, without PUBREL.
-                    if let Some(ticket) = self.find(packet_id, |stage| matches!(stage, Stage::AwaitPubRec { .. })) {
-                        v5.reason_code = code;
-                        self.release(ticket);
-                        return Ok(Event::Completed(ticket));
+                if let Some(v5) = v5.as_deref_mut() {
+                    code = body.reason_or(0)?;
+                    let valid = match kind {
+                        PacketType::PubAck | PacketType::PubRec => is_publish_ack_code(code),
+                        _ => matches!(code, 0x00 | 0x92),
+                    };
+                    if !valid {
+                        return Err(DecodeError::InvalidReturnCode.into());
                     }
-                    return Ok(Event::Handled);
+                    body.properties(v5, allowed::ACK, false)?;
+                    if code >= 0x80 {
+                        v5.reason_code = code;
+                    }
                 }
-                if kind == PacketType::PubAck && code >= 0x80 {
-                    v5.reason_code = code;
-                }
-                let packet = match kind {
+                match kind {
                     PacketType::PubAck => Packet::PubAck(packet_id),
                     PacketType::PubRec => Packet::PubRec(packet_id),
                     PacketType::PubRel => Packet::PubRel(packet_id),
                     _ => Packet::PubComp(packet_id),
-                };
-                self.handle(body.io.io, now, packet)
+                }
             }
             PacketType::SubAck | PacketType::UnsubAck => {
                 let packet_id = body.packet_id()?;
-                if body.left == 0 {
-                    return Err(DecodeError::BadLength.into());
-                }
-                body.properties(v5, allowed::ACK, true)?;
-                // One filter per SUBSCRIBE or UNSUBSCRIBE: one code.
-                let code = body.u8()?;
-                if body.left != 0 {
-                    return Err(DecodeError::BadLength.into());
-                }
-                if kind == PacketType::SubAck {
-                    if !is_suback_code(code) {
-                        return Err(DecodeError::InvalidReturnCode.into());
+                if let Some(v5) = v5.as_deref_mut() {
+                    if body.left == 0 {
+                        return Err(DecodeError::BadLength.into());
                     }
-                    return self.handle(
-                        body.io.io,
-                        now,
-                        Packet::SubAck {
+                    body.properties(v5, allowed::ACK, true)?;
+                }
+                if kind == PacketType::UnsubAck && v5.is_none() {
+                    Packet::UnsubAck(packet_id)
+                } else {
+                    // One code per filter (3.1.1: at most two fit); one
+                    // filter per SUBSCRIBE or UNSUBSCRIBE.
+                    let count = usize::try_from(body.left).unwrap_or(usize::MAX);
+                    let read = codes.get_mut(..count).filter(|read| !read.is_empty());
+                    for slot in read.ok_or(DecodeError::BadLength)? {
+                        *slot = body.u8()?;
+                        let valid = match (kind, v5.is_some()) {
+                            (PacketType::SubAck, false) => *slot <= 2 || *slot == SUBACK_FAILURE,
+                            (PacketType::SubAck, true) => is_suback_code(*slot),
+                            _ => is_unsuback_code(*slot),
+                        };
+                        if !valid {
+                            return Err(DecodeError::InvalidReturnCode.into());
+                        }
+                    }
+                    code = codes[0];
+                    match kind {
+                        PacketType::SubAck => Packet::SubAck {
                             packet_id,
-                            codes: &[code],
+                            codes: codes.get(..count).unwrap_or(&[]),
                         },
-                    );
+                        _ if count == 1 => Packet::UnsubAck(packet_id),
+                        _ => return Err(DecodeError::BadLength.into()),
+                    }
                 }
-                if !is_unsuback_code(code) {
-                    return Err(DecodeError::InvalidReturnCode.into());
-                }
-                let event = self.handle(body.io.io, now, Packet::UnsubAck(packet_id))?;
-                if let Event::Answered(ticket) = event {
-                    self.set_stage(ticket, Stage::Answered(code), now);
-                }
-                Ok(event)
             }
-            PacketType::PingResp if remaining_length == 0 => self.handle(body.io.io, now, Packet::PingResp),
+            PacketType::PingResp => Packet::PingResp,
+            PacketType::PingReq => Packet::PingReq,
             PacketType::Disconnect => {
-                let code = body.reason_or(0)?;
+                let Some(v5) = v5 else {
+                    return Err(Error::UnexpectedPacket);
+                };
+                code = body.reason_or(0)?;
                 if !is_disconnect_code(code) {
                     return Err(DecodeError::InvalidReturnCode.into());
                 }
                 body.properties(v5, allowed::DISCONNECT, false)?;
                 v5.reason_code = code;
                 v5.disconnect_code = Some(code);
-                Err(Error::Disconnected)
+                return Err(Error::Disconnected);
             }
-            PacketType::PingResp => Err(DecodeError::BadLength.into()),
-            _ => Err(Error::UnexpectedPacket),
+            // Packets only a client sends.
+            PacketType::Connect | PacketType::Subscribe | PacketType::Unsubscribe | PacketType::Publish => {
+                return Err(DecodeError::UnknownPacketType.into());
+            }
+        };
+        if body.left != 0 {
+            return Err(DecodeError::BadLength.into());
+        }
+        // Answers go straight to the transport (one copy of the writers).
+        let io = &mut *body.io.io;
+        match packet {
+            // A refused PUBREC ends the exchange: no PUBREL follows.
+            Packet::PubRec(id) if code >= 0x80 && self.link == Link::Up => {
+                let ticket = self.find(id, |stage| matches!(stage, Stage::AwaitPubRec { .. }));
+                if let Some(ticket) = ticket {
+                    self.release(ticket);
+                    return Ok(Event::Completed(ticket));
+                }
+                Ok(Event::Handled)
+            }
+            Packet::UnsubAck(_) => {
+                let event = self.handle(io, now, packet)?;
+                if let Event::Answered(ticket) = event {
+                    self.set_stage(ticket, Stage::Answered(code), now);
+                }
+                Ok(event)
+            }
+            _ => self.handle(io, now, packet),
         }
     }
 }
