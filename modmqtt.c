@@ -232,8 +232,12 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
         mp_raise_ValueError(MP_ERROR_TEXT("session_expiry needs protocol=MQTTv5"));
     }
 
-    // An MQTT 5 session is larger: its MQTT 5 state follows it.
+    // An MQTT 5 session is larger: its MQTT 5 state follows it. (0: the
+    // engine was built without MQTT 5, MQTT_V5=0.)
     size_t session_size = mqtt_session_size((uint8_t)protocol);
+    if (session_size == 0) {
+        mp_raise_ValueError(MP_ERROR_TEXT("MQTT 5 is not in this firmware"));
+    }
     // Zeroed: what is not set below starts as 0, false, NULL or MP_OBJ_NULL.
     mp_obj_mqtt_client_t *self = m_malloc0(sizeof(mp_obj_mqtt_client_t) + session_size);
     self->base.type = type;

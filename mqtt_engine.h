@@ -382,7 +382,8 @@ typedef struct {
 
 /**
  * Bytes of memory a session of `protocol` (4: MQTT 3.1.1, 5: MQTT 5)
- * needs; 0 for another protocol level.
+ * needs; 0 for another protocol level, and for 5 in an engine built
+ * without MQTT 5.
  */
 size_t mqtt_session_size(uint8_t protocol);
 

@@ -407,7 +407,7 @@ const V5_OFFSET: usize = size_of::<Session>().next_multiple_of(align_of::<V5>())
 unsafe fn session_parts<'a>(session: *mut mqtt_session_t) -> Option<(&'a mut Session, Option<&'a mut V5>)> {
     // SAFETY: as the caller promises.
     let whole = unsafe { session_mut(session) }?;
-    if whole.version() != 5 {
+    if !cfg!(feature = "mqtt5") || whole.version() != 5 {
         return Some((whole, None));
     }
     // SAFETY: `mqtt_session_init` made an MQTT 5 session only in memory
@@ -497,12 +497,13 @@ const _: () = assert!(align_of::<Session>() <= MQTT_SESSION_ALIGN);
 const _: () = assert!(align_of::<V5>() <= MQTT_SESSION_ALIGN);
 
 /// Bytes of memory a session of `protocol` (4: MQTT 3.1.1, 5: MQTT 5)
-/// needs; 0 for another protocol level.
+/// needs; 0 for another protocol level, and for 5 in an engine built
+/// without MQTT 5.
 #[unsafe(no_mangle)]
 pub extern "C" fn mqtt_session_size(protocol: u8) -> size_t {
     match protocol {
         4 => size_of::<Session>(),
-        5 => V5_OFFSET.saturating_add(size_of::<V5>()),
+        5 if cfg!(feature = "mqtt5") => V5_OFFSET.saturating_add(size_of::<V5>()),
         _ => 0,
     }
 }
@@ -533,7 +534,7 @@ pub unsafe extern "C" fn mqtt_session_init(
         command_timeout_ms,
         max_packet_size,
     };
-    if protocol == 5 {
+    if cfg!(feature = "mqtt5") && protocol == 5 {
         // SAFETY: the memory holds `needed` bytes: the session, then its
         // V5 at V5_OFFSET, which is aligned as the memory is.
         unsafe {
@@ -1236,6 +1237,9 @@ pub unsafe extern "C" fn mqtt_session_set_session_expiry(session: *mut mqtt_sess
 /// a code the standard does not define).
 #[unsafe(no_mangle)]
 pub extern "C" fn mqtt_reason_text(code: u8) -> *const c_char {
+    if !cfg!(feature = "mqtt5") {
+        return core::ptr::null();
+    }
     crate::session::reason_text(code).map_or(core::ptr::null(), |text| text.as_ptr().cast())
 }
 
@@ -1312,6 +1316,18 @@ mod tests {
         let text = mqtt_broken_rule(status);
         // SAFETY: a non-null answer points into BROKEN_RULES, at a NUL-terminated text.
         (!text.is_null()).then(|| unsafe { core::ffi::CStr::from_ptr(text) }.to_str().unwrap())
+    }
+
+    #[test]
+    fn an_mqtt5_session_is_larger_unless_the_engine_leaves_mqtt5_out() {
+        let mqtt311 = mqtt_session_size(4);
+        assert_eq!(mqtt311, size_of::<Session>());
+        if cfg!(feature = "mqtt5") {
+            assert!(mqtt_session_size(5) >= mqtt311 + size_of::<V5>());
+        } else {
+            assert_eq!(mqtt_session_size(5), 0);
+        }
+        assert_eq!(mqtt_session_size(3), 0);
     }
 
     #[test]

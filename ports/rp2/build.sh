@@ -22,6 +22,8 @@
 # Firmware (firmware.elf, .bin, .uf2 and the linker map firmware.elf.map):
 #   .build/rp2-BOARD/        with the mqtt module
 #   .build/rp2-BOARD-plain/  without it
+# With MQTT_V5=0 in the environment, the module speaks MQTT 3.1.1 only
+# (micropython.cmake's option MQTT_V5), in .build/rp2-BOARD-mqtt311/.
 # Both builds are incremental: run the script again after a change.
 set -euo pipefail
 
@@ -171,13 +173,18 @@ uf2_family() {
 }
 
 with_module="$work/rp2-$board"
+module_options=(-DUSER_C_MODULES="$repo/micropython.cmake")
+if [[ "${MQTT_V5:-1}" == 0 ]]; then
+    with_module="$with_module-mqtt311"
+    module_options+=(-DMQTT_V5=OFF)
+fi
 plain="$work/rp2-$board-plain"
 
 SECONDS=0
 build_firmware "$plain"
 echo "Built $plain/firmware.uf2 in ${SECONDS}s" >&2
 SECONDS=0
-build_firmware "$with_module" -DUSER_C_MODULES="$repo/micropython.cmake"
+build_firmware "$with_module" "${module_options[@]}"
 echo "Built $with_module/firmware.uf2 in ${SECONDS}s" >&2
 
 # text, data and bss of an ELF file, as arm-none-eabi-size prints them.

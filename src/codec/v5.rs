@@ -150,6 +150,8 @@ pub fn write_connect<W: Write>(
     connect: &Connect<'_>,
     properties: Option<ConnectBlocks<'_>>,
 ) -> Result<(), EncodeError<W::Error>> {
+    // Without MQTT 5 in the engine, only the 3.1.1 form is kept.
+    let properties = properties.filter(|_| cfg!(feature = "mqtt5"));
     let flags = super::connect_flags(connect);
     let will_properties_len = match properties {
         Some(blocks) => Some(blocks.will.len().ok_or(EncodeError::PacketTooLong)?),
@@ -201,6 +203,8 @@ pub fn write_publish<W: Write>(
     publish: &Publish<'_>,
     properties: Option<&MessageProperties<'_>>,
 ) -> Result<(), EncodeError<W::Error>> {
+    // Without MQTT 5 in the engine, only the 3.1.1 form is kept.
+    let properties = properties.filter(|_| cfg!(feature = "mqtt5"));
     let properties_len = match properties {
         Some(properties) => Some(properties.len().ok_or(EncodeError::PacketTooLong)?),
         None => None,
@@ -261,6 +265,8 @@ pub fn write_subscribe<W: Write>(
     options: &SubscriptionOptions,
     subscription_id: Option<u32>,
 ) -> Result<(), EncodeError<W::Error>> {
+    // Without MQTT 5 in the engine, only the 3.1.1 form is kept.
+    let subscription_id = subscription_id.filter(|_| cfg!(feature = "mqtt5"));
     let properties_len = match subscription_id {
         None | Some(0) => 0,
         Some(id) => p::varint_len(id).saturating_add(1),
@@ -352,7 +358,7 @@ pub fn write_disconnect<W: Write>(
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "mqtt5"))]
 mod tests {
     use super::*;
     use crate::codec::Will;

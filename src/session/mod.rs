@@ -288,8 +288,11 @@ impl Session {
         self.version
     }
 
+    /// Whether the session speaks MQTT 5: never in an engine built
+    /// without the `mqtt5` feature, whose MQTT 5 code the compiler then
+    /// leaves out.
     pub(super) fn is_v5(&self) -> bool {
-        self.version == 5
+        cfg!(feature = "mqtt5") && self.version == 5
     }
 
     /// How long an acknowledgement, or the rest of a started packet, may take.

@@ -149,6 +149,7 @@ pub(super) fn read_message<T: Read + Write + ReadReady>(
 }
 
 /// As `read_message`, for an MQTT 5 session.
+#[cfg(feature = "mqtt5")]
 pub(super) fn read_message_v5(
     session: &mut Session,
     pipe: &mut Pipe,
