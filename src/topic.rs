@@ -16,6 +16,22 @@ pub enum TopicError {
     WildcardInName,
     /// A filter uses `+` or `#` other than as a whole level (`#` last).
     MisplacedWildcard,
+    /// A shared subscription (`$share/GROUP/FILTER`) without a group name,
+    /// with a wildcard in it, or without a filter.
+    InvalidShare,
+}
+
+/// What a shared subscription's filter starts with (MQTT 5, section
+/// 4.8.2; mosquitto takes it from 3.1.1 clients too).
+const SHARE_PREFIX: &[u8] = b"$share/";
+
+/// The filter a shared subscription (`$share/GROUP/FILTER`) matches
+/// topics with, and its group name; `None` for another filter.
+fn shared(filter: &[u8]) -> Option<(&[u8], &[u8])> {
+    let rest = filter.strip_prefix(SHARE_PREFIX)?;
+    let slash = rest.iter().position(|&byte| byte == b'/')?;
+    let (group, filter) = rest.split_at(slash);
+    Some((filter.get(1..).unwrap_or(&[]), group))
 }
 
 fn check_text(bytes: &[u8]) -> Result<(), TopicError> {
@@ -41,6 +57,13 @@ pub fn check_name(bytes: &[u8]) -> Result<(), TopicError> {
 /// Checks a topic filter: what SUBSCRIBE and UNSUBSCRIBE carry.
 pub fn check_filter(bytes: &[u8]) -> Result<(), TopicError> {
     check_text(bytes)?;
+    if bytes.starts_with(SHARE_PREFIX) {
+        let (filter, group) = shared(bytes).ok_or(TopicError::InvalidShare)?;
+        let wildcard = group.iter().any(|&byte| byte == b'+' || byte == b'#');
+        if group.is_empty() || wildcard || filter.is_empty() {
+            return Err(TopicError::InvalidShare);
+        }
+    }
     let mut levels = bytes.split(|&byte| byte == b'/').peekable();
     while let Some(level) = levels.next() {
         let is_last = levels.peek().is_none();
@@ -62,7 +85,9 @@ pub fn check_filter(bytes: &[u8]) -> Result<(), TopicError> {
 /// Both are taken as given (call [`check_filter`] and [`check_name`]
 /// first for a meaningful answer); no input makes this panic. A topic
 /// starting with `$` is not matched by a filter starting with a wildcard.
+/// A shared subscription's filter matches as the filter after its group.
 pub fn matches(filter: &[u8], topic: &[u8]) -> bool {
+    let filter = shared(filter).map_or(filter, |(filter, _)| filter);
     if topic.first() == Some(&b'$') && matches!(filter.first(), Some(b'+') | Some(b'#')) {
         return false;
     }
@@ -83,6 +108,29 @@ pub fn matches(filter: &[u8], topic: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_subscriptions() {
+        assert_eq!(check_filter(b"$share/group/a/+"), Ok(()));
+        assert_eq!(check_filter(b"$share/g/#"), Ok(()));
+        for bad in [
+            "$share/",
+            "$share/group",
+            "$share//a",
+            "$share/g+/a",
+            "$share/#/a",
+            "$share/+/a",
+            "$share/g/",
+        ] {
+            assert_eq!(check_filter(bad.as_bytes()), Err(TopicError::InvalidShare), "{bad}");
+        }
+        assert!(matches(b"$share/group/a/+", b"a/b"));
+        assert!(matches(b"$share/g/#", b"x/y"));
+        assert!(!matches(b"$share/g/a/+", b"b/c"));
+        assert!(!matches(b"$share/g/a", b"$share/g/a"));
+        // Not a share: "$shared" is a filter of its own.
+        assert!(matches(b"$shared/a", b"$shared/a"));
+    }
 
     #[test]
     fn names() {
