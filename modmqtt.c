@@ -547,12 +547,18 @@ static MP_DEFINE_CONST_FUN_OBJ_KW(client_set_username_pw_obj, 2, client_set_user
 
 // Client.set_will(topic, payload, qos=0, retain=False)
 static mp_obj_t client_set_will(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
-    enum { ARG_topic, ARG_payload, ARG_qos, ARG_retain };
+    enum { ARG_topic, ARG_payload, ARG_qos, ARG_retain, ARG_delay, ARG_expiry, ARG_content_type, ARG_response_topic, ARG_correlation_data, ARG_payload_format };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_topic, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_payload, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_qos, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(0)} },
         { MP_QSTR_retain, MP_ARG_BOOL, {.u_bool = false} },
+        { MP_QSTR_delay, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_expiry, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_content_type, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_response_topic, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_correlation_data, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_payload_format, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
     };
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
@@ -562,8 +568,27 @@ static mp_obj_t client_set_will(size_t n_args, const mp_obj_t *pos_args, mp_map_
         mp_raise_ValueError(MP_ERROR_TEXT("will payload too long"));
     }
     uint8_t qos = qos_of(args[ARG_qos].u_obj);
+    // MQTT 5's will properties, checked now and kept as given.
+    mp_obj_t properties = mp_const_none;
+    bool any = false;
+    for (size_t i = ARG_delay; i <= ARG_payload_format; i++) {
+        any = any || args[i].u_obj != mp_const_none;
+    }
+    if (any) {
+        if (!speaks_v5(self)) {
+            mp_raise_ValueError(MP_ERROR_TEXT("will properties need MQTTv5"));
+        }
+        mqtt_message_properties_t checked;
+        properties = mp_obj_new_tuple(ARG_payload_format - ARG_delay + 1, NULL);
+        mp_obj_tuple_t *kept = MP_OBJ_TO_PTR(properties);
+        for (size_t i = ARG_delay; i <= ARG_payload_format; i++) {
+            kept->items[i - ARG_delay] = args[i].u_obj;
+        }
+        message_properties_of(properties, &checked);
+    }
     set_option(self, OPTION_WILL_TOPIC, args[ARG_topic].u_obj);
     set_option(self, OPTION_WILL_PAYLOAD, args[ARG_payload].u_obj);
+    set_option(self, OPTION_WILL_PROPERTIES, properties);
     self->will_qos = qos;
     self->will_retain = args[ARG_retain].u_bool;
     return mp_const_none;
@@ -648,9 +673,9 @@ static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t
 static MP_DEFINE_CONST_FUN_OBJ_KW(client_publish_obj, 2, client_publish);
 
 // Returns a copy of the subscription table where `filter` maps to
-// `callback` and `qos` (in its place, or added at the end), or without
+// `callback` and `options` (in its place, or added at the end), or without
 // `filter` when `callback` is MP_OBJ_NULL (the same table when it has none).
-static mp_obj_t table_with(mp_obj_t table, mp_obj_t filter, mp_obj_t callback, uint8_t qos) {
+static mp_obj_t table_with(mp_obj_t table, mp_obj_t filter, mp_obj_t callback, uint8_t options) {
     size_t n;
     mp_obj_t *items;
     mp_obj_tuple_get(table, &n, &items);
@@ -671,19 +696,19 @@ static mp_obj_t table_with(mp_obj_t table, mp_obj_t filter, mp_obj_t callback, u
     memcpy(copy->items, items, n * sizeof(mp_obj_t));
     copy->items[at] = filter;
     copy->items[at + 1] = callback;
-    copy->items[at + 2] = MP_OBJ_NEW_SMALL_INT(qos);
+    copy->items[at + 2] = MP_OBJ_NEW_SMALL_INT(options);
     return MP_OBJ_FROM_PTR(copy);
 }
 
 // Installs a subscription table where `filter` maps to `callback` and
-// `qos`, or is absent when `callback` is MP_OBJ_NULL. The table is built outside the
+// `options` (its QoS and MQTT 5 options), or is absent when `callback` is MP_OBJ_NULL. The table is built outside the
 // lock (building allocates, which may raise) and installed only if no
 // other thread changed the table meanwhile. Returns the table it replaced;
 // `*installed` is the new one.
-static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, uint8_t qos, mp_obj_t *installed) {
+static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, uint8_t options, mp_obj_t *installed) {
     for (;;) {
         mp_obj_t current = self->subscriptions;
-        mp_obj_t next = table_with(current, filter, callback, qos);
+        mp_obj_t next = table_with(current, filter, callback, options);
         client_lock(self);
         bool unchanged = self->subscriptions == current;
         if (unchanged) {
@@ -702,12 +727,14 @@ static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter
 }
 
 // Sends SUBSCRIBE or UNSUBSCRIBE and returns its ticket (raises on error).
-static mqtt_ticket_t send_subscription(mp_obj_mqtt_client_t *self, mp_obj_t filter, uint8_t qos, bool unsubscribe) {
+// `options`: the subscription's QoS, and in MQTT 5 its options (see
+// start_subscription).
+static mqtt_ticket_t send_subscription(mp_obj_mqtt_client_t *self, mp_obj_t filter, uint8_t options, bool unsubscribe) {
     mqtt_bytes_t topic = bytes_of_str(filter, "topic");
     client_lock(self);
     mqtt_transport_t transport = transport_of(self);
     mqtt_ticket_t ticket;
-    int status = mqtt_session_subscribe(session_of(self), &transport, now_ms(), topic, qos, unsubscribe, &ticket);
+    int status = mqtt_session_subscribe(session_of(self), &transport, now_ms(), topic, options, unsubscribe, &ticket);
     unlock_after_sending(self, status);
     return ticket;
 }
@@ -718,11 +745,14 @@ static mqtt_ticket_t send_subscription(mp_obj_mqtt_client_t *self, mp_obj_t filt
 // waits for it too, and returns the granted QoS. A failure, or a refusal
 // waited for, takes the filter off the table again.
 static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, bool wait, mqtt_ticket_t *ticket, mp_obj_t *filter_out) {
-    enum { ARG_topic, ARG_function, ARG_qos };
+    enum { ARG_topic, ARG_function, ARG_qos, ARG_no_local, ARG_retain_as_published, ARG_retain_handling };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_topic, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_function, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_qos, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(0)} },
+        { MP_QSTR_no_local, MP_ARG_KW_ONLY | MP_ARG_BOOL, {.u_bool = false} },
+        { MP_QSTR_retain_as_published, MP_ARG_KW_ONLY | MP_ARG_BOOL, {.u_bool = false} },
+        { MP_QSTR_retain_handling, MP_ARG_KW_ONLY | MP_ARG_INT, {.u_int = 0} },
     };
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
@@ -734,16 +764,26 @@ static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_ma
     if ((wait || function != mp_const_none) && !mp_obj_is_callable(function)) {
         mp_raise_TypeError(MP_ERROR_TEXT("function must be callable"));
     }
-    uint8_t qos = qos_of(args[ARG_qos].u_obj);
+    // MQTT 5's subscription options byte: the QoS in bits 0-1, then No
+    // Local, Retain As Published and Retain Handling.
+    mp_int_t retain_handling = args[ARG_retain_handling].u_int;
+    if (retain_handling < 0 || retain_handling > 2) {
+        mp_raise_ValueError(MP_ERROR_TEXT("retain_handling must be 0, 1 or 2"));
+    }
+    uint8_t options = qos_of(args[ARG_qos].u_obj) | (args[ARG_no_local].u_bool << 2)
+        | (args[ARG_retain_as_published].u_bool << 3) | (uint8_t)(retain_handling << 4);
+    if (options > 3 && !speaks_v5(self)) {
+        mp_raise_ValueError(MP_ERROR_TEXT("no_local, retain_as_published and retain_handling need MQTTv5"));
+    }
 
     // The callback is in the table before SUBSCRIBE leaves, so retained
     // messages that follow the SUBACK at once find it.
     mp_obj_t updated;
-    mp_obj_t previous = update_subscriptions(self, filter, function, qos, &updated);
+    mp_obj_t previous = update_subscriptions(self, filter, function, options, &updated);
 
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
-        *ticket = send_subscription(self, filter, qos, false);
+        *ticket = send_subscription(self, filter, options, false);
         uint8_t code = !wait || in_callback(self) ? 0 : wait_for(self, *ticket);
         // 0x80 in MQTT 3.1.1; any code from 0x80 up in MQTT 5.
         if (code >= MQTT_EXC_SUBSCRIBE_FAILED) {
@@ -760,7 +800,8 @@ static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_ma
     nlr_jump(nlr.ret_val);
 }
 
-// Client.subscribe(topic, function, qos=0)
+// Client.subscribe(topic, function, qos=0, *, no_local=False,
+//                  retain_as_published=False, retain_handling=0)
 static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
     mqtt_ticket_t ticket;
     mp_obj_t filter;

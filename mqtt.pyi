@@ -155,17 +155,44 @@ class Client:
         """Sets the credentials sent by the next connections; an empty password
         sends none."""
 
-    def set_will(self, topic: str, payload: _Buffer, qos: int = 0, retain: bool = False) -> None:
+    def set_will(
+        self,
+        topic: str,
+        payload: _Buffer,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        delay: int | None = None,
+        expiry: int | None = None,
+        content_type: str | None = None,
+        response_topic: str | None = None,
+        correlation_data: _Buffer | None = None,
+        payload_format: int | None = None,
+    ) -> None:
         """Sets the will the broker publishes if the link dies without
-        DISCONNECT; used by the next connections."""
+        DISCONNECT; used by the next connections. The keyword properties are
+        MQTT 5's: delay and expiry in seconds, payload_format 1 for UTF-8."""
 
     def publish(self, topic: str, payload: _Buffer = "", qos: int = 0, retain: bool = False) -> None:
         """Publishes a message; with QoS 1 or 2 returns once the broker has
         acknowledged it (raises MQTTException(TIMEOUT) if it does not in time)."""
 
-    def subscribe(self, topic: str, function: _MessageCallback, qos: int = 0) -> int:
+    def subscribe(
+        self,
+        topic: str,
+        function: _MessageCallback,
+        qos: int = 0,
+        *,
+        no_local: bool = False,
+        retain_as_published: bool = False,
+        retain_handling: int = 0,
+    ) -> int:
         """Subscribes `function` to the topic filter; returns the QoS the broker
-        granted (0 from a message callback, which does not wait for it)."""
+        granted (0 from a message callback, which does not wait for it). The
+        keyword options are MQTT 5's: no_local (not the client's own
+        messages), retain_as_published (the retain flag as published) and
+        retain_handling (retained messages: 0 on subscribing, 1 only for a
+        new subscription, 2 never)."""
 
     def unsubscribe(self, topic: str, /) -> None:
         """Removes the subscription to the topic filter; its function is not
@@ -202,7 +229,16 @@ class Client:
         """publish() for asyncio: QoS 0 is sent at once; with QoS 1 or 2 the
         awaitable finishes when the broker acknowledged the message."""
 
-    def asubscribe(self, topic: str, function: _MessageCallback | None = None, qos: int = 0) -> Awaitable[int]:
+    def asubscribe(
+        self,
+        topic: str,
+        function: _MessageCallback | None = None,
+        qos: int = 0,
+        *,
+        no_local: bool = False,
+        retain_as_published: bool = False,
+        retain_handling: int = 0,
+    ) -> Awaitable[int]:
         """subscribe() for asyncio; gives the granted QoS. Without a function
         the messages go to messages()."""
 

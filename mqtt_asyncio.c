@@ -28,7 +28,7 @@ static void parse_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_
 static bool publish_now(mp_obj_mqtt_client_t *self, const outgoing_t *message, mqtt_ticket_t *ticket);
 static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, bool wait, mqtt_ticket_t *ticket, mp_obj_t *filter_out);
 static mqtt_ticket_t start_unsubscription(mp_obj_mqtt_client_t *self, mp_obj_t filter);
-static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, uint8_t qos, mp_obj_t *installed);
+static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, uint8_t options, mp_obj_t *installed);
 static void end_link(mp_obj_mqtt_client_t *self);
 
 // Tasks parked for an answer: one per in-flight slot, and CONNECT's last.

@@ -36,7 +36,8 @@
 // the application go on.
 #define MQTT_CYCLES_PER_TURN (8)
 
-// Items of one subscription in the client's table: filter, callback, QoS.
+// Items of one subscription in the client's table: filter, callback, and
+// its options byte (the QoS, and MQTT 5's options: see start_subscription).
 #define TABLE_ENTRY (3)
 
 // Built-in reconnection's bounds for connect(auto_reconnect=True), in ms.
@@ -210,6 +211,9 @@ enum {
     OPTION_PASSWORD,
     OPTION_WILL_TOPIC,
     OPTION_WILL_PAYLOAD,
+    // MQTT 5: the will's properties, (delay, expiry, content_type,
+    // response_topic, correlation_data, payload_format), or None.
+    OPTION_WILL_PROPERTIES,
     OPTION_BRECONNECT_CB,
     OPTION_ACONNECT_CB,
     // A stream the application connected itself (connect(stream=...)).

@@ -276,6 +276,32 @@ typedef struct {
 } mqtt_bytes_t;
 
 /**
+ * The properties of a message (MQTT 5): a PUBLISH's or a will's.
+ * Optional strings are absent when `data` is null.
+ */
+typedef struct {
+  /**
+   * 1: the payload is UTF-8 text (Payload Format Indicator); 0: not said.
+   */
+  uint8_t payload_format;
+  /**
+   * Whether `message_expiry_s` is given.
+   */
+  bool has_message_expiry;
+  /**
+   * Seconds after which the broker drops the message undelivered.
+   */
+  uint32_t message_expiry_s;
+  /**
+   * A will's delay in seconds (0: none); never for a PUBLISH.
+   */
+  uint32_t will_delay_s;
+  mqtt_bytes_t content_type;
+  mqtt_bytes_t response_topic;
+  mqtt_bytes_t correlation_data;
+} mqtt_message_properties_t;
+
+/**
  * CONNECT's fields. Optional strings are absent when `data` is null.
  */
 typedef struct {
@@ -288,6 +314,10 @@ typedef struct {
   bool will_retain;
   bool clean_session;
   uint16_t keepalive_s;
+  /**
+   * MQTT 5: the will's properties, or null for none.
+   */
+  const mqtt_message_properties_t *will_properties;
 } mqtt_connect_t;
 
 /**
@@ -373,11 +403,11 @@ typedef struct {
 typedef struct {
   void *context;
   /**
-   * Sets `*filter` and `*qos` to entry `index` of the table, valid until
-   * `mqtt_session_resubscribe` returns; returns false past its end.
-   * Must not raise or jump.
+   * Sets `*filter` and `*options` (as for `mqtt_session_subscribe`) to
+   * entry `index` of the table, valid until `mqtt_session_resubscribe`
+   * returns; returns false past its end. Must not raise or jump.
    */
-  bool (*filter)(void *context, uint16_t index, mqtt_bytes_t *filter, uint8_t *qos);
+  bool (*filter)(void *context, uint16_t index, mqtt_bytes_t *filter, uint8_t *options);
 } mqtt_filters_t;
 
 /**
@@ -480,6 +510,9 @@ mqtt_status_t mqtt_session_resume(mqtt_session_t *session,
 
 /**
  * Sends SUBSCRIBE (`unsubscribe` false) or UNSUBSCRIBE for one filter.
+ * `options` is MQTT 5's subscription options byte: bits 0-1 the QoS, bit
+ * 2 No Local, bit 3 Retain As Published, bits 4-5 Retain Handling (an
+ * MQTT 3.1.1 session takes a QoS alone).
  *
  * # Safety
  * `session` comes from `mqtt_session_init`; the other pointers are valid.
@@ -488,7 +521,7 @@ mqtt_status_t mqtt_session_subscribe(mqtt_session_t *session,
                                      const mqtt_transport_t *transport,
                                      uint32_t now_ms,
                                      mqtt_bytes_t filter,
-                                     uint8_t qos_level,
+                                     uint8_t options,
                                      bool unsubscribe,
                                      mqtt_ticket_t *ticket);
 

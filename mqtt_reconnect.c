@@ -18,6 +18,32 @@ static mqtt_bytes_t optional_bytes(mp_obj_t object) {
     return object == mp_const_none ? no_bytes() : bytes_of_buffer(object);
 }
 
+// Fills `*out` from a message's properties as set_will() keeps them:
+// (delay, expiry, content_type, response_topic, correlation_data,
+// payload_format), each None when not given. Raises TypeError or
+// ValueError for a bad one (set_will() calls it to check them).
+static void message_properties_of(mp_obj_t kept, mqtt_message_properties_t *out) {
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_tuple_get(kept, &n, &items);
+    mp_obj_t delay = items[0], expiry = items[1], format = items[5];
+    *out = (mqtt_message_properties_t) {
+        .payload_format = format == mp_const_none ? 0 : (uint8_t)non_negative_of(format, "payload_format"),
+        .has_message_expiry = expiry != mp_const_none,
+        .message_expiry_s = expiry == mp_const_none ? 0 : non_negative_of(expiry, "expiry"),
+        .will_delay_s = delay == mp_const_none ? 0 : non_negative_of(delay, "delay"),
+        .content_type = items[2] == mp_const_none ? no_bytes() : bytes_of_str(items[2], "content_type"),
+        .response_topic = items[3] == mp_const_none ? no_bytes() : bytes_of_str(items[3], "response_topic"),
+        .correlation_data = optional_bytes(items[4]),
+    };
+    if (format != mp_const_none && out->payload_format > 1) {
+        mp_raise_ValueError(MP_ERROR_TEXT("payload_format must be 0 or 1"));
+    }
+    if (items[3] != mp_const_none) {
+        check_topic(items[3], false);
+    }
+}
+
 // What the client kept of the publish in flight in `slot` (mqtt_kept_t):
 // the topic str and payload object it published. Never raises.
 static bool kept_publish(void *context, uint8_t slot, mqtt_bytes_t *topic, mqtt_bytes_t *payload) {
@@ -37,7 +63,7 @@ static bool kept_publish(void *context, uint8_t slot, mqtt_bytes_t *topic, mqtt_
 
 // Entry `index` of the subscription table (mqtt_filters_t), for the engine
 // to subscribe again. Never raises.
-static bool table_filter(void *context, uint16_t index, mqtt_bytes_t *filter, uint8_t *qos) {
+static bool table_filter(void *context, uint16_t index, mqtt_bytes_t *filter, uint8_t *options) {
     mp_obj_mqtt_client_t *self = context;
     size_t n;
     mp_obj_t *items;
@@ -49,7 +75,7 @@ static bool table_filter(void *context, uint16_t index, mqtt_bytes_t *filter, ui
     size_t len;
     const char *data = mp_obj_str_get_data(items[at], &len);
     *filter = (mqtt_bytes_t) { .data = (const uint8_t *)data, .len = len };
-    *qos = (uint8_t)MP_OBJ_SMALL_INT_VALUE(items[at + 2]);
+    *options = (uint8_t)MP_OBJ_SMALL_INT_VALUE(items[at + 2]);
     return true;
 }
 
@@ -84,6 +110,12 @@ static int start_session(mp_obj_mqtt_client_t *self, mp_obj_t sock, mp_obj_t str
         .clean_session = self->clean_session,
         .keepalive_s = self->keepalive_s,
     };
+    mqtt_message_properties_t will_properties;
+    mp_obj_t kept = option(self, OPTION_WILL_PROPERTIES);
+    if (kept != mp_const_none) {
+        message_properties_of(kept, &will_properties);
+        options.will_properties = &will_properties;
+    }
     client_lock(self);
     self->stream = stream;
     self->stream_buffers = stream != sock;

@@ -14,7 +14,7 @@ use core::mem::{align_of, size_of};
 use cty::{c_char, c_int, intptr_t, size_t};
 
 use crate::codec::properties::{VARINT_MAX, varint_len};
-use crate::codec::v5::ConnectProperties;
+use crate::codec::v5::{ConnectProperties, MessageProperties, SubscriptionOptions};
 use crate::codec::{Connect, DecodeError, QoS, Will};
 use crate::session::{
     Config, Deferred, Error, Failure, Filters, INBOUND_QOS2_MAX, Kept, MessageSink, Outcome, Session, Ticket, V5,
@@ -191,6 +191,24 @@ pub struct mqtt_bytes_t {
     pub len: size_t,
 }
 
+/// The properties of a message (MQTT 5): a PUBLISH's or a will's.
+/// Optional strings are absent when `data` is null.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct mqtt_message_properties_t {
+    /// 1: the payload is UTF-8 text (Payload Format Indicator); 0: not said.
+    pub payload_format: u8,
+    /// Whether `message_expiry_s` is given.
+    pub has_message_expiry: bool,
+    /// Seconds after which the broker drops the message undelivered.
+    pub message_expiry_s: u32,
+    /// A will's delay in seconds (0: none); never for a PUBLISH.
+    pub will_delay_s: u32,
+    pub content_type: mqtt_bytes_t,
+    pub response_topic: mqtt_bytes_t,
+    pub correlation_data: mqtt_bytes_t,
+}
+
 /// CONNECT's fields. Optional strings are absent when `data` is null.
 #[repr(C)]
 pub struct mqtt_connect_t {
@@ -203,6 +221,8 @@ pub struct mqtt_connect_t {
     pub will_retain: bool,
     pub clean_session: bool,
     pub keepalive_s: u16,
+    /// MQTT 5: the will's properties, or null for none.
+    pub will_properties: *const mqtt_message_properties_t,
 }
 
 /// Follows one command to its acknowledgement.
@@ -254,11 +274,12 @@ pub struct mqtt_kept_t {
 #[repr(C)]
 pub struct mqtt_filters_t {
     pub context: *mut c_void,
-    /// Sets `*filter` and `*qos` to entry `index` of the table, valid until
-    /// `mqtt_session_resubscribe` returns; returns false past its end.
-    /// Must not raise or jump.
-    pub filter:
-        Option<unsafe extern "C" fn(context: *mut c_void, index: u16, filter: *mut mqtt_bytes_t, qos: *mut u8) -> bool>,
+    /// Sets `*filter` and `*options` (as for `mqtt_session_subscribe`) to
+    /// entry `index` of the table, valid until `mqtt_session_resubscribe`
+    /// returns; returns false past its end. Must not raise or jump.
+    pub filter: Option<
+        unsafe extern "C" fn(context: *mut c_void, index: u16, filter: *mut mqtt_bytes_t, options: *mut u8) -> bool,
+    >,
 }
 
 /// Why the link is down, for `mqtt_session_next_attempt`: lost,
@@ -447,6 +468,34 @@ unsafe fn with_link(
         return MQTT_ERR_INVALID_ARGUMENT;
     };
     to_status(step(session, &mut io))
+}
+
+/// A message's properties as the caller gave them (none for null).
+///
+/// # Safety
+/// `properties` is null or valid, and so are its byte strings.
+unsafe fn message_properties<'a>(
+    properties: *const mqtt_message_properties_t,
+) -> Result<MessageProperties<'a>, mqtt_status_t> {
+    // SAFETY: as the caller promises.
+    let Some(given) = (unsafe { properties.as_ref() }) else {
+        return Ok(MessageProperties::default());
+    };
+    if given.payload_format > 1 {
+        return Err(MQTT_ERR_INVALID_ARGUMENT);
+    }
+    Ok(MessageProperties {
+        utf8_payload: given.payload_format == 1,
+        message_expiry_s: given.has_message_expiry.then_some(given.message_expiry_s),
+        // SAFETY: each byte string is null or valid (the caller's promise).
+        content_type: unsafe { text(given.content_type) }?,
+        // SAFETY: as above.
+        response_topic: unsafe { text(given.response_topic) }?,
+        // SAFETY: as above.
+        correlation_data: unsafe { slice(given.correlation_data) },
+        topic_alias: 0,
+        will_delay_s: given.will_delay_s,
+    })
 }
 
 /// # Safety
@@ -656,7 +705,9 @@ pub unsafe extern "C" fn mqtt_session_connect(
                     maximum_packet_size: stated_maximum_packet_size(session.max_packet_size()),
                     topic_alias_maximum: 0,
                 };
-                session.connect_v5(&mut io, now_ms, &connect, &Default::default(), v5)
+                // SAFETY: null or valid, with valid byte strings (the caller's promise).
+                let will = unsafe { message_properties(options.will_properties) }?;
+                session.connect_v5(&mut io, now_ms, &connect, &will, v5)
             }
             None => session.connect(&mut io, now_ms, &connect),
         };
@@ -786,6 +837,9 @@ pub unsafe extern "C" fn mqtt_session_resume(
 }
 
 /// Sends SUBSCRIBE (`unsubscribe` false) or UNSUBSCRIBE for one filter.
+/// `options` is MQTT 5's subscription options byte: bits 0-1 the QoS, bit
+/// 2 No Local, bit 3 Retain As Published, bits 4-5 Retain Handling (an
+/// MQTT 3.1.1 session takes a QoS alone).
 ///
 /// # Safety
 /// `session` comes from `mqtt_session_init`; the other pointers are valid.
@@ -795,7 +849,7 @@ pub unsafe extern "C" fn mqtt_session_subscribe(
     transport: *const mqtt_transport_t,
     now_ms: u32,
     filter: mqtt_bytes_t,
-    qos_level: u8,
+    options: u8,
     unsubscribe: bool,
     ticket: *mut mqtt_ticket_t,
 ) -> mqtt_status_t {
@@ -811,7 +865,8 @@ pub unsafe extern "C" fn mqtt_session_subscribe(
         let sent = if unsubscribe {
             session.unsubscribe(&mut io, now_ms, filter)
         } else {
-            session.subscribe(&mut io, now_ms, filter, qos(qos_level)?)
+            let options = SubscriptionOptions::from_byte(options).ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+            session.subscribe_with(&mut io, now_ms, filter, options)
         };
         *ticket = ticket_out(sent.map_err(status)?);
         Ok(())
@@ -1115,7 +1170,7 @@ struct FiltersOfCaller<'a> {
 }
 
 impl Filters for FiltersOfCaller<'_> {
-    fn filter(&mut self, index: u16) -> Option<(&str, QoS)> {
+    fn filter(&mut self, index: u16) -> Option<(&str, SubscriptionOptions)> {
         let get = self.filters.filter?;
         let mut filter = mqtt_bytes_t {
             data: core::ptr::null(),
@@ -1130,7 +1185,7 @@ impl Filters for FiltersOfCaller<'_> {
         // SAFETY: the caller promises the filter stays valid until
         // `mqtt_session_resubscribe` returns.
         let filter = unsafe { text(filter) }.ok()??;
-        Some((filter, QoS::from_bits(level)?))
+        Some((filter, SubscriptionOptions::from_byte(level)?))
     }
 }
 

@@ -4,12 +4,14 @@ the protocol each client connected with."""
 
 import re
 import subprocess
+import time
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from broker import Broker
+from conftest import KILLED_KEEPALIVE, expect_line
 from peer import Peer
 from scripted_broker import CONNECT, ScriptedBroker
 
@@ -262,3 +264,148 @@ def test_a_publish_over_the_brokers_maximum_packet_size_raises_before_it_is_sent
         "True",
     ]
     assert [len(m.payload) for m in messages] == [94, 3]
+
+
+def test_subscription_options(broker, micropython):
+    """No Local keeps the client's own messages from it; Retain Handling 2
+    sends no retained message on subscribing; Retain As Published keeps a
+    live message's retain flag (which the broker otherwise clears)."""
+    peer = Peer(broker.port, client_id="options-peer", protocol=5)
+    peer.publish("held/t", b"retained", qos=1, retain=True)
+    process = micropython.start(
+        """
+        got = []
+        def keep(client, payload, topic):
+            got.append((topic, payload, client.message_flags() & 1))
+        c = mqtt.Client("options", protocol=mqtt.MQTTv5)
+        c.connect(HOST, 30, port=PORT)
+        c.subscribe("own/#", keep, qos=1, no_local=True)
+        c.subscribe("held/#", keep, qos=1, retain_handling=2)
+        c.subscribe("flag/as-published", keep, qos=1, retain_as_published=True)
+        c.subscribe("flag/cleared", keep, qos=1)
+        c.publish("own/mine", b"not back", qos=1)
+        print("subscribed")
+        print(wait_until(lambda: len(got) >= 3, 10000))
+        time.sleep_ms(300)
+        print(sorted(got))
+        c.disconnect()
+        """,
+        PORT=broker.port,
+    )
+    assert process.stdout.readline().strip() == "subscribed"
+    peer.publish("own/theirs", b"from the peer", qos=1)
+    peer.publish("flag/as-published", b"a", qos=1, retain=True)
+    peer.publish("flag/cleared", b"b", qos=1, retain=True)
+    output, _ = process.communicate(timeout=30)
+    peer.close()
+    assert process.returncode == 0, output
+    assert output.strip().splitlines() == [
+        "True",
+        "[('flag/as-published', b'a', 1), ('flag/cleared', b'b', 0), ('own/theirs', b'from the peer', 0)]",
+    ]
+
+
+def test_subscription_options_need_mqtt5(micropython):
+    output = micropython.run(
+        """
+        c = mqtt.Client("old")
+        for options in ({"no_local": True}, {"retain_as_published": True}, {"retain_handling": 1}):
+            try:
+                c.subscribe("t", lambda *args: None, **options)
+            except ValueError as e:
+                print(e)
+        try:
+            mqtt.Client("new", protocol=mqtt.MQTTv5).subscribe("t", lambda *args: None, retain_handling=3)
+        except ValueError as e:
+            print(e)
+        """
+    )
+    need = "no_local, retain_as_published and retain_handling need MQTTv5"
+    assert output.strip().splitlines() == [need, need, need, "retain_handling must be 0, 1 or 2"]
+
+
+@pytest.mark.parametrize("protocol", [4, 5], ids=["MQTT 3.1.1", "MQTT 5"])
+def test_a_shared_subscription_delivers_to_its_callback(broker, micropython, protocol):
+    """$share/GROUP/FILTER: the broker sends each message to one member of
+    the group; the member's callback gets it under its topic (mosquitto
+    takes shared subscriptions from 3.1.1 clients too)."""
+    peer = Peer(broker.port, client_id="share-peer")
+    process = micropython.start(
+        """
+        got = []
+        c = mqtt.Client("member", protocol=PROTOCOL)
+        c.connect(HOST, 30, port=PORT)
+        c.subscribe("$share/workers/jobs/+", lambda client, payload, topic: got.append((topic, payload)), qos=1)
+        print("subscribed")
+        print(wait_until(lambda: len(got) == 2, 10000), got)
+        try:
+            c.subscribe("$share/bad+group/jobs", lambda *args: None)
+        except ValueError as e:
+            print(e)
+        c.disconnect()
+        """,
+        PORT=broker.port,
+        PROTOCOL=protocol,
+    )
+    assert process.stdout.readline().strip() == "subscribed"
+    peer.publish("jobs/1", b"first", qos=1)
+    peer.publish("jobs/2", b"second", qos=1)
+    output, _ = process.communicate(timeout=30)
+    peer.close()
+    assert process.returncode == 0, output
+    assert output.strip().splitlines() == [
+        "True [('jobs/1', b'first'), ('jobs/2', b'second')]",
+        "invalid topic filter",
+    ]
+
+
+def test_a_will_carries_its_properties_and_waits_its_delay(broker, micropython):
+    peer = Peer(broker.port, client_id="will-watcher", protocol=5)
+    peer.subscribe("wills/#", qos=1)
+    process = micropython.start(
+        """
+        c = mqtt.Client("leaver", protocol=mqtt.MQTTv5)
+        c.set_will("wills/leaver", b"gone", qos=1, delay=2, expiry=600, content_type="text/plain",
+                   response_topic="replies/leaver", correlation_data=b"\\x01\\x02", payload_format=1)
+        c.connect(HOST, KEEPALIVE, port=PORT)
+        print("connected")
+        time.sleep(60)
+        """,
+        PORT=broker.port,
+        KEEPALIVE=KILLED_KEEPALIVE,
+    )
+    expect_line(process, "connected")
+    process.kill()
+    process.communicate()
+    lost_at = time.monotonic()
+    # The broker holds the will back for its delay (2 s) once it knows the
+    # link is gone (at once, or after 1.5 keepalives on lwIP).
+    assert peer.wait_for(1, timeout=1.5) == []
+    (will,) = peer.wait_for(1, timeout=15)
+    assert time.monotonic() - lost_at >= 1.5
+    properties = will.properties
+    assert (will.topic, will.payload, will.qos) == ("wills/leaver", b"gone", 1)
+    assert properties.ContentType == "text/plain"
+    assert properties.ResponseTopic == "replies/leaver"
+    assert properties.CorrelationData == b"\x01\x02"
+    assert properties.PayloadFormatIndicator == 1
+    assert 0 < properties.MessageExpiryInterval <= 600
+    peer.close()
+
+
+def test_will_properties_are_checked(micropython):
+    output = micropython.run(
+        """
+        old = mqtt.Client("old")
+        new = mqtt.Client("new", protocol=mqtt.MQTTv5)
+        for client, options in ((old, {"delay": 5}), (new, {"payload_format": 2}),
+                                (new, {"response_topic": "a/#"}), (new, {"expiry": -1}),
+                                (new, {"content_type": 7})):
+            try:
+                client.set_will("w", "x", **options)
+                print("accepted: WRONG")
+            except (TypeError, ValueError) as e:
+                print(type(e).__name__)
+        """
+    )
+    assert output.strip().splitlines() == ["ValueError", "ValueError", "ValueError", "ValueError", "TypeError"]

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use arbitrary::Arbitrary;
 use embedded_io::{ErrorKind, ErrorType, Read, ReadReady, Write};
 use libfuzzer_sys::fuzz_target;
-use mqtt_engine::codec::v5::ConnectProperties;
+use mqtt_engine::codec::v5::{ConnectProperties, SubscriptionOptions};
 use mqtt_engine::codec::{self, Connect, FixedHeader, Packet, PacketType, QoS, Will};
 use mqtt_engine::session::{Config, Event, Failure, Filters, Kept, MessageSink, Outcome, Session, Ticket, V5};
 
@@ -146,8 +146,8 @@ impl Kept for KeptSlots {
 struct Table(u8);
 
 impl Filters for Table {
-    fn filter(&mut self, index: u16) -> Option<(&str, QoS)> {
-        (index < u16::from(self.0)).then_some(("a/+/#", QoS::AtLeastOnce))
+    fn filter(&mut self, index: u16) -> Option<(&str, SubscriptionOptions)> {
+        (index < u16::from(self.0)).then_some(("a/+/#", SubscriptionOptions::qos(QoS::AtLeastOnce)))
     }
 }
 

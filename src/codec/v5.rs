@@ -243,7 +243,38 @@ pub struct SubscriptionOptions {
 }
 
 impl SubscriptionOptions {
-    fn byte(&self) -> u8 {
+    /// Options that ask for `qos` alone (all a 3.1.1 subscription has).
+    pub fn qos(qos: QoS) -> Self {
+        SubscriptionOptions {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+        }
+    }
+
+    /// The options an options byte gives, or `None` when it sets a
+    /// reserved bit, QoS 3 or retain handling 3.
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        let retain_handling = (byte >> 4) & 0b11;
+        if byte & 0xc0 != 0 || retain_handling == 3 {
+            return None;
+        }
+        Some(SubscriptionOptions {
+            qos: QoS::from_bits(byte & 0b11)?,
+            no_local: byte & 0x04 != 0,
+            retain_as_published: byte & 0x08 != 0,
+            retain_handling,
+        })
+    }
+
+    /// Whether they ask for nothing but a QoS (as a 3.1.1 client must).
+    pub fn is_qos_only(&self) -> bool {
+        *self == SubscriptionOptions::qos(self.qos)
+    }
+
+    /// The options byte (MQTT 5, section 3.8.3.1).
+    pub fn byte(&self) -> u8 {
         let mut byte = self.qos as u8 | ((self.retain_handling & 0b11) << 4);
         if self.no_local {
             byte |= 0x04;

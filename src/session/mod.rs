@@ -331,6 +331,9 @@ impl Session {
         if !self.is_v5() {
             return Err(Error::WrongState);
         }
+        if let Some(topic) = will_properties.response_topic {
+            topic::check_name(topic.as_bytes())?;
+        }
         self.prepare_connect(now, connect)?;
         let blocks = codec::v5::ConnectBlocks {
             connect: &v5.connect,

@@ -5,6 +5,7 @@
 use embedded_io::Write;
 
 use super::{CONNECT_SLOT, CommandState, Error, Link, Session, Ticket, elapsed};
+use crate::codec::v5::SubscriptionOptions;
 use crate::codec::{self, PacketType, Publish, QoS};
 use crate::topic;
 
@@ -179,14 +180,8 @@ impl Session {
         io: &mut W,
         packet_id: u16,
         filter: &str,
-        qos: QoS,
+        options: SubscriptionOptions,
     ) -> Result<(), codec::EncodeError<W::Error>> {
-        let options = codec::v5::SubscriptionOptions {
-            qos,
-            no_local: false,
-            retain_as_published: false,
-            retain_handling: 0,
-        };
         codec::v5::write_subscribe(io, packet_id, filter, &options, self.is_v5().then_some(0))
     }
 
@@ -296,12 +291,27 @@ impl Session {
 
     /// Sends a SUBSCRIBE for one filter.
     pub fn subscribe<W: Write>(&mut self, io: &mut W, now: u32, filter: &str, qos: QoS) -> Result<Ticket, Error> {
+        self.subscribe_with(io, now, filter, SubscriptionOptions::qos(qos))
+    }
+
+    /// Sends a SUBSCRIBE for one filter with MQTT 5's subscription options
+    /// (an MQTT 3.1.1 session takes a QoS alone: [`Error::WrongState`]).
+    pub fn subscribe_with<W: Write>(
+        &mut self,
+        io: &mut W,
+        now: u32,
+        filter: &str,
+        options: SubscriptionOptions,
+    ) -> Result<Ticket, Error> {
         topic::check_filter(filter.as_bytes())?;
+        if !self.is_v5() && !options.is_qos_only() {
+            return Err(Error::WrongState);
+        }
         if self.link != Link::Up {
             return Err(Error::NotConnected);
         }
         let ticket = self.start_command(now, Stage::AwaitSubAck)?;
-        self.write_subscribe(io, ticket.packet_id, filter, qos)?;
+        self.write_subscribe(io, ticket.packet_id, filter, options)?;
         self.last_sent = now;
         Ok(ticket)
     }

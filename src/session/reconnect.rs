@@ -12,7 +12,7 @@ use embedded_io::Write;
 
 use super::outbound::Stage;
 use super::{Error, Session, elapsed};
-use crate::codec::QoS;
+use crate::codec::v5::SubscriptionOptions;
 
 /// Why the link is down, as far as the wait before the next attempt goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,7 +107,7 @@ impl Backoff {
 /// subscriptions are sent again.
 pub trait Filters {
     /// The filter and QoS of entry `index`, or None past the end.
-    fn filter(&mut self, index: u16) -> Option<(&str, QoS)>;
+    fn filter(&mut self, index: u16) -> Option<(&str, SubscriptionOptions)>;
 }
 
 /// The CONNACK/SUBACK return code of a refused subscription.
@@ -157,12 +157,12 @@ impl Session {
             if !self.is_connected() || !self.inflight.iter().any(Option::is_none) {
                 break;
             }
-            let Some((filter, qos)) = filters.filter(next) else {
+            let Some((filter, options)) = filters.filter(next) else {
                 self.resubscribe = None;
                 break;
             };
             let ticket = self.start_command(now, Stage::AwaitResubAck)?;
-            self.write_subscribe(io, ticket.packet_id, filter, qos)?;
+            self.write_subscribe(io, ticket.packet_id, filter, options)?;
             self.last_sent = now;
             self.resubscribe = next.checked_add(1);
         }
@@ -191,7 +191,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{self, Packet, write_suback};
+    use crate::codec::{self, Packet, QoS, write_suback};
     use crate::session::testing::*;
     use std::string::String;
     use std::vec::Vec;
@@ -281,10 +281,10 @@ mod tests {
     struct Table(Vec<String>);
 
     impl Filters for Table {
-        fn filter(&mut self, index: u16) -> Option<(&str, QoS)> {
+        fn filter(&mut self, index: u16) -> Option<(&str, SubscriptionOptions)> {
             self.0
                 .get(usize::from(index))
-                .map(|filter| (filter.as_str(), QoS::AtLeastOnce))
+                .map(|filter| (filter.as_str(), SubscriptionOptions::qos(QoS::AtLeastOnce)))
         }
     }
 

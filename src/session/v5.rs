@@ -684,6 +684,64 @@ mod tests {
     }
 
     #[test]
+    fn subscription_options_go_in_the_options_byte() {
+        use crate::codec::v5::SubscriptionOptions;
+        let (mut session, _, mut pipe) = connected_v5(&[]);
+        // QoS 1, No Local, Retain As Published, Retain Handling 2.
+        let options = SubscriptionOptions::from_byte(0x2d).unwrap();
+        assert_eq!(
+            (
+                options.qos,
+                options.no_local,
+                options.retain_as_published,
+                options.retain_handling
+            ),
+            (QoS::AtLeastOnce, true, true, 2)
+        );
+        assert_eq!(options.byte(), 0x2d);
+        let ticket = session.subscribe_with(&mut pipe, 2, "a", options).unwrap();
+        assert_eq!(pipe.outbound, [0x82, 7, 0, ticket.packet_id as u8, 0, 0, 1, b'a', 0x2d]);
+        // Reserved bits, QoS 3 and retain handling 3 are no options.
+        for byte in [0x40, 0x80, 0x03, 0x30] {
+            assert_eq!(SubscriptionOptions::from_byte(byte), None, "{byte:#x}");
+        }
+        // A 3.1.1 session takes a QoS alone.
+        let (mut session, mut pipe) = connected(0);
+        assert_eq!(
+            session.subscribe_with(&mut pipe, 2, "a", options),
+            Err(Error::WrongState)
+        );
+        assert!(
+            session
+                .subscribe_with(&mut pipe, 2, "a", SubscriptionOptions::qos(QoS::AtLeastOnce))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_resubscription_keeps_its_options() {
+        use crate::codec::v5::SubscriptionOptions;
+        use crate::session::Filters;
+        struct One;
+        impl Filters for One {
+            fn filter(&mut self, index: u16) -> Option<(&str, SubscriptionOptions)> {
+                (index == 0).then(|| ("r", SubscriptionOptions::from_byte(0x25).unwrap()))
+            }
+        }
+        let (mut session, mut v5, mut pipe) = v5_session();
+        session.set_backoff(100, 1000, 1);
+        session
+            .connect_v5(&mut pipe, 0, &connect_options(30, true), &Default::default(), &v5)
+            .unwrap();
+        connack(&mut pipe, 0, &[]);
+        session.receive_v5(&mut pipe, 1, &mut v5).unwrap();
+        pipe.outbound.clear();
+        session.resubscribe(&mut pipe, 2, &mut One).unwrap();
+        // QoS 1, No Local, Retain Handling 2: the options byte 0x25.
+        assert_eq!(pipe.outbound, [0x82, 7, 0, 1, 0, 0, 1, b'r', 0x25]);
+    }
+
+    #[test]
     fn the_brokers_disconnect_ends_the_link_with_its_reason() {
         let (mut session, mut v5, mut pipe) = connected_v5(&[]);
         pipe.broker_sends(|b| b.extend([0xe0, 6, 0x8e, 4, id::REASON_STRING, 0, 1, b'x']));
