@@ -409,3 +409,201 @@ def test_will_properties_are_checked(micropython):
         """
     )
     assert output.strip().splitlines() == ["ValueError", "ValueError", "ValueError", "ValueError", "TypeError"]
+
+
+def string(text):
+    data = text.encode() if isinstance(text, str) else text
+    return len(data).to_bytes(2, "big") + data
+
+
+# Every property a broker may put in CONNACK, each with a valid value.
+CONNACK_PROPERTIES = {
+    "session expiry": bytes([0x11, 0, 0, 0, 60]),
+    "receive maximum": bytes([0x21, 0, 10]),
+    "maximum QoS": bytes([0x24, 1]),
+    "retain available": bytes([0x25, 0]),
+    "maximum packet size": bytes([0x27, 0, 0, 4, 0]),
+    "assigned client identifier": bytes([0x12]) + string("given-id"),
+    "topic alias maximum": bytes([0x22, 0, 5]),
+    "reason string": bytes([0x1F]) + string("welcome"),
+    "user property": bytes([0x26]) + string("k") + string("v"),
+    "wildcard subscription available": bytes([0x28, 1]),
+    "subscription identifiers available": bytes([0x29, 0]),
+    "shared subscription available": bytes([0x2A, 1]),
+    "server keep alive": bytes([0x13, 0, 20]),
+    "response information": bytes([0x1A]) + string("replies/"),
+    "server reference": bytes([0x1C]) + string("other.example"),
+    "authentication method": bytes([0x15]) + string("none"),
+    "authentication data": bytes([0x16]) + string(b"\x00\x01"),
+}
+
+# CONNACK property blocks that break a rule, and the rule.
+MALFORMED_CONNACK = {
+    "unknown identifier": (bytes([0x7E, 0]), "invalid property"),
+    "a PUBLISH property": (bytes([0x23, 0, 1]), "invalid property"),
+    "repeated": (bytes([0x24, 1, 0x24, 1]), "invalid property"),
+    "maximum QoS 2": (bytes([0x24, 2]), "invalid property"),
+    "receive maximum 0": (bytes([0x21, 0, 0]), "invalid property"),
+    "maximum packet size 0": (bytes([0x27, 0, 0, 0, 0]), "invalid property"),
+    "reason string not UTF-8": (bytes([0x1F]) + string(b"\xff"), "bad UTF-8 or U+0000"),
+    "string past the block": (bytes([0x1F, 0, 9, 0x41]), "lengths do not add up"),
+}
+
+
+def connack_script(properties, seen):
+    def script(connection):
+        assert connection.read().kind == CONNECT
+        block = bytes([len(properties)]) + properties
+        connection.send(bytes([0x20, 2 + len(block), 0, 0]) + block)
+        try:
+            seen.append(connection.read().kind)
+        except EOFError:
+            seen.append(None)
+
+    return script
+
+
+@pytest.mark.parametrize("name", sorted(CONNACK_PROPERTIES))
+def test_every_connack_property_is_taken(micropython, name):
+    seen = []
+    scripted = ScriptedBroker([connack_script(CONNACK_PROPERTIES[name], seen)])
+    try:
+        output = micropython.run(
+            """
+            c = mqtt.Client("", protocol=mqtt.MQTTv5)
+            c.connect(HOST, 30, port=PORT, start_loop=False)
+            print(c.connected(), c.assigned_client_id())
+            c.disconnect()
+            """,
+            PORT=scripted.port,
+        )
+    finally:
+        scripted.close()
+    assert scripted.errors == []
+    assigned = "given-id" if name == "assigned client identifier" else "None"
+    assert output.strip() == f"True {assigned}"
+    # The client ended the link as it should: with DISCONNECT.
+    assert seen == [14]
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_CONNACK))
+def test_a_malformed_connack_property_fails_the_connection(micropython, name):
+    properties, rule = MALFORMED_CONNACK[name]
+    seen = []
+    scripted = ScriptedBroker([connack_script(properties, seen)])
+    try:
+        output = micropython.run(
+            """
+            c = mqtt.Client("strict", protocol=mqtt.MQTTv5, command_timeout=5000)
+            try:
+                c.connect(HOST, 30, port=PORT, start_loop=False)
+                print("connected: WRONG")
+            except mqtt.MQTTException as e:
+                print(e.args[0] == mqtt.PROTOCOL_ERROR, e.args[1])
+            print(c.connected())
+            """,
+            PORT=scripted.port,
+        )
+    finally:
+        scripted.close()
+    assert scripted.errors == []
+    assert output.strip().splitlines() == [f"True protocol error: {rule}", "False"]
+    # The client closed the link without a word more.
+    assert seen == [None]
+
+
+# Every property a broker may put in a PUBLISH (Topic Alias aside: the
+# client allows none), each with a valid value, the repeatable ones twice.
+PUBLISH_PROPERTIES = (
+    bytes([0x01, 1])
+    + bytes([0x02, 0, 0, 0, 30])
+    + bytes([0x03]) + string("text/plain")
+    + bytes([0x08]) + string("replies/x")
+    + bytes([0x09]) + string(b"\x00\xff")
+    + bytes([0x26]) + string("k") + string("v")
+    + bytes([0x26]) + string("k") + string("w")
+    + bytes([0x0B, 0x80, 0x01])
+    + bytes([0x0B, 7])
+)
+
+MALFORMED_PUBLISH = {
+    "topic alias the client never allowed": bytes([0x23, 0, 1]),
+    "subscription identifier 0": bytes([0x0B, 0]),
+    "payload format 2": bytes([0x01, 2]),
+    "content type twice": bytes([0x03]) + string("a") + bytes([0x03]) + string("b"),
+    "a CONNACK property": bytes([0x21, 0, 1]),
+}
+
+
+def subscribed_script(publish_properties, seen):
+    """CONNACK, a SUBACK with a reason string and a user property, then a
+    QoS 1 PUBLISH with `publish_properties`; records what the client sends."""
+
+    def script(connection):
+        assert connection.read().kind == CONNECT
+        connection.send(bytes([0x20, 3, 0, 0, 0]))
+        subscribe = connection.read()
+        packet_id = subscribe.body[:2]
+        suback_properties = bytes([0x1F]) + string("ok") + bytes([0x26]) + string("a") + string("b")
+        body = packet_id + bytes([len(suback_properties)]) + suback_properties + bytes([1])
+        connection.send(bytes([0x90, len(body)]) + body)
+        body = string("t/1") + bytes([0, 9, len(publish_properties)]) + publish_properties + b"payload"
+        connection.send(bytes([0x32, len(body)]) + body)
+        while True:
+            try:
+                packet = connection.read()
+            except EOFError:
+                seen.append(None)
+                return
+            seen.append((packet.kind, packet.body))
+
+    return script
+
+
+def test_every_publish_property_is_read_past(micropython):
+    seen = []
+    scripted = ScriptedBroker([subscribed_script(PUBLISH_PROPERTIES, seen)])
+    try:
+        output = micropython.run(
+            """
+            got = []
+            c = mqtt.Client("reader", protocol=mqtt.MQTTv5)
+            c.connect(HOST, 30, port=PORT)
+            print(c.subscribe("t/+", lambda client, payload, topic: got.append((topic, payload)), qos=1))
+            print(wait_until(lambda: got, 5000), got)
+            c.disconnect()
+            """,
+            PORT=scripted.port,
+        )
+    finally:
+        scripted.close()
+    assert scripted.errors == []
+    assert output.strip().splitlines() == ["1", "True [('t/1', b'payload')]"]
+    # PUBACK for packet id 9 (the short form), then DISCONNECT.
+    assert seen == [(4, b"\x00\x09"), (14, b""), None]
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_PUBLISH))
+def test_a_malformed_publish_property_fails_the_link(micropython, name):
+    seen = []
+    scripted = ScriptedBroker([subscribed_script(MALFORMED_PUBLISH[name], seen)])
+    try:
+        output = micropython.run(
+            """
+            got, failures = [], []
+            def failed(client):
+                failures.append(1)
+                return mqtt.BREAK_LOOP
+            c = mqtt.Client("reader", protocol=mqtt.MQTTv5)
+            c.connect(HOST, 30, port=PORT, loop_failure=failed)
+            c.subscribe("t/+", lambda client, payload, topic: got.append(payload), qos=1)
+            print(wait_until(lambda: failures, 5000), got, c.connected())
+            """,
+            PORT=scripted.port,
+        )
+    finally:
+        scripted.close()
+    assert scripted.errors == []
+    assert output.strip() == "True [] False"
+    # Nothing acknowledged: the link closed.
+    assert seen == [None]
