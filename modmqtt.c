@@ -434,8 +434,7 @@ static mp_obj_t client_disconnect_reason(mp_obj_t self_in) {
     mqtt_bytes_t reason;
     client_lock(self);
     int code = mqtt_session_disconnect_reason(session_of(self), &reason);
-    size_t len = code < 0 ? 0 : (reason.len < sizeof(text) ? reason.len : sizeof(text));
-    memcpy(text, reason.data, len);
+    size_t len = code < 0 ? 0 : copy_out(text, sizeof(text), reason);
     client_unlock(self);
     if (code < 0) {
         return mp_const_none;
@@ -451,9 +450,7 @@ static mp_obj_t client_assigned_client_id(mp_obj_t self_in) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
     char text[MQTT_ASSIGNED_ID_MAX];
     client_lock(self);
-    mqtt_bytes_t id = mqtt_session_assigned_client_id(session_of(self));
-    size_t len = id.len < sizeof(text) ? id.len : sizeof(text);
-    memcpy(text, id.data, len);
+    size_t len = copy_out(text, sizeof(text), mqtt_session_assigned_client_id(session_of(self)));
     client_unlock(self);
     return len == 0 ? mp_const_none : mp_obj_new_str(text, len);
 }

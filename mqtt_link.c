@@ -194,6 +194,14 @@ static NORETURN void raise_mqtt(int code, const char *text, const char *detail) 
     nlr_raise(mqtt_exception(code, text, detail));
 }
 
+// Copies bytes the engine gave (valid while the lock is held) into `to`,
+// at most `room` of them, and returns how many.
+static size_t copy_out(char *to, size_t room, mqtt_bytes_t from) {
+    size_t len = from.len < room ? from.len : room;
+    memcpy(to, from.data, len);
+    return len;
+}
+
 // MQTTException(MQTT_EXC_REASON + code, "<what>: <meaning> (0x..)[: <reason
 // string>]") for an MQTT 5 reason code the broker sent, with the reason
 // string of the broker's last refusal; `code` -1: the last refusal's code.
@@ -204,8 +212,7 @@ static mp_obj_t reason_exception(mp_obj_mqtt_client_t *self, const char *what, i
     mqtt_bytes_t reason;
     client_lock(self);
     uint8_t last = mqtt_session_reason(session_of(self), &reason);
-    size_t len = reason.len < sizeof(text) ? reason.len : sizeof(text);
-    memcpy(text, reason.data, len);
+    size_t len = copy_out(text, sizeof(text), reason);
     client_unlock(self);
     uint8_t shown = code < 0 ? last : (uint8_t)code;
     const char *meaning = mqtt_reason_text(shown);

@@ -191,6 +191,16 @@ pub struct mqtt_bytes_t {
     pub len: size_t,
 }
 
+impl mqtt_bytes_t {
+    /// Engine memory handed to the caller, valid until its next call.
+    fn of(text: &str) -> Self {
+        mqtt_bytes_t {
+            data: text.as_ptr(),
+            len: text.len(),
+        }
+    }
+}
+
 /// The properties of a message (MQTT 5): a PUBLISH's or a will's.
 /// Optional strings are absent when `data` is null.
 #[repr(C)]
@@ -1312,10 +1322,7 @@ pub unsafe extern "C" fn mqtt_session_reason(session: *mut mqtt_session_t, reaso
         return 0;
     };
     let (code, text) = v5.map_or((0, ""), |v5| (v5.reason_code, v5.reason()));
-    *reason = mqtt_bytes_t {
-        data: text.as_ptr(),
-        len: text.len(),
-    };
+    *reason = mqtt_bytes_t::of(text);
     code
 }
 
@@ -1338,10 +1345,7 @@ pub unsafe extern "C" fn mqtt_session_disconnect_reason(
         return -1;
     };
     let text = v5.reason();
-    *reason = mqtt_bytes_t {
-        data: text.as_ptr(),
-        len: text.len(),
-    };
+    *reason = mqtt_bytes_t::of(text);
     c_int::from(code)
 }
 
@@ -1357,10 +1361,7 @@ pub unsafe extern "C" fn mqtt_session_assigned_client_id(session: *mut mqtt_sess
         Some((_, Some(v5))) => v5.assigned_client_id(),
         _ => "",
     };
-    mqtt_bytes_t {
-        data: text.as_ptr(),
-        len: text.len(),
-    }
+    mqtt_bytes_t::of(text)
 }
 
 #[cfg(test)]
