@@ -202,8 +202,15 @@ def expect_line(process, expected):
     fails with everything else the script printed (a traceback, say)."""
     line = process.stdout.readline().strip()
     if line != expected:
-        process.kill()
-        rest, _ = process.communicate()
+        # A script that failed ends by itself; one that went on is ended.
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        # Read through the text wrapper: readline() may hold the rest in
+        # its buffer, which communicate() (reading the pipe) would miss.
+        rest = process.stdout.read()
         raise AssertionError(f"the script printed {line!r}, not {expected!r}; then:\n{rest}")
 
 
