@@ -134,6 +134,7 @@ static void notify(mp_obj_mqtt_client_t *self, size_t which) {
 // collection keeps only the last stretch of each file in the preprocessed
 // unit, so the MP_QSTR_ names of this file must all come after them.
 #include "mqtt_link.c"
+#include "mqtt_properties.c"
 #include "mqtt_cycle.c"
 #include "mqtt_reconnect.c"
 #include MQTT_LOOP_FILE
@@ -292,7 +293,10 @@ static bool backoff_of(mp_obj_t value, uint32_t *min_ms, uint32_t *max_ms) {
 // Returns start_loop; `*queue` is aconnect()'s queue argument (None when
 // not given).
 static bool configure_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, mp_obj_t *queue) {
-    enum { ARG_host, ARG_keepalive, ARG_port, ARG_ssl_ctx, ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure, ARG_start_loop, ARG_stream, ARG_auto_reconnect, ARG_on_drop, ARG_queue };
+    enum {
+        ARG_host, ARG_keepalive, ARG_port, ARG_ssl_ctx, ARG_breconnect_cb, ARG_aconnect_cb, ARG_loop_failure,
+        ARG_start_loop, ARG_stream, ARG_auto_reconnect, ARG_on_drop, ARG_user_properties, ARG_queue,
+    };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_host, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_keepalive, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
@@ -305,6 +309,7 @@ static bool configure_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t 
         { MP_QSTR_stream, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_auto_reconnect, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_on_drop, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_user_properties, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_queue, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
     };
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
@@ -342,6 +347,13 @@ static bool configure_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t 
             mp_raise_TypeError(MP_ERROR_TEXT("callbacks must be callable or None"));
         }
     }
+    mp_obj_t user_properties = args[ARG_user_properties].u_obj;
+    if (user_properties != mp_const_none) {
+        if (!speaks_v5(self)) {
+            mp_raise_ValueError(MP_ERROR_TEXT("user properties need MQTTv5"));
+        }
+        user_properties = user_pairs_of(user_properties);
+    }
     uint32_t min_ms, max_ms;
     bool auto_reconnect = backoff_of(args[ARG_auto_reconnect].u_obj, &min_ms, &max_ms);
     if (loop_runs_elsewhere(self) || aio_loop_runs(self)) {
@@ -361,6 +373,7 @@ static bool configure_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t 
     set_option(self, OPTION_ACONNECT_CB, args[ARG_aconnect_cb].u_obj);
     set_option(self, OPTION_STREAM, stream);
     set_option(self, OPTION_ON_DROP, args[ARG_on_drop].u_obj);
+    set_option(self, OPTION_USER_PROPERTIES, user_properties);
     self->loop_failure = args[ARG_loop_failure].u_obj;
     *queue = args[ARG_queue].u_obj;
     return args[ARG_start_loop].u_bool;
@@ -377,7 +390,7 @@ static NORETURN void raise_refusal(mp_obj_mqtt_client_t *self, int code) {
 
 // Client.connect(host, keepalive, port=1883, ssl_ctx=None, breconnect_cb=None,
 //                aconnect_cb=None, loop_failure=None, start_loop=True, *,
-//                stream=None, auto_reconnect=None, on_drop=None)
+//                stream=None, auto_reconnect=None, on_drop=None, user_properties=None)
 static mp_obj_t client_connect(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     mp_obj_t queue;
@@ -472,6 +485,23 @@ static mp_obj_t client_message_flags(mp_obj_t self_in) {
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(client_message_flags_obj, client_message_flags);
 
+// Client.message_properties() -> dict or None: MQTT 5, inside a message
+// callback, the properties of the message (see properties_dict());
+// elsewhere those of the message messages() gave last; None with MQTT
+// 3.1.1 and outside both. Made anew at each call from the block kept as
+// it arrived.
+static mp_obj_t client_message_properties(mp_obj_t self_in) {
+    mp_obj_mqtt_client_t *self = client_of(self_in);
+    mp_obj_t block = MP_OBJ_NULL;
+    if (in_callback(self)) {
+        block = self->message_properties;
+    } else if (self->aio != NULL) {
+        block = self->aio->taken_properties;
+    }
+    return block == MP_OBJ_NULL ? mp_const_none : properties_dict(block);
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(client_message_properties_obj, client_message_properties);
+
 // Client.loop(): start the background loop (a no-op when it runs already)
 static mp_obj_t client_loop(mp_obj_t self_in) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
@@ -542,9 +572,15 @@ static mp_obj_t client_set_username_pw(size_t n_args, const mp_obj_t *pos_args, 
 }
 static MP_DEFINE_CONST_FUN_OBJ_KW(client_set_username_pw_obj, 2, client_set_username_pw);
 
-// Client.set_will(topic, payload, qos=0, retain=False)
+// Client.set_will(topic, payload, qos=0, retain=False, *, delay=None,
+// expiry=None, content_type=None, response_topic=None,
+// correlation_data=None, payload_format=None, user_properties=None)
 static mp_obj_t client_set_will(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
-    enum { ARG_topic, ARG_payload, ARG_qos, ARG_retain, ARG_delay, ARG_expiry, ARG_content_type, ARG_response_topic, ARG_correlation_data, ARG_payload_format };
+    // The properties in kept_properties()'s order.
+    enum {
+        ARG_topic, ARG_payload, ARG_qos, ARG_retain, ARG_delay, ARG_expiry, ARG_content_type, ARG_response_topic,
+        ARG_correlation_data, ARG_payload_format, ARG_user_properties,
+    };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_topic, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_payload, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
@@ -556,6 +592,7 @@ static mp_obj_t client_set_will(size_t n_args, const mp_obj_t *pos_args, mp_map_
         { MP_QSTR_response_topic, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_correlation_data, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_payload_format, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_user_properties, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
     };
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
@@ -565,24 +602,11 @@ static mp_obj_t client_set_will(size_t n_args, const mp_obj_t *pos_args, mp_map_
         mp_raise_ValueError(MP_ERROR_TEXT("will payload too long"));
     }
     uint8_t qos = qos_of(args[ARG_qos].u_obj);
-    // MQTT 5's will properties, checked now and kept as given.
-    mp_obj_t properties = mp_const_none;
-    bool any = false;
-    for (size_t i = ARG_delay; i <= ARG_payload_format; i++) {
-        any = any || args[i].u_obj != mp_const_none;
+    mp_obj_t given[PROPERTY_COUNT];
+    for (size_t i = 0; i < PROPERTY_COUNT; i++) {
+        given[i] = args[ARG_delay + i].u_obj;
     }
-    if (any) {
-        if (!speaks_v5(self)) {
-            mp_raise_ValueError(MP_ERROR_TEXT("will properties need MQTTv5"));
-        }
-        mqtt_message_properties_t checked;
-        properties = mp_obj_new_tuple(ARG_payload_format - ARG_delay + 1, NULL);
-        mp_obj_tuple_t *kept = MP_OBJ_TO_PTR(properties);
-        for (size_t i = ARG_delay; i <= ARG_payload_format; i++) {
-            kept->items[i - ARG_delay] = args[i].u_obj;
-        }
-        message_properties_of(properties, &checked);
-    }
+    mp_obj_t properties = kept_properties(self, given, "will properties");
     set_option(self, OPTION_WILL_TOPIC, args[ARG_topic].u_obj);
     set_option(self, OPTION_WILL_PAYLOAD, args[ARG_payload].u_obj);
     set_option(self, OPTION_WILL_PROPERTIES, properties);
@@ -607,12 +631,21 @@ static void unlock_after_sending(mp_obj_mqtt_client_t *self, int status) {
 // Reads the arguments of publish() and apublish() (see client_publish)
 // into `message`, checked.
 static void parse_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, outgoing_t *message) {
-    enum { ARG_topic, ARG_payload, ARG_qos, ARG_retain };
+    enum {
+        ARG_topic, ARG_payload, ARG_qos, ARG_retain, ARG_message_expiry, ARG_content_type, ARG_response_topic,
+        ARG_correlation_data, ARG_payload_format, ARG_user_properties,
+    };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_topic, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_payload, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_QSTR(MP_QSTR_)} },
         { MP_QSTR_qos, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(0)} },
         { MP_QSTR_retain, MP_ARG_BOOL, {.u_bool = false} },
+        { MP_QSTR_message_expiry, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_content_type, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_response_topic, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_correlation_data, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_payload_format, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_user_properties, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
     };
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
     mp_arg_parse_all(n_args - 1, pos_args + 1, kw_args, MP_ARRAY_SIZE(allowed), allowed, args);
@@ -623,6 +656,16 @@ static void parse_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_
     message->qos = qos_of(args[ARG_qos].u_obj);
     message->retain = args[ARG_retain].u_bool;
     check_topic(message->topic, false);
+    mp_obj_t given[PROPERTY_COUNT] = {
+        [PROPERTY_DELAY] = mp_const_none,
+        [PROPERTY_EXPIRY] = args[ARG_message_expiry].u_obj,
+        [PROPERTY_CONTENT_TYPE] = args[ARG_content_type].u_obj,
+        [PROPERTY_RESPONSE_TOPIC] = args[ARG_response_topic].u_obj,
+        [PROPERTY_CORRELATION_DATA] = args[ARG_correlation_data].u_obj,
+        [PROPERTY_PAYLOAD_FORMAT] = args[ARG_payload_format].u_obj,
+        [PROPERTY_USER] = args[ARG_user_properties].u_obj,
+    };
+    message->properties = kept_properties(client_of(pos_args[0]), given, "message properties");
 }
 
 // Sends `message`. Returns whether there is an acknowledgement to wait
@@ -639,12 +682,22 @@ static bool publish_now(mp_obj_mqtt_client_t *self, const outgoing_t *message, m
     }
     mqtt_bytes_t topic_bytes = bytes_of_str(message->topic, "topic");
     mqtt_bytes_t payload_bytes = bytes_of_buffer(message->payload);
+    // Kept with the topic, for a resend after a reconnect (kept_publish()).
+    mp_obj_t kept_topic = message->topic;
+    mqtt_message_properties_t properties;
+    bool has_properties = message->properties != mp_const_none;
+    if (has_properties) {
+        message_properties_of(message->properties, &properties);
+        mp_obj_t with_properties[2] = { message->topic, message->properties };
+        kept_topic = qos > 0 ? mp_obj_new_tuple(2, with_properties) : mp_const_none;
+    }
     client_lock(self);
     mqtt_transport_t transport = transport_of(self);
     // Without a link the engine answers MQTT_ERR_NOT_CONNECTED.
-    int status = mqtt_session_publish(session_of(self), &transport, now_ms(), topic_bytes, payload_bytes, qos, message->retain, ticket);
+    int status = mqtt_session_publish(session_of(self), &transport, now_ms(), topic_bytes, payload_bytes, qos,
+        message->retain, has_properties ? &properties : NULL, ticket);
     if (status == MQTT_OK && qos > 0) {
-        self->held[2 * ticket->slot] = message->topic;
+        self->held[2 * ticket->slot] = kept_topic;
         self->held[2 * ticket->slot + 1] = message->payload;
     }
     unlock_after_sending(self, status);
@@ -873,6 +926,7 @@ static const mp_rom_map_elem_t client_locals_table[] = {
     { MP_ROM_QSTR(MP_QSTR_assigned_client_id), MP_ROM_PTR(&client_assigned_client_id_obj) },
     { MP_ROM_QSTR(MP_QSTR_connected), MP_ROM_PTR(&client_connected_obj) },
     { MP_ROM_QSTR(MP_QSTR_message_flags), MP_ROM_PTR(&client_message_flags_obj) },
+    { MP_ROM_QSTR(MP_QSTR_message_properties), MP_ROM_PTR(&client_message_properties_obj) },
     { MP_ROM_QSTR(MP_QSTR_loop), MP_ROM_PTR(&client_loop_obj) },
     { MP_ROM_QSTR(MP_QSTR_cycle), MP_ROM_PTR(&client_cycle_obj) },
     { MP_ROM_QSTR(MP_QSTR_set_username_pw), MP_ROM_PTR(&client_set_username_pw_obj) },

@@ -13,6 +13,10 @@ from typing import Final, Literal, Protocol
 # protocol (bytes, bytearray, memoryview, array...).
 _Buffer = str | bytes | bytearray | memoryview
 
+# MQTT 5 user properties: (name, value) pairs, in order, names may repeat;
+# or a dict.
+_UserProperties = list[tuple[str, str]] | tuple[tuple[str, str], ...] | dict[str, str]
+
 class _Stream(Protocol):
     """An already-connected stream: a socket, a machine.UART, or an io.IOBase
     subclass, which must also define ioctl(request, arg) to answer polls."""
@@ -106,6 +110,7 @@ class Client:
         stream: _Stream | None = None,
         auto_reconnect: bool | tuple[int, int] | None = None,
         on_drop: _DropCallback | None = None,
+        user_properties: _UserProperties | None = None,
     ) -> None:
         """Opens a TCP connection to host:port (or uses `stream`, which stays the
         caller's to close; host may then be None), sends CONNECT and waits for
@@ -114,7 +119,8 @@ class Client:
         itself after a failure, with a growing, jittered wait, and subscribes
         again when the broker kept no session. on_drop(client, topic, length):
         told of a message read past and acknowledged because it was larger
-        than max_packet_size or there was no memory for it."""
+        than max_packet_size or there was no memory for it. user_properties
+        (MQTT 5) go in every CONNECT."""
 
     def reconnect(self) -> int:
         """Calls breconnect_cb, connects again with the same parameters, calls
@@ -140,6 +146,14 @@ class Client:
         header: bit 0 retain, bits 1-2 QoS, bit 3 DUP (a resend); elsewhere
         those of the message messages() gave last, or None. Allocates
         nothing."""
+
+    def message_properties(self) -> dict[str, object] | None:
+        """MQTT 5: inside a message callback, the message's properties, by
+        publish()'s keyword names (message_expiry, content_type,
+        response_topic, correlation_data, payload_format, user_properties)
+        plus subscription_ids, each only when present; elsewhere those of
+        the message messages() gave last; None with MQTT 3.1.1. Made at each
+        call from the property block kept with the message."""
 
     def loop(self) -> None:
         """Starts the background loop (see LOOP); a no-op while it runs.
@@ -168,14 +182,32 @@ class Client:
         response_topic: str | None = None,
         correlation_data: _Buffer | None = None,
         payload_format: int | None = None,
+        user_properties: _UserProperties | None = None,
     ) -> None:
         """Sets the will the broker publishes if the link dies without
         DISCONNECT; used by the next connections. The keyword properties are
         MQTT 5's: delay and expiry in seconds, payload_format 1 for UTF-8."""
 
-    def publish(self, topic: str, payload: _Buffer = "", qos: int = 0, retain: bool = False) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: _Buffer = "",
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        message_expiry: int | None = None,
+        content_type: str | None = None,
+        response_topic: str | None = None,
+        correlation_data: _Buffer | None = None,
+        payload_format: int | None = None,
+        user_properties: _UserProperties | None = None,
+    ) -> None:
         """Publishes a message; with QoS 1 or 2 returns once the broker has
-        acknowledged it (raises MQTTException(TIMEOUT) if it does not in time)."""
+        acknowledged it (raises MQTTException(TIMEOUT) if it does not in time).
+        The keyword properties are MQTT 5's: message_expiry in seconds,
+        payload_format 1 for UTF-8 text (a payload that is not raises
+        ValueError); a message in flight goes again with them after a
+        reconnect."""
 
     def subscribe(
         self,
@@ -217,6 +249,7 @@ class Client:
         stream: _Stream | None = None,
         auto_reconnect: bool | tuple[int, int] | None = None,
         on_drop: _DropCallback | None = None,
+        user_properties: _UserProperties | None = None,
         queue: int = 8,
     ) -> Awaitable[None]:
         """connect() for asyncio: the TCP connection, the TLS handshake and
@@ -225,7 +258,20 @@ class Client:
         queue: how many QoS 0 messages messages() keeps (more are dropped and
         counted; QoS 1/2 are all kept, and acknowledged when taken)."""
 
-    def apublish(self, topic: str, payload: _Buffer = "", qos: int = 0, retain: bool = False) -> Awaitable[None]:
+    def apublish(
+        self,
+        topic: str,
+        payload: _Buffer = "",
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        message_expiry: int | None = None,
+        content_type: str | None = None,
+        response_topic: str | None = None,
+        correlation_data: _Buffer | None = None,
+        payload_format: int | None = None,
+        user_properties: _UserProperties | None = None,
+    ) -> Awaitable[None]:
         """publish() for asyncio: QoS 0 is sent at once; with QoS 1 or 2 the
         awaitable finishes when the broker acknowledged the message."""
 

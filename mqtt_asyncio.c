@@ -63,8 +63,13 @@ typedef struct _mqtt_aio_t {
     // A finished Awaitable (a QoS 0 apublish()), and messages()'s iterator.
     mp_obj_t done;
     mp_obj_t messages;
-    // Ring of queued messages, QUEUE_ENTRY items each.
+    // Ring of queued messages, QUEUE_ENTRY items each: the topic (with
+    // MQTT 5 properties: a (topic, properties) tuple), the payload, and
+    // the token and flags as a small int.
     mp_obj_t *queue;
+    // The properties of the message messages() gave last (for
+    // message_properties()), or MP_OBJ_NULL.
+    mp_obj_t taken_properties;
     // QoS 0 messages dropped because the queue held `queue_bound`.
     uint32_t dropped;
     // What failed the link of aconnect()'s attempt (an engine status).
@@ -267,7 +272,9 @@ static void wake_link_waiters(mqtt_aio_t *aio) {
 // ---------------------------------------------------------------------------
 // The queue that messages() empties
 
-static void aio_enqueue(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload, uint8_t flags, uint32_t token) {
+static void aio_enqueue(mp_obj_mqtt_client_t *self, const delivery_t *message) {
+    mp_obj_t topic = message->topic, payload = message->payload;
+    uint32_t token = message->token;
     mqtt_aio_t *aio = self->aio;
     if (aio == NULL) {
         // Nothing can have asked for a queue (asubscribe() makes aio).
@@ -293,8 +300,12 @@ static void aio_enqueue(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t pay
     }
     size_t at = (size_t)((aio->queue_head + aio->queue_len) % aio->queue_capacity) * QUEUE_ENTRY;
     aio->queue[at] = topic;
+    if (message->properties != MP_OBJ_NULL && message->properties != mp_const_empty_bytes) {
+        mp_obj_t with_properties[2] = { topic, message->properties };
+        aio->queue[at] = mp_obj_new_tuple(2, with_properties);
+    }
     aio->queue[at + 1] = payload;
-    aio->queue[at + 2] = MP_OBJ_NEW_SMALL_INT(((mp_int_t)token << 4) | flags);
+    aio->queue[at + 2] = MP_OBJ_NEW_SMALL_INT(((mp_int_t)token << 4) | message->flags);
     aio->queue_len++;
     if (aio->reader != MP_OBJ_NULL) {
         wake_task(aio, aio->reader);
@@ -309,7 +320,15 @@ static mp_obj_t take_message(mp_obj_mqtt_client_t *self) {
         return MP_OBJ_NULL;
     }
     mp_obj_t *entry = aio->queue + (size_t)aio->queue_head * QUEUE_ENTRY;
+    // An MQTT 5 message without properties has the empty block.
+    mp_obj_t properties = speaks_v5(self) ? mp_const_empty_bytes : MP_OBJ_NULL;
+    if (mp_obj_is_type(entry[0], &mp_type_tuple)) {
+        mp_obj_tuple_t *with_properties = MP_OBJ_TO_PTR(entry[0]);
+        entry[0] = with_properties->items[0];
+        properties = with_properties->items[1];
+    }
     mp_obj_t message = mp_obj_new_tuple(2, entry);
+    aio->taken_properties = properties;
     mp_int_t tag = MP_OBJ_SMALL_INT_VALUE(entry[2]);
     memset(entry, 0, QUEUE_ENTRY * sizeof(mp_obj_t));
     aio->queue_head = (uint16_t)((aio->queue_head + 1) % aio->queue_capacity);
@@ -564,9 +583,11 @@ static mp_obj_t link_step(mp_obj_awaitable_t *awaitable) {
     take_out(aio->link_waiters, me);
     if (link_up(self)) {
         mp_obj_t *fields;
-        mp_obj_get_array_fixed_n(awaitable->object, 3, &fields);
+        mp_obj_get_array_fixed_n(awaitable->object, 4, &fields);
         mp_int_t flags = MP_OBJ_SMALL_INT_VALUE(fields[2]);
-        outgoing_t message = { .topic = fields[0], .payload = fields[1], .qos = flags & 3, .retain = flags >> 2 };
+        outgoing_t message = {
+            .topic = fields[0], .payload = fields[1], .qos = flags & 3, .retain = flags >> 2, .properties = fields[3],
+        };
         publish_now(self, &message, &awaitable->ticket);
         awaitable->kind = AWAIT_ANSWER;
         awaitable->detail = ANSWER_PUBLISH;
@@ -944,8 +965,10 @@ static mp_obj_t client_apublish(size_t n_args, const mp_obj_t *pos_args, mp_map_
     if (message.qos > 0 && self->auto_reconnect && aio_loop_runs(self) && !link_up(self)) {
         // Built-in reconnection may bring the link back: the awaitable
         // waits for it, then publishes.
-        mp_obj_t fields[3] = { message.topic, message.payload, MP_OBJ_NEW_SMALL_INT(message.qos | (message.retain << 2)) };
-        return new_awaitable(self, AWAIT_LINK, mp_obj_new_tuple(3, fields));
+        mp_obj_t fields[4] = {
+            message.topic, message.payload, MP_OBJ_NEW_SMALL_INT(message.qos | (message.retain << 2)), message.properties,
+        };
+        return new_awaitable(self, AWAIT_LINK, mp_obj_new_tuple(4, fields));
     }
     mqtt_ticket_t ticket;
     if (!publish_now(self, &message, &ticket)) {

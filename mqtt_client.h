@@ -110,6 +110,9 @@ typedef struct _mp_obj_mqtt_client_t {
     mp_obj_t stream;
     // What a transport callback caught, raised once the engine returned.
     mp_obj_t pending_exception;
+    // MQTT 5: the property block of the message whose callbacks run (for
+    // message_properties(); valid on the callback's thread), or MP_OBJ_NULL.
+    mp_obj_t message_properties;
     // Built-in reconnection: the socket of an attempt whose TCP
     // connection is under way (see mqtt_reconnect.c), or MP_OBJ_NULL.
     mp_obj_t attempt_sock;
@@ -202,6 +205,8 @@ typedef struct _outgoing_t {
     mp_obj_t payload;
     uint8_t qos;
     bool retain;
+    // MQTT 5: its properties as kept_properties() keeps them, or None.
+    mp_obj_t properties;
 } outgoing_t;
 
 // The optional settings a client keeps for reconnect().
@@ -211,9 +216,10 @@ enum {
     OPTION_PASSWORD,
     OPTION_WILL_TOPIC,
     OPTION_WILL_PAYLOAD,
-    // MQTT 5: the will's properties, (delay, expiry, content_type,
-    // response_topic, correlation_data, payload_format), or None.
+    // MQTT 5: the will's properties (see kept_properties()), or None.
     OPTION_WILL_PROPERTIES,
+    // MQTT 5: CONNECT's user properties (see user_pairs_of()), or None.
+    OPTION_USER_PROPERTIES,
     OPTION_BRECONNECT_CB,
     OPTION_ACONNECT_CB,
     // A stream the application connected itself (connect(stream=...)).

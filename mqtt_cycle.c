@@ -87,10 +87,6 @@ static bool still_subscribed(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj
     return false;
 }
 
-// Puts a message in the queue that messages() empties (mqtt_asyncio.c);
-// `token`: its deferred acknowledgement, or 0.
-static void aio_enqueue(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload, uint8_t flags, uint32_t token);
-
 // Whether a subscription without a callback (asubscribe() without one)
 // matches `topic`: the message then goes to the queue. Never raises.
 static bool queue_takes(mp_obj_mqtt_client_t *self, mp_obj_t topic) {
@@ -112,12 +108,42 @@ static bool queue_takes(mp_obj_mqtt_client_t *self, mp_obj_t topic) {
     return false;
 }
 
-// Calls the callback of every subscription whose filter matches `topic`,
-// and queues the message for messages() if one without a callback does
-// (or `token`, its deferred acknowledgement, says it was meant for the
-// queue); `flags` are the message's PUBLISH header flags, which
-// message_flags() gives the callbacks. Called without the lock.
-static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload, uint8_t flags, uint32_t token) {
+// A message read from the link, handed to the callbacks once the lock is
+// released.
+typedef struct _delivery_t {
+    mp_obj_t topic;
+    mp_obj_t payload;
+    // MQTT 5: its property block (bytes, empty when it has none), or
+    // MP_OBJ_NULL in MQTT 3.1.1.
+    mp_obj_t properties;
+    uint16_t link_generation;
+    // QoS 1/2: acknowledged once the callbacks returned.
+    bool acknowledge;
+    // Its PUBLISH header flags: retain, QoS, DUP.
+    uint8_t flags;
+    // QoS 1/2 for the queue: its acknowledgement, deferred until
+    // messages() gives it to the application (see mqtt_session_defer_message).
+    uint32_t token;
+    // A message that could not be taken (payload MP_OBJ_NULL): its
+    // payload's length, and whether it was larger than max_packet_size
+    // (else there was no memory for it). Its topic is None when unknown.
+    bool too_large;
+    uint32_t dropped_len;
+} delivery_t;
+
+// Puts a message in the queue that messages() empties (mqtt_asyncio.c).
+static void aio_enqueue(mp_obj_mqtt_client_t *self, const delivery_t *message);
+
+// Calls the callback of every subscription whose filter matches the
+// message's topic, and queues the message for messages() if one without a
+// callback does (or its token, its deferred acknowledgement, says it was
+// meant for the queue). Its flags and properties are what
+// message_flags() and message_properties() give the callbacks. Called
+// without the lock.
+static void deliver(mp_obj_mqtt_client_t *self, const delivery_t *message) {
+    mp_obj_t topic = message->topic, payload = message->payload;
+    uint8_t flags = message->flags;
+    uint32_t token = message->token;
     mp_obj_t snapshot = self->subscriptions;
     size_t n;
     mp_obj_t *items;
@@ -125,7 +151,9 @@ static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload
     mqtt_bytes_t topic_bytes = bytes_of_str(topic, "topic");
     bool outer = set_in_callback(self, true);
     uint8_t outer_flags = self->message_flags;
+    mp_obj_t outer_properties = self->message_properties;
     self->message_flags = flags;
+    self->message_properties = message->properties;
     bool queued = token != 0;
     for (size_t i = 0; i + TABLE_ENTRY <= n; i += TABLE_ENTRY) {
         if (!mqtt_topic_matches(bytes_of_str(items[i], "filter"), topic_bytes)) {
@@ -143,31 +171,12 @@ static void deliver(mp_obj_mqtt_client_t *self, mp_obj_t topic, mp_obj_t payload
         call_and_report(items[i + 1], 3, args);
     }
     self->message_flags = outer_flags;
+    self->message_properties = outer_properties;
     set_in_callback(self, outer);
     if (queued) {
-        aio_enqueue(self, topic, payload, flags, token);
+        aio_enqueue(self, message);
     }
 }
-
-// A message read from the link, handed to the callbacks once the lock is
-// released.
-typedef struct _delivery_t {
-    mp_obj_t topic;
-    mp_obj_t payload;
-    uint16_t link_generation;
-    // QoS 1/2: acknowledged once the callbacks returned.
-    bool acknowledge;
-    // Its PUBLISH header flags: retain, QoS, DUP.
-    uint8_t flags;
-    // QoS 1/2 for the queue: its acknowledgement, deferred until
-    // messages() gives it to the application (see mqtt_session_defer_message).
-    uint32_t token;
-    // A message that could not be taken (payload MP_OBJ_NULL): its
-    // payload's length, and whether it was larger than max_packet_size
-    // (else there was no memory for it). Its topic is None when unknown.
-    bool too_large;
-    uint32_t dropped_len;
-} delivery_t;
 
 // Allocates a vstr of `len` bytes without raising; false when out of memory.
 static bool new_buffer(vstr_t *vstr, size_t len) {
@@ -191,11 +200,14 @@ typedef struct _message_sink_t {
     byte short_topic[MQTT_TOPIC_ON_STACK];
     size_t topic_len;
     vstr_t long_topic;
+    vstr_t properties;
     vstr_t payload;
     // Heap buffers the step took and no object owns yet.
     bool topic_taken;
+    bool properties_taken;
     bool payload_taken;
     mp_obj_t topic_obj;
+    mp_obj_t properties_obj;
     mp_obj_t payload_obj;
 } message_sink_t;
 
@@ -207,6 +219,12 @@ static uint8_t *sink_topic(void *context, size_t len) {
     }
     sink->topic_taken = new_buffer(&sink->long_topic, len);
     return sink->topic_taken ? (uint8_t *)sink->long_topic.buf : NULL;
+}
+
+static uint8_t *sink_properties(void *context, size_t len) {
+    message_sink_t *sink = context;
+    sink->properties_taken = new_buffer(&sink->properties, len);
+    return sink->properties_taken ? (uint8_t *)sink->properties.buf : NULL;
 }
 
 static uint8_t *sink_payload(void *context, size_t len) {
@@ -227,10 +245,17 @@ static bool sink_message_ready(void *context) {
         ? mp_obj_new_str((const char *)sink->short_topic, sink->topic_len)
         : mp_obj_new_str_from_vstr(&sink->long_topic);
     sink->payload_obj = mp_obj_new_bytes_from_vstr(&sink->payload);
+    sink->payload_taken = false;
+    if (sink->properties_taken) {
+        sink->properties_obj = mp_obj_new_bytes_from_vstr(&sink->properties);
+        sink->properties_taken = false;
+    } else if (speaks_v5(sink->client)) {
+        // A message without properties: none to read, and no allocation.
+        sink->properties_obj = mp_const_empty_bytes;
+    }
     nlr_pop();
     // The objects own the buffers now.
     sink->topic_taken = false;
-    sink->payload_taken = false;
     return true;
 }
 
@@ -301,6 +326,7 @@ static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
     mqtt_sink_t sink = {
         .context = &message,
         .topic = sink_topic,
+        .properties = sink_properties,
         .payload = sink_payload,
         .message_ready = sink_message_ready,
         .completed = sink_completed,
@@ -321,6 +347,7 @@ static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
         } else if (outcome.kind == MQTT_OUTCOME_MESSAGE) {
             delivery->topic = message.topic_obj;
             delivery->payload = message.payload_obj;
+            delivery->properties = message.properties_obj;
             delivery->link_generation = self->link_generation;
             delivery->acknowledge = outcome.acknowledge;
             delivery->flags = outcome.flags;
@@ -339,6 +366,9 @@ static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
     // What a step that did not finish its message left behind.
     if (message.topic_taken) {
         vstr_clear(&message.long_topic);
+    }
+    if (message.properties_taken) {
+        vstr_clear(&message.properties);
     }
     if (message.payload_taken) {
         vstr_clear(&message.payload);
@@ -382,7 +412,7 @@ static int read_and_deliver(mp_obj_mqtt_client_t *self, uint32_t wait_ms) {
         report_drop(self, delivery.topic, delivery.dropped_len, delivery.too_large);
         return status;
     }
-    deliver(self, delivery.topic, delivery.payload, delivery.flags, delivery.token);
+    deliver(self, &delivery);
     if (!delivery.acknowledge || status != MQTT_OK) {
         // QoS 0 needs nothing more from the link: no lock to take (a
         // publisher woken by the callback is likely waiting for it).

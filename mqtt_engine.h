@@ -47,6 +47,24 @@
 #define MQTT_SESSION_ALIGN 8
 
 /**
+ * The properties an incoming message may carry (MQTT 5 identifiers), as
+ * `mqtt_property_next` gives them.
+ */
+#define MQTT_PROPERTY_PAYLOAD_FORMAT 1
+
+#define MQTT_PROPERTY_MESSAGE_EXPIRY 2
+
+#define MQTT_PROPERTY_CONTENT_TYPE 3
+
+#define MQTT_PROPERTY_RESPONSE_TOPIC 8
+
+#define MQTT_PROPERTY_CORRELATION_DATA 9
+
+#define MQTT_PROPERTY_SUBSCRIPTION_ID 11
+
+#define MQTT_PROPERTY_USER 38
+
+/**
  * What a call did: `MQTT_OK`, or why it failed.
  */
 typedef enum {
@@ -89,6 +107,10 @@ typedef enum {
    * maximum size.
    */
   MQTT_ERR_BROKER_LIMIT = -8,
+  /**
+   * MQTT 5: a payload said to be UTF-8 text (payload format 1) is not.
+   */
+  MQTT_ERR_NOT_TEXT = -9,
   /**
    * The broker did not answer PINGREQ in time: the link is dead.
    */
@@ -276,6 +298,18 @@ typedef struct {
 } mqtt_bytes_t;
 
 /**
+ * User properties (MQTT 5) where the caller keeps them. `pair` sets
+ * `*name` and `*value` (UTF-8) to the pair at `index` and returns true,
+ * or returns false past the last; the pairs stay valid and the same for
+ * the call they are given to. A null `pair`: no user properties. Must not
+ * raise or jump.
+ */
+typedef struct {
+  void *context;
+  bool (*pair)(void *context, size_t index, mqtt_bytes_t *name, mqtt_bytes_t *value);
+} mqtt_user_properties_t;
+
+/**
  * The properties of a message (MQTT 5): a PUBLISH's or a will's.
  * Optional strings are absent when `data` is null.
  */
@@ -299,6 +333,7 @@ typedef struct {
   mqtt_bytes_t content_type;
   mqtt_bytes_t response_topic;
   mqtt_bytes_t correlation_data;
+  mqtt_user_properties_t user_properties;
 } mqtt_message_properties_t;
 
 /**
@@ -318,6 +353,10 @@ typedef struct {
    * MQTT 5: the will's properties, or null for none.
    */
   const mqtt_message_properties_t *will_properties;
+  /**
+   * MQTT 5: CONNECT's user properties.
+   */
+  mqtt_user_properties_t user_properties;
 } mqtt_connect_t;
 
 /**
@@ -334,11 +373,16 @@ typedef struct {
 typedef struct {
   void *context;
   /**
-   * Sets `*topic` and `*payload` to what was kept for the publish in
-   * flight in `slot`, valid until `mqtt_session_resume` returns; returns
-   * false when nothing was kept. Must not raise or jump.
+   * Sets `*topic`, `*payload` and (MQTT 5) `*properties` to what was
+   * kept for the publish in flight in `slot`, valid until
+   * `mqtt_session_resume` returns; returns false when nothing was kept.
+   * `*properties` comes without properties. Must not raise or jump.
    */
-  bool (*publish)(void *context, uint8_t slot, mqtt_bytes_t *topic, mqtt_bytes_t *payload);
+  bool (*publish)(void *context,
+                  uint8_t slot,
+                  mqtt_bytes_t *topic,
+                  mqtt_bytes_t *payload,
+                  mqtt_message_properties_t *properties);
 } mqtt_kept_t;
 
 /**
@@ -354,6 +398,13 @@ typedef struct {
    * report can name it.
    */
   uint8_t *(*topic)(void *context, size_t len);
+  /**
+   * MQTT 5: returns room for the message's property block, `len` bytes
+   * (never 0), as above, asked just before its payload; read it with
+   * `mqtt_property_next`. Null room: the message is dropped, as for its
+   * payload.
+   */
+  uint8_t *(*properties)(void *context, size_t len);
   /**
    * Returns room for `len` bytes of payload, as above. Never asked for
    * a message larger than `max_packet_size`, nor one without a topic.
@@ -409,6 +460,18 @@ typedef struct {
    */
   bool (*filter)(void *context, uint16_t index, mqtt_bytes_t *filter, uint8_t *options);
 } mqtt_filters_t;
+
+/**
+ * One property of an incoming message: `id` (an `MQTT_PROPERTY_*`), and
+ * `number` for an integer, `value` for a string (UTF-8) or binary data,
+ * `name` and `value` for a user property (`data` null where unused).
+ */
+typedef struct {
+  uint8_t id;
+  uint32_t number;
+  mqtt_bytes_t name;
+  mqtt_bytes_t value;
+} mqtt_property_t;
 
 /**
  * Bytes of memory a session of `protocol` (4: MQTT 3.1.1, 5: MQTT 5)
@@ -493,6 +556,7 @@ mqtt_status_t mqtt_session_publish(mqtt_session_t *session,
                                    mqtt_bytes_t payload,
                                    uint8_t qos_level,
                                    bool retain,
+                                   const mqtt_message_properties_t *properties,
                                    mqtt_ticket_t *ticket);
 
 /**
@@ -705,6 +769,17 @@ uint8_t mqtt_session_protocol(mqtt_session_t *session);
  * `session` comes from `mqtt_session_init`.
  */
 void mqtt_session_set_session_expiry(mqtt_session_t *session, uint32_t seconds);
+
+/**
+ * Reads the property at `*offset` (0 for the first) of a property block
+ * that `mqtt_sink_t`'s `properties` room received, and moves `*offset`
+ * to the next one; false at the block's end. A topic alias (the engine's
+ * own business) is not given.
+ *
+ * # Safety
+ * `block` is valid for its length; `offset` and `property` are valid.
+ */
+bool mqtt_property_next(mqtt_bytes_t block, size_t *offset, mqtt_property_t *property);
 
 /**
  * What an MQTT 5 reason code means, as a NUL-terminated text (null for

@@ -269,6 +269,8 @@ static mp_obj_t exception_for_status(mp_obj_mqtt_client_t *self, int status) {
             return os_error(MP_ENOTCONN);
         case MQTT_ERR_INFLIGHT_FULL:
             return os_error(MP_ENOBUFS);
+        case MQTT_ERR_NOT_TEXT:
+            return mp_obj_new_exception_msg(&mp_type_ValueError, MP_ERROR_TEXT("payload_format=1 needs a UTF-8 payload"));
         case MQTT_ERR_BROKER_LIMIT:
             return mp_obj_new_exception_msg(&mp_type_ValueError, MP_ERROR_TEXT("not allowed by the broker (its maximum QoS, retain or packet size)"));
         case MQTT_ERR_DISCONNECTED:

@@ -14,48 +14,25 @@ static const char *const refusals[] = {
     "bad user name or password", "not authorized",
 };
 
-static mqtt_bytes_t optional_bytes(mp_obj_t object) {
-    return object == mp_const_none ? no_bytes() : bytes_of_buffer(object);
-}
-
-// Fills `*out` from a message's properties as set_will() keeps them:
-// (delay, expiry, content_type, response_topic, correlation_data,
-// payload_format), each None when not given. Raises TypeError or
-// ValueError for a bad one (set_will() calls it to check them).
-static void message_properties_of(mp_obj_t kept, mqtt_message_properties_t *out) {
-    size_t n;
-    mp_obj_t *items;
-    mp_obj_tuple_get(kept, &n, &items);
-    mp_obj_t delay = items[0], expiry = items[1], format = items[5];
-    *out = (mqtt_message_properties_t) {
-        .payload_format = format == mp_const_none ? 0 : (uint8_t)non_negative_of(format, "payload_format"),
-        .has_message_expiry = expiry != mp_const_none,
-        .message_expiry_s = expiry == mp_const_none ? 0 : non_negative_of(expiry, "expiry"),
-        .will_delay_s = delay == mp_const_none ? 0 : non_negative_of(delay, "delay"),
-        .content_type = items[2] == mp_const_none ? no_bytes() : bytes_of_str(items[2], "content_type"),
-        .response_topic = items[3] == mp_const_none ? no_bytes() : bytes_of_str(items[3], "response_topic"),
-        .correlation_data = optional_bytes(items[4]),
-    };
-    if (format != mp_const_none && out->payload_format > 1) {
-        mp_raise_ValueError(MP_ERROR_TEXT("payload_format must be 0 or 1"));
-    }
-    if (items[3] != mp_const_none) {
-        check_topic(items[3], false);
-    }
-}
-
 // What the client kept of the publish in flight in `slot` (mqtt_kept_t):
-// the topic str and payload object it published. Never raises.
-static bool kept_publish(void *context, uint8_t slot, mqtt_bytes_t *topic, mqtt_bytes_t *payload) {
+// the topic str (with MQTT 5 properties: a (topic, properties) tuple) and
+// the payload object it published. Never raises: publish() checked them.
+static bool kept_publish(void *context, uint8_t slot, mqtt_bytes_t *topic, mqtt_bytes_t *payload,
+    mqtt_message_properties_t *properties) {
     mp_obj_mqtt_client_t *self = context;
     mp_buffer_info_t info;
-    // publish() kept a str topic and an object with the buffer protocol.
     if (self->held == NULL || slot >= MQTT_INFLIGHT_MAX || self->held[2 * slot] == MP_OBJ_NULL
         || !mp_get_buffer(self->held[2 * slot + 1], &info, MP_BUFFER_READ)) {
         return false;
     }
+    mp_obj_t kept_topic = self->held[2 * slot];
+    if (mp_obj_is_type(kept_topic, &mp_type_tuple)) {
+        mp_obj_tuple_t *with_properties = MP_OBJ_TO_PTR(kept_topic);
+        kept_topic = with_properties->items[0];
+        message_properties_of(with_properties->items[1], properties);
+    }
     size_t len;
-    const char *data = mp_obj_str_get_data(self->held[2 * slot], &len);
+    const char *data = mp_obj_str_get_data(kept_topic, &len);
     *topic = (mqtt_bytes_t) { .data = (const uint8_t *)data, .len = len };
     *payload = (mqtt_bytes_t) { .data = info.buf, .len = info.len };
     return true;
@@ -109,6 +86,7 @@ static int start_session(mp_obj_mqtt_client_t *self, mp_obj_t sock, mp_obj_t str
         .will_retain = self->will_retain,
         .clean_session = self->clean_session,
         .keepalive_s = self->keepalive_s,
+        .user_properties = user_properties_of(option(self, OPTION_USER_PROPERTIES)),
     };
     mqtt_message_properties_t will_properties;
     mp_obj_t kept = option(self, OPTION_WILL_PROPERTIES);

@@ -13,12 +13,12 @@ use core::mem::{align_of, size_of};
 
 use cty::{c_char, c_int, intptr_t, size_t};
 
-use crate::codec::properties::{VARINT_MAX, varint_len};
-use crate::codec::v5::{ConnectProperties, MessageProperties, SubscriptionOptions};
+use crate::codec::properties::{KeptProperty, VARINT_MAX, id, kept_property, varint_len};
+use crate::codec::v5::{ConnectProperties, MessageProperties, SubscriptionOptions, UserProperties};
 use crate::codec::{Connect, DecodeError, QoS, Will};
 use crate::session::{
-    Config, Deferred, Error, Failure, Filters, INBOUND_QOS2_MAX, Kept, MessageSink, Outcome, Session, Ticket, V5,
-    Verdict,
+    Config, Deferred, Error, Failure, Filters, INBOUND_QOS2_MAX, Kept, Message, MessageSink, Outcome, Session, Ticket,
+    V5, Verdict,
 };
 
 /// What a call did: `MQTT_OK`, or why it failed.
@@ -47,6 +47,8 @@ pub enum mqtt_status_t {
     /// maximum, RETAIN without retained messages, a packet over its
     /// maximum size.
     MQTT_ERR_BROKER_LIMIT = -8,
+    /// MQTT 5: a payload said to be UTF-8 text (payload format 1) is not.
+    MQTT_ERR_NOT_TEXT = -9,
     /// The broker did not answer PINGREQ in time: the link is dead.
     MQTT_ERR_PING_TIMEOUT = -10,
     /// The broker did not answer CONNECT in time.
@@ -191,13 +193,86 @@ pub struct mqtt_bytes_t {
     pub len: size_t,
 }
 
+/// Bytes handed to the caller.
+fn bytes_of(bytes: &[u8]) -> mqtt_bytes_t {
+    mqtt_bytes_t {
+        data: bytes.as_ptr(),
+        len: bytes.len(),
+    }
+}
+
 impl mqtt_bytes_t {
+    /// Absent.
+    const NONE: Self = mqtt_bytes_t {
+        data: core::ptr::null(),
+        len: 0,
+    };
+
     /// Engine memory handed to the caller, valid until its next call.
     fn of(text: &str) -> Self {
-        mqtt_bytes_t {
-            data: text.as_ptr(),
-            len: text.len(),
+        bytes_of(text.as_bytes())
+    }
+}
+
+/// User properties (MQTT 5) where the caller keeps them. `pair` sets
+/// `*name` and `*value` (UTF-8) to the pair at `index` and returns true,
+/// or returns false past the last; the pairs stay valid and the same for
+/// the call they are given to. A null `pair`: no user properties. Must not
+/// raise or jump.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct mqtt_user_properties_t {
+    pub context: *mut c_void,
+    pub pair: Option<
+        unsafe extern "C" fn(
+            context: *mut c_void,
+            index: size_t,
+            name: *mut mqtt_bytes_t,
+            value: *mut mqtt_bytes_t,
+        ) -> bool,
+    >,
+}
+
+impl mqtt_user_properties_t {
+    const NONE: Self = mqtt_user_properties_t {
+        context: core::ptr::null_mut(),
+        pair: None,
+    };
+
+    /// The pair at `index` as the caller gave it.
+    fn raw_pair(&self, index: usize) -> Option<(mqtt_bytes_t, mqtt_bytes_t)> {
+        let pair = self.pair?;
+        let mut name = mqtt_bytes_t::NONE;
+        let mut value = mqtt_bytes_t::NONE;
+        // SAFETY: the callback gets the caller's context and two valid
+        // places to write to.
+        unsafe { pair(self.context, index, &mut name, &mut value) }.then_some((name, value))
+    }
+
+    /// Checks every pair, and gives them as the codec reads them (None
+    /// when there are none).
+    ///
+    /// # Safety
+    /// The pairs' byte strings are valid (the promise above).
+    unsafe fn checked(&self) -> Result<Option<&dyn UserProperties>, mqtt_status_t> {
+        let mut any = false;
+        for index in 0.. {
+            let Some((name, value)) = self.raw_pair(index) else {
+                break;
+            };
+            // SAFETY: valid byte strings (the caller's promise).
+            unsafe { text(name)?.zip(text(value)?) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+            any = true;
         }
+        Ok(any.then_some(self as &dyn UserProperties))
+    }
+}
+
+impl UserProperties for mqtt_user_properties_t {
+    fn pair(&self, index: usize) -> Option<(&str, &str)> {
+        let (name, value) = self.raw_pair(index)?;
+        // SAFETY: valid byte strings, checked before the codec reads them.
+        unsafe { text(name).ok()?.zip(text(value).ok()?) }
     }
 }
 
@@ -217,6 +292,20 @@ pub struct mqtt_message_properties_t {
     pub content_type: mqtt_bytes_t,
     pub response_topic: mqtt_bytes_t,
     pub correlation_data: mqtt_bytes_t,
+    pub user_properties: mqtt_user_properties_t,
+}
+
+impl mqtt_message_properties_t {
+    const NONE: Self = mqtt_message_properties_t {
+        payload_format: 0,
+        has_message_expiry: false,
+        message_expiry_s: 0,
+        will_delay_s: 0,
+        content_type: mqtt_bytes_t::NONE,
+        response_topic: mqtt_bytes_t::NONE,
+        correlation_data: mqtt_bytes_t::NONE,
+        user_properties: mqtt_user_properties_t::NONE,
+    };
 }
 
 /// CONNECT's fields. Optional strings are absent when `data` is null.
@@ -233,6 +322,8 @@ pub struct mqtt_connect_t {
     pub keepalive_s: u16,
     /// MQTT 5: the will's properties, or null for none.
     pub will_properties: *const mqtt_message_properties_t,
+    /// MQTT 5: CONNECT's user properties.
+    pub user_properties: mqtt_user_properties_t,
 }
 
 /// Follows one command to its acknowledgement.
@@ -253,6 +344,11 @@ pub struct mqtt_sink_t {
     /// Asked for a message larger than `max_packet_size` too, so that its
     /// report can name it.
     pub topic: Option<unsafe extern "C" fn(context: *mut c_void, len: size_t) -> *mut u8>,
+    /// MQTT 5: returns room for the message's property block, `len` bytes
+    /// (never 0), as above, asked just before its payload; read it with
+    /// `mqtt_property_next`. Null room: the message is dropped, as for its
+    /// payload.
+    pub properties: Option<unsafe extern "C" fn(context: *mut c_void, len: size_t) -> *mut u8>,
     /// Returns room for `len` bytes of payload, as above. Never asked for
     /// a message larger than `max_packet_size`, nor one without a topic.
     pub payload: Option<unsafe extern "C" fn(context: *mut c_void, len: size_t) -> *mut u8>,
@@ -267,15 +363,17 @@ pub struct mqtt_sink_t {
 #[repr(C)]
 pub struct mqtt_kept_t {
     pub context: *mut c_void,
-    /// Sets `*topic` and `*payload` to what was kept for the publish in
-    /// flight in `slot`, valid until `mqtt_session_resume` returns; returns
-    /// false when nothing was kept. Must not raise or jump.
+    /// Sets `*topic`, `*payload` and (MQTT 5) `*properties` to what was
+    /// kept for the publish in flight in `slot`, valid until
+    /// `mqtt_session_resume` returns; returns false when nothing was kept.
+    /// `*properties` comes without properties. Must not raise or jump.
     pub publish: Option<
         unsafe extern "C" fn(
             context: *mut c_void,
             slot: u8,
             topic: *mut mqtt_bytes_t,
             payload: *mut mqtt_bytes_t,
+            properties: *mut mqtt_message_properties_t,
         ) -> bool,
     >,
 }
@@ -377,6 +475,7 @@ fn status(error: Error) -> mqtt_status_t {
     match error {
         Error::InvalidTopic(_) => MQTT_ERR_INVALID_TOPIC,
         Error::TooLong => MQTT_ERR_TOO_LONG,
+        Error::NotText => MQTT_ERR_NOT_TEXT,
         Error::InvalidClientId => MQTT_ERR_INVALID_CLIENT_ID,
         Error::NotConnected => MQTT_ERR_NOT_CONNECTED,
         Error::InflightFull => MQTT_ERR_INFLIGHT_FULL,
@@ -494,6 +593,8 @@ unsafe fn message_properties<'a>(
     if given.payload_format > 1 {
         return Err(MQTT_ERR_INVALID_ARGUMENT);
     }
+    // SAFETY: valid pairs (the caller's promise).
+    let user = unsafe { given.user_properties.checked() }?;
     Ok(MessageProperties {
         utf8_payload: given.payload_format == 1,
         message_expiry_s: given.has_message_expiry.then_some(given.message_expiry_s),
@@ -505,6 +606,7 @@ unsafe fn message_properties<'a>(
         correlation_data: unsafe { slice(given.correlation_data) },
         topic_alias: 0,
         will_delay_s: given.will_delay_s,
+        user,
     })
 }
 
@@ -717,7 +819,9 @@ pub unsafe extern "C" fn mqtt_session_connect(
                 };
                 // SAFETY: null or valid, with valid byte strings (the caller's promise).
                 let will = unsafe { message_properties(options.will_properties) }?;
-                session.connect_v5(&mut io, now_ms, &connect, &will, v5)
+                // SAFETY: valid pairs (the caller's promise).
+                let user = unsafe { options.user_properties.checked() }?;
+                session.connect_v5(&mut io, now_ms, &connect, user, &will, v5)
             }
             None => session.connect(&mut io, now_ms, &connect),
         };
@@ -767,6 +871,7 @@ pub unsafe extern "C" fn mqtt_session_publish(
     payload: mqtt_bytes_t,
     qos_level: u8,
     retain: bool,
+    properties: *const mqtt_message_properties_t,
     ticket: *mut mqtt_ticket_t,
 ) -> mqtt_status_t {
     let run = || -> Result<(), mqtt_status_t> {
@@ -780,13 +885,19 @@ pub unsafe extern "C" fn mqtt_session_publish(
         let topic = unsafe { text(topic) }?.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: `payload.data` is null or valid for `payload.len` bytes (the caller's promise).
         let payload = unsafe { slice(payload) }.unwrap_or(&[]);
+        let message = Message {
+            topic,
+            payload,
+            // SAFETY: null or valid, with valid byte strings (the caller's promise).
+            properties: unsafe { message_properties(properties) }?,
+        };
         if let Some(v5) = v5 {
             session
-                .check_publish_v5(v5, topic.len(), payload.len(), qos(qos_level)?, retain)
+                .check_publish_v5(v5, &message, qos(qos_level)?, retain)
                 .map_err(status)?;
         }
         let sent = session
-            .publish(&mut io, now_ms, topic, payload, qos(qos_level)?, retain)
+            .publish_message(&mut io, now_ms, &message, qos(qos_level)?, retain)
             .map_err(status)?;
         *ticket = sent.map(ticket_out).unwrap_or(mqtt_ticket_t { slot: 0, packet_id: 0 });
         Ok(())
@@ -794,30 +905,44 @@ pub unsafe extern "C" fn mqtt_session_publish(
     run().err().unwrap_or(MQTT_OK)
 }
 
-/// The caller's kept publishes as the session sees them.
+/// The caller's kept publishes as the session sees them, with room for
+/// the properties of the one asked for.
 struct KeptByCaller<'a> {
     kept: &'a mqtt_kept_t,
+    properties: mqtt_message_properties_t,
 }
 
 impl Kept for KeptByCaller<'_> {
-    fn publish(&mut self, ticket: Ticket) -> Option<(&str, &[u8])> {
+    fn publish(&mut self, ticket: Ticket) -> Option<Message<'_>> {
         let publish = self.kept.publish?;
-        let mut topic = mqtt_bytes_t {
-            data: core::ptr::null(),
-            len: 0,
-        };
-        let mut payload = topic;
-        // SAFETY: the callback gets the context the caller gave and two
+        let mut topic = mqtt_bytes_t::NONE;
+        let mut payload = mqtt_bytes_t::NONE;
+        self.properties = mqtt_message_properties_t::NONE;
+        // SAFETY: the callback gets the context the caller gave and three
         // valid places to write to.
-        if !unsafe { publish(self.kept.context, ticket.slot, &mut topic, &mut payload) } {
+        if !unsafe {
+            publish(
+                self.kept.context,
+                ticket.slot,
+                &mut topic,
+                &mut payload,
+                &mut self.properties,
+            )
+        } {
             return None;
         }
-        // SAFETY: the caller promises both byte strings stay valid until
+        // SAFETY: the caller promises the byte strings stay valid until
         // `mqtt_session_resume` returns.
         let topic = unsafe { text(topic) }.ok()??;
         // SAFETY: as above.
         let payload = unsafe { slice(payload) }.unwrap_or(&[]);
-        Some((topic, payload))
+        // SAFETY: as above. Checked when first published, so it passes again.
+        let properties = unsafe { message_properties(&self.properties) }.ok()?;
+        Some(Message {
+            topic,
+            payload,
+            properties,
+        })
     }
 }
 
@@ -841,7 +966,14 @@ pub unsafe extern "C" fn mqtt_session_resume(
     // SAFETY: the caller promises valid pointers or null.
     unsafe {
         with_link(session, transport, now_ms, |session, io| {
-            session.resume(io, now_ms, &mut KeptByCaller { kept })
+            session.resume(
+                io,
+                now_ms,
+                &mut KeptByCaller {
+                    kept,
+                    properties: mqtt_message_properties_t::NONE,
+                },
+            )
         })
     }
 }
@@ -979,6 +1111,12 @@ impl MessageSink for Sink<'_> {
         // SAFETY: the callback gets the context the caller gave; the room
         // it returns is valid as `Sink::room` requires.
         unsafe { Self::room(topic(self.sink.context, len), len) }
+    }
+
+    fn properties(&mut self, len: usize) -> Option<&mut [u8]> {
+        let properties = self.sink.properties?;
+        // SAFETY: as for `topic`.
+        unsafe { Self::room(properties(self.sink.context, len), len) }
     }
 
     fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
@@ -1295,6 +1433,81 @@ pub unsafe extern "C" fn mqtt_session_set_session_expiry(session: *mut mqtt_sess
     // SAFETY: the caller promises a valid pointer or null.
     if let Some((_, Some(v5))) = unsafe { session_parts(session) } {
         v5.session_expiry_s = Some(seconds);
+    }
+}
+
+/// The properties an incoming message may carry (MQTT 5 identifiers), as
+/// `mqtt_property_next` gives them.
+pub const MQTT_PROPERTY_PAYLOAD_FORMAT: u8 = 0x01;
+pub const MQTT_PROPERTY_MESSAGE_EXPIRY: u8 = 0x02;
+pub const MQTT_PROPERTY_CONTENT_TYPE: u8 = 0x03;
+pub const MQTT_PROPERTY_RESPONSE_TOPIC: u8 = 0x08;
+pub const MQTT_PROPERTY_CORRELATION_DATA: u8 = 0x09;
+pub const MQTT_PROPERTY_SUBSCRIPTION_ID: u8 = 0x0b;
+pub const MQTT_PROPERTY_USER: u8 = 0x26;
+
+const _: () = assert!(
+    MQTT_PROPERTY_PAYLOAD_FORMAT == id::PAYLOAD_FORMAT
+        && MQTT_PROPERTY_MESSAGE_EXPIRY == id::MESSAGE_EXPIRY
+        && MQTT_PROPERTY_CONTENT_TYPE == id::CONTENT_TYPE
+        && MQTT_PROPERTY_RESPONSE_TOPIC == id::RESPONSE_TOPIC
+        && MQTT_PROPERTY_CORRELATION_DATA == id::CORRELATION_DATA
+        && MQTT_PROPERTY_SUBSCRIPTION_ID == id::SUBSCRIPTION_ID
+        && MQTT_PROPERTY_USER == id::USER_PROPERTY
+);
+
+/// One property of an incoming message: `id` (an `MQTT_PROPERTY_*`), and
+/// `number` for an integer, `value` for a string (UTF-8) or binary data,
+/// `name` and `value` for a user property (`data` null where unused).
+#[repr(C)]
+pub struct mqtt_property_t {
+    pub id: u8,
+    pub number: u32,
+    pub name: mqtt_bytes_t,
+    pub value: mqtt_bytes_t,
+}
+
+/// Reads the property at `*offset` (0 for the first) of a property block
+/// that `mqtt_sink_t`'s `properties` room received, and moves `*offset`
+/// to the next one; false at the block's end. A topic alias (the engine's
+/// own business) is not given.
+///
+/// # Safety
+/// `block` is valid for its length; `offset` and `property` are valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_property_next(
+    block: mqtt_bytes_t,
+    offset: *mut size_t,
+    property: *mut mqtt_property_t,
+) -> bool {
+    // SAFETY: valid bytes (the caller's promise).
+    let Some(block) = (unsafe { slice(block) }) else {
+        return false;
+    };
+    // SAFETY: null or valid (the caller's promise).
+    let (Some(offset), Some(property)) = (unsafe { offset.as_mut() }, unsafe { property.as_mut() }) else {
+        return false;
+    };
+    loop {
+        let Some((kept, next)) = kept_property(block, *offset) else {
+            return false;
+        };
+        *offset = next;
+        let (id, number, name, value) = match kept {
+            KeptProperty::Number { id, .. } if id == id::TOPIC_ALIAS => continue,
+            KeptProperty::Number { id, value } => (id, value, mqtt_bytes_t::NONE, mqtt_bytes_t::NONE),
+            KeptProperty::Bytes { id, value } => (id, 0, mqtt_bytes_t::NONE, bytes_of(value)),
+            KeptProperty::User { name, value } => {
+                (id::USER_PROPERTY, 0, mqtt_bytes_t::of(name), mqtt_bytes_t::of(value))
+            }
+        };
+        *property = mqtt_property_t {
+            id,
+            number,
+            name,
+            value,
+        };
+        return true;
     }
 }
 

@@ -607,3 +607,291 @@ def test_a_malformed_publish_property_fails_the_link(micropython, name):
     assert output.strip() == "True [] False"
     # Nothing acknowledged: the link closed.
     assert seen == [None]
+
+
+def test_publish_properties_reach_an_mqtt5_peer(broker, micropython):
+    peer = Peer(broker.port, client_id="properties-watcher", protocol=5)
+    peer.subscribe("requests/#", qos=2)
+    micropython.run(
+        """
+        c = mqtt.Client("requester", protocol=mqtt.MQTTv5)
+        c.connect(HOST, 30, port=PORT)
+        for qos in (0, 1, 2):
+            c.publish("requests/%d" % qos, "é %d" % qos, qos=qos, message_expiry=600, content_type="text/plain",
+                      response_topic="replies/requester", correlation_data=bytes([qos, 255]), payload_format=1,
+                      user_properties=[("trace", "a"), ("trace", "b"), ("qos", str(qos))])
+        # A dict gives its pairs; a message without properties has none.
+        c.publish("requests/dict", b"d", qos=1, user_properties={"k": "v"})
+        c.publish("requests/bare", b"b", qos=1)
+        c.disconnect()
+        """,
+        PORT=broker.port,
+    )
+    messages = {message.topic: message for message in peer.wait_for(5)}
+    assert sorted(messages) == ["requests/0", "requests/1", "requests/2", "requests/bare", "requests/dict"]
+    for qos in (0, 1, 2):
+        message = messages[f"requests/{qos}"]
+        properties = message.properties
+        assert (message.payload, message.qos) == (f"é {qos}".encode(), qos)
+        assert 0 < properties.MessageExpiryInterval <= 600
+        assert properties.ContentType == "text/plain"
+        assert properties.ResponseTopic == "replies/requester"
+        assert properties.CorrelationData == bytes([qos, 255])
+        assert properties.PayloadFormatIndicator == 1
+        # Names may repeat, and the order is kept.
+        assert properties.UserProperty == [("trace", "a"), ("trace", "b"), ("qos", str(qos))]
+    assert messages["requests/dict"].properties.UserProperty == [("k", "v")]
+    assert not hasattr(messages["requests/bare"].properties, "UserProperty")
+    assert not hasattr(messages["requests/bare"].properties, "ContentType")
+    peer.close()
+
+
+def test_a_publish_in_flight_goes_again_with_its_properties_after_a_reconnect(micropython):
+    seen = []
+
+    def first(connection):
+        assert connection.read().kind == CONNECT
+        connection.send(bytes([0x20, 3, 0, 0, 0]))
+        publish = connection.read()
+        seen.append(publish)
+        # No PUBACK: the link ends with the publish in flight.
+
+    def second(connection):
+        assert connection.read().kind == CONNECT
+        connection.send(bytes([0x20, 3, 1, 0, 0]))
+        publish = connection.read()
+        seen.append(publish)
+        connection.ack(4, publish.publish_fields()[1])
+        try:
+            connection.read()
+        except EOFError:
+            pass
+
+    scripted = ScriptedBroker([first, second])
+    try:
+        output = micropython.run(
+            """
+            c = mqtt.Client("resender", clean_session=False, protocol=mqtt.MQTTv5)
+            c.connect(HOST, 30, port=PORT, auto_reconnect=(100, 1000))
+            c.publish("orders/1", b"order", qos=1, message_expiry=60, correlation_data=b"id-1",
+                      user_properties=[("shop", "north")])
+            print("acknowledged")
+            c.disconnect()
+            """,
+            PORT=scripted.port,
+        )
+    finally:
+        scripted.close()
+    assert scripted.errors == []
+    assert output.strip() == "acknowledged"
+    original, again = seen
+    assert (original.dup, again.dup) == (False, True)
+    assert original.body == again.body
+    topic_len = int.from_bytes(again.body[:2], "big")
+    properties, used = Properties(PacketTypes.PUBLISH).unpack(again.body[2 + topic_len + 2 :])
+    assert properties.MessageExpiryInterval == 60
+    assert properties.CorrelationData == b"id-1"
+    assert properties.UserProperty == [("shop", "north")]
+    assert again.body[2 + topic_len + 2 + used :] == b"order"
+
+
+def test_connect_carries_its_user_properties(micropython):
+    seen = []
+
+    def script(connection):
+        connect = connection.read()
+        seen.append(connect.body)
+        connection.send(bytes([0x20, 3, 0, 0, 0]))
+        try:
+            connection.read()
+        except EOFError:
+            pass
+
+    scripted = ScriptedBroker([script])
+    try:
+        micropython.run(
+            """
+            c = mqtt.Client("labelled", protocol=mqtt.MQTTv5)
+            c.set_will("wills/labelled", b"gone", user_properties=[("why", "lost")])
+            c.connect(HOST, 30, port=PORT, user_properties={"firmware": "1.2"})
+            c.disconnect()
+            """,
+            PORT=scripted.port,
+        )
+    finally:
+        scripted.close()
+    assert scripted.errors == []
+    body = seen[0]
+    properties, used = Properties(PacketTypes.CONNECT).unpack(body[10:])
+    assert properties.UserProperty == [("firmware", "1.2")]
+    rest = body[10 + used :]
+    rest = rest[2 + int.from_bytes(rest[:2], "big") :]  # the client id
+    will_properties, _ = Properties(PacketTypes.WILLMESSAGE).unpack(rest)
+    assert will_properties.UserProperty == [("why", "lost")]
+
+
+def test_message_properties_are_checked_and_the_client_stays_usable(broker, micropython):
+    peer = Peer(broker.port, client_id="checker", protocol=5)
+    peer.subscribe("checked", qos=1)
+    output = micropython.run(
+        """
+        old = mqtt.Client("old")
+        old.connect(HOST, 30, port=PORT)
+        c = mqtt.Client("new", protocol=mqtt.MQTTv5)
+        c.connect(HOST, 30, port=PORT)
+        for client, options in ((old, {"message_expiry": 5}), (old, {"user_properties": [("a", "b")]}),
+                                (c, {"payload_format": 1, "payload": b"\\xff"}), (c, {"payload_format": 3}),
+                                (c, {"response_topic": "a/+"}), (c, {"message_expiry": -1}),
+                                (c, {"user_properties": [("a",)]}), (c, {"user_properties": [("a", 1)]}),
+                                (c, {"user_properties": 5}), (c, {"content_type": b"bytes"})):
+            arguments = {"payload": b"x", "qos": 1}
+            arguments.update(options)
+            try:
+                client.publish("checked", **arguments)
+                print("accepted: WRONG")
+            except (TypeError, ValueError) as e:
+                print(type(e).__name__)
+        for client, options in ((old, {"user_properties": {"a": "b"}}), (c, {"user_properties": [1]})):
+            try:
+                client.connect(HOST, 30, port=PORT, **options)
+                print("accepted: WRONG")
+            except (TypeError, ValueError) as e:
+                print(type(e).__name__)
+        c.publish("checked", "fine", qos=1, payload_format=1)
+        print(c.connected(), old.connected())
+        c.disconnect()
+        old.disconnect()
+        """,
+        PORT=broker.port,
+    )
+    assert output.strip().splitlines() == [
+        "ValueError",
+        "ValueError",
+        "ValueError",
+        "ValueError",
+        "ValueError",
+        "ValueError",
+        "ValueError",
+        "TypeError",
+        "TypeError",
+        "TypeError",
+        "ValueError",
+        "TypeError",
+        "True True",
+    ]
+    (message,) = peer.wait_for(1)
+    assert (message.payload, message.properties.PayloadFormatIndicator) == (b"fine", 1)
+    peer.close()
+
+
+def test_a_callback_reads_its_messages_properties_and_answers_a_request(broker, micropython):
+    """Request/response: the peer asks with a response topic and
+    correlation data; the device's callback reads them with
+    message_properties() and answers where it was told."""
+    peer = Peer(broker.port, client_id="asker", protocol=5)
+    peer.subscribe("answers/asker", qos=1)
+    process = micropython.start(
+        """
+        seen = []
+        def on_request(client, payload, topic):
+            properties = client.message_properties()
+            seen.append(properties)
+            if "response_topic" in properties:
+                client.publish(properties["response_topic"], b"answer to " + payload, qos=1,
+                               correlation_data=properties["correlation_data"])
+        c = mqtt.Client("answerer", protocol=mqtt.MQTTv5)
+        c.connect(HOST, 30, port=PORT)
+        print(c.subscribe("requests/#", on_request, qos=1), c.message_properties())
+        print(wait_until(lambda: len(seen) == 2, 10000))
+        for properties in seen:
+            users = properties.pop("user_properties", None)
+            # Compared here: MicroPython's repr escapes non-ASCII text.
+            print(sorted(properties.items()), users == [("a", "1"), ("a", "2"), ("é", "ü")])
+        print(c.message_properties())
+        c.disconnect()
+        """,
+        PORT=broker.port,
+    )
+    expect_line(process, "1 None")
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = "answers/asker"
+    properties.CorrelationData = b"\x00req-7"
+    properties.ContentType = "text/plain"
+    properties.PayloadFormatIndicator = 1
+    properties.MessageExpiryInterval = 3600
+    properties.UserProperty = [("a", "1"), ("a", "2"), ("é", "ü")]
+    peer.publish("requests/time", b"time?", qos=1, properties=properties)
+    peer.publish("requests/bare", b"nothing", qos=1)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    lines = output.strip().splitlines()
+    assert lines[0] == "True", output
+    # The broker counts the expiry down: at most what was sent.
+    match = re.fullmatch(
+        r"\[\('content_type', 'text/plain'\), \('correlation_data', b'\\x00req-7'\), "
+        r"\('message_expiry', (\d+)\), \('payload_format', 1\), \('response_topic', 'answers/asker'\)\] True",
+        lines[1],
+    )
+    assert match and 3590 <= int(match.group(1)) <= 3600, output
+    assert lines[2:] == ["[] False", "None"], output
+    (answer,) = peer.wait_for(1)
+    assert (answer.topic, answer.payload) == ("answers/asker", b"answer to time?")
+    assert answer.properties.CorrelationData == b"\x00req-7"
+    peer.close()
+
+
+def test_messages_gives_the_properties_of_the_message_it_gave_last(broker, micropython):
+    peer = Peer(broker.port, client_id="async-sender", protocol=5)
+    process = micropython.start(
+        """
+        import asyncio
+        async def main():
+            c = mqtt.Client("async-reader", protocol=mqtt.MQTTv5)
+            await c.aconnect(HOST, 30, port=PORT)
+            await c.asubscribe("queued/#", qos=1)
+            print("subscribed", c.message_properties())
+            got = []
+            async for topic, payload in c.messages():
+                got.append((topic, c.message_properties()))
+                if len(got) == 2:
+                    break
+            for entry in got:
+                print(entry)
+            await c.adisconnect()
+        asyncio.run(main())
+        """,
+        PORT=broker.port,
+    )
+    expect_line(process, "subscribed None")
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.UserProperty = [("k", "v")]
+    peer.publish("queued/1", b"one", qos=1, properties=properties)
+    peer.publish("queued/2", b"two", qos=0)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert output.strip().splitlines() == [
+        "('queued/1', {'user_properties': [('k', 'v')]})",
+        "('queued/2', {})",
+    ]
+    peer.close()
+
+
+def test_mqtt311_messages_have_no_properties(broker, micropython):
+    peer = Peer(broker.port, client_id="plain-sender")
+    process = micropython.start(
+        """
+        seen = []
+        c = mqtt.Client("plain")
+        c.connect(HOST, 30, port=PORT)
+        c.subscribe("plain", lambda client, payload, topic: seen.append(client.message_properties()))
+        print("subscribed")
+        print(wait_until(lambda: seen, 10000), seen)
+        c.disconnect()
+        """,
+        PORT=broker.port,
+    )
+    expect_line(process, "subscribed")
+    peer.publish("plain", b"x")
+    output, _ = process.communicate(timeout=30)
+    assert output.strip() == "True [None]", output
+    peer.close()

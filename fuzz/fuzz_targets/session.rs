@@ -3,9 +3,10 @@
 //! allocations fail at the fuzzer's choice. Checked: no panic, no message
 //! larger than the configured maximum is announced unless marked too large
 //! (and then no memory is asked for its payload), a delivered topic, or
-//! one a dropped message's report names, is UTF-8, and everything the
-//! session writes is a well-formed packet a client may send. The session
-//! speaks MQTT 3.1.1 or MQTT 5, as the input says.
+//! one a dropped message's report names, is UTF-8, a kept property block
+//! reads back whole, and everything the session writes is a well-formed
+//! packet a client may send. The session speaks MQTT 3.1.1 or MQTT 5, as
+//! the input says.
 #![no_main]
 
 use std::collections::VecDeque;
@@ -13,9 +14,12 @@ use std::collections::VecDeque;
 use arbitrary::Arbitrary;
 use embedded_io::{ErrorKind, ErrorType, Read, ReadReady, Write};
 use libfuzzer_sys::fuzz_target;
-use mqtt_engine::codec::v5::{ConnectProperties, SubscriptionOptions};
+use mqtt_engine::codec::properties::kept_property;
+use mqtt_engine::codec::v5::{ConnectProperties, MessageProperties, SubscriptionOptions};
 use mqtt_engine::codec::{self, Connect, FixedHeader, Packet, PacketType, QoS, Will};
-use mqtt_engine::session::{Config, Event, Failure, Filters, Kept, MessageSink, Outcome, Session, Ticket, V5};
+use mqtt_engine::session::{
+    Config, Event, Failure, Filters, Kept, Message, MessageSink, Outcome, Session, Ticket, V5,
+};
 
 const MAX_PACKET: u32 = 4096;
 
@@ -25,7 +29,7 @@ enum Step {
     Receive,
     /// One step of the caller's loop; `memory` picks which of the sink's
     /// allocations fail (bit 0 the topic, bit 1 the payload, bit 2 the
-    /// finished message).
+    /// finished message, bit 3 the property block).
     Cycle { memory: u8 },
     /// Acknowledges the message the last step delivered.
     FinishMessage,
@@ -107,6 +111,7 @@ impl Write for Link {
 /// The caller's memory for a message, failing as the fuzzer says.
 struct Sink {
     topic: Vec<u8>,
+    properties: Vec<u8>,
     payload: Vec<u8>,
     fail: u8,
 }
@@ -114,8 +119,16 @@ struct Sink {
 impl MessageSink for Sink {
     fn topic(&mut self, len: usize) -> Option<&mut [u8]> {
         assert!(len <= usize::from(u16::MAX));
+        // A new message: no property block yet.
+        self.properties.clear();
         self.topic = vec![0; len];
         (self.fail & 1 == 0).then_some(&mut self.topic[..])
+    }
+
+    fn properties(&mut self, len: usize) -> Option<&mut [u8]> {
+        assert!(len > 0 && len <= MAX_PACKET as usize, "a property block of {len} bytes");
+        self.properties = vec![0; len];
+        (self.fail & 8 == 0).then_some(&mut self.properties[..])
     }
 
     fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
@@ -126,6 +139,13 @@ impl MessageSink for Sink {
 
     fn message_ready(&mut self) -> bool {
         assert!(std::str::from_utf8(&self.topic).is_ok(), "topic {:?}", self.topic);
+        // The kept block reads back property by property to its end.
+        let mut offset = 0;
+        while let Some((_, next)) = kept_property(&self.properties, offset) {
+            assert!(next > offset);
+            offset = next;
+        }
+        assert_eq!(offset, self.properties.len(), "block {:?}", self.properties);
         self.fail & 4 == 0
     }
 
@@ -136,9 +156,17 @@ impl MessageSink for Sink {
 struct KeptSlots(u8);
 
 impl Kept for KeptSlots {
-    fn publish(&mut self, ticket: Ticket) -> Option<(&str, &[u8])> {
+    fn publish(&mut self, ticket: Ticket) -> Option<Message<'_>> {
         let kept = ticket.slot < 8 && self.0 & (1 << ticket.slot) != 0;
-        kept.then_some(("t", b"again"))
+        kept.then_some(Message {
+            topic: "t",
+            payload: b"again",
+            properties: MessageProperties {
+                message_expiry_s: Some(5),
+                user: Some(&[("k", "v")]),
+                ..MessageProperties::default()
+            },
+        })
     }
 }
 
@@ -247,7 +275,7 @@ fuzz_target!(|input: Input| {
                 }
             }
             Step::Cycle { memory } => {
-                let mut sink = Sink { topic: Vec::new(), payload: Vec::new(), fail: memory };
+                let mut sink = Sink { topic: Vec::new(), properties: Vec::new(), payload: Vec::new(), fail: memory };
                 if let Ok(Outcome::Dropped { payload_len, topic, too_large, .. }) =
                     session.step(&mut link, now, &mut sink, v5.as_mut())
                 {
@@ -272,13 +300,16 @@ fuzz_target!(|input: Input| {
                     password: None,
                 };
                 let _ = match v5.as_ref() {
-                    Some(v5) => session.connect_v5(&mut link, now, &connect, &Default::default(), v5),
+                    Some(v5) => session.connect_v5(&mut link, now, &connect, None, &Default::default(), v5),
                     None => session.connect(&mut link, now, &connect),
                 };
             }
             Step::Publish { topic, payload, qos: level, retain } => {
                 let allowed = match v5.as_ref() {
-                    Some(v5) => session.check_publish_v5(v5, topic.len(), payload.len(), qos(level), retain).is_ok(),
+                    Some(v5) => {
+                        let message = Message { topic: &topic, payload: &payload, ..Message::default() };
+                        session.check_publish_v5(v5, &message, qos(level), retain).is_ok()
+                    }
                     None => true,
                 };
                 if allowed {

@@ -249,6 +249,11 @@ impl PropertyReader {
         Ok((reader, room.saturating_sub(budget).saturating_add(left)))
     }
 
+    /// Bytes of the block not read yet: at the start, its length.
+    pub fn left(&self) -> u32 {
+        self.left
+    }
+
     /// Reads the next property; `None` once the block is over.
     pub fn next<T: Read>(&mut self, io: &mut T) -> Reads<T, Option<Property>> {
         match self.pending {
@@ -378,6 +383,93 @@ impl PropertyReader {
         self.left = self.left.checked_sub(len).ok_or(DecodeError::BadLength)?;
         super::read_exact(io, buffer)?;
         Ok(())
+    }
+}
+
+/// A property of a PUBLISH property block kept whole, as the
+/// application reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeptProperty<'a> {
+    Number {
+        id: u8,
+        value: u32,
+    },
+    /// A string (checked UTF-8) or binary data.
+    Bytes {
+        id: u8,
+        value: &'a [u8],
+    },
+    User {
+        name: &'a str,
+        value: &'a str,
+    },
+}
+
+/// The property at `offset` of a PUBLISH property block that was checked
+/// as it arrived (its length prefix left out), and the offset of the next
+/// one; None at the block's end (or at an offset that is not a property's).
+/// The block was checked, so this only walks it.
+pub fn kept_property(block: &[u8], offset: usize) -> Option<(KeptProperty<'_>, usize)> {
+    let mut rest = Cursor(block.get(offset..)?);
+    let id = rest.number(1)?;
+    let id = u8::try_from(id).ok()?;
+    let kept = match kind_of(id)? {
+        Kind::Byte { .. } => KeptProperty::Number {
+            id,
+            value: rest.number(1)?,
+        },
+        Kind::Two { .. } => KeptProperty::Number {
+            id,
+            value: rest.number(2)?,
+        },
+        Kind::Four { .. } => KeptProperty::Number {
+            id,
+            value: rest.number(4)?,
+        },
+        Kind::VarInt => {
+            // At most four bytes, the last without its top bit.
+            let mut value = 0u32;
+            for shift in [0u32, 7, 14, 21] {
+                let byte = rest.number(1)?;
+                value |= (byte & 0x7f) << shift;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+            }
+            KeptProperty::Number { id, value }
+        }
+        Kind::Text | Kind::Binary => KeptProperty::Bytes {
+            id,
+            value: rest.field()?,
+        },
+        Kind::Pair => KeptProperty::User {
+            name: super::utf8(rest.field()?)?,
+            value: super::utf8(rest.field()?)?,
+        },
+    };
+    Some((kept, block.len().saturating_sub(rest.0.len())))
+}
+
+/// What is left of a kept property block, read from its start.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, len: usize) -> Option<&'a [u8]> {
+        let (taken, rest) = self.0.split_at_checked(len)?;
+        self.0 = rest;
+        Some(taken)
+    }
+
+    /// A big-endian integer of `len` bytes (at most 4).
+    fn number(&mut self, len: usize) -> Option<u32> {
+        let bytes = self.take(len)?;
+        Some(bytes.iter().fold(0u32, |value, &byte| value << 8 | u32::from(byte)))
+    }
+
+    /// A length-prefixed string or binary value.
+    fn field(&mut self) -> Option<&'a [u8]> {
+        let len = self.number(2)?;
+        self.take(usize::try_from(len).ok()?)
     }
 }
 

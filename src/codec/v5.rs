@@ -24,8 +24,51 @@ pub struct ConnectProperties {
     pub topic_alias_maximum: u16,
 }
 
-/// The properties of a message: a PUBLISH's, or a will's.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// User properties (name, value pairs) where their owner keeps them. A
+/// packet's writer reads them twice: once for its length, once to write.
+pub trait UserProperties {
+    /// The pair at `index`; None past the last.
+    fn pair(&self, index: usize) -> Option<(&str, &str)>;
+}
+
+/// Pairs in a slice or an array: `&[("name", "value")]`.
+impl UserProperties for [(&str, &str)] {
+    fn pair(&self, index: usize) -> Option<(&str, &str)> {
+        self.get(index).copied()
+    }
+}
+
+impl<const N: usize> UserProperties for [(&str, &str); N] {
+    fn pair(&self, index: usize) -> Option<(&str, &str)> {
+        self.as_slice().pair(index)
+    }
+}
+
+/// The pairs of `user`, in order.
+fn pairs(user: Option<&dyn UserProperties>) -> impl Iterator<Item = (&str, &str)> {
+    (0..).map_while(move |index| user?.pair(index))
+}
+
+/// The size of `user`'s pairs as properties.
+fn user_len(user: Option<&dyn UserProperties>) -> u32 {
+    pairs(user).fold(0u32, |len, (name, value)| {
+        len.saturating_add(p::user_property_len(name, value))
+    })
+}
+
+fn put_users<W: Write>(
+    writer: &mut PacketWriter<'_, W>,
+    user: Option<&dyn UserProperties>,
+) -> Result<(), EncodeError<W::Error>> {
+    for (name, value) in pairs(user) {
+        p::put_user(writer, name, value)?;
+    }
+    Ok(())
+}
+
+/// The properties of a message: a PUBLISH's, or a will's. (No Debug: it
+/// would pull formatting code into the engine for user properties.)
+#[derive(Clone, Copy, Default)]
 pub struct MessageProperties<'a> {
     /// The payload is UTF-8 text (Payload Format Indicator 1).
     pub utf8_payload: bool,
@@ -38,6 +81,7 @@ pub struct MessageProperties<'a> {
     pub topic_alias: u16,
     /// A will's delay in seconds; never in a PUBLISH.
     pub will_delay_s: u32,
+    pub user: Option<&'a dyn UserProperties>,
 }
 
 impl MessageProperties<'_> {
@@ -63,6 +107,7 @@ impl MessageProperties<'_> {
         if self.will_delay_s != 0 {
             add(p::FOUR_PROPERTY_LEN);
         }
+        add(user_len(self.user));
         (len <= p::VARINT_MAX).then_some(len)
     }
 
@@ -89,7 +134,7 @@ impl MessageProperties<'_> {
         if self.topic_alias != 0 {
             p::put_two(writer, id::TOPIC_ALIAS, self.topic_alias)?;
         }
-        Ok(())
+        put_users(writer, self.user)
     }
 }
 
@@ -99,8 +144,8 @@ fn block_len(len: u32) -> usize {
 }
 
 impl ConnectProperties {
-    fn len(&self) -> u32 {
-        let mut len = 0u32;
+    fn len(&self, user: Option<&dyn UserProperties>) -> u32 {
+        let mut len = user_len(user);
         if self.session_expiry_s != 0 {
             len = len.saturating_add(p::FOUR_PROPERTY_LEN);
         }
@@ -116,8 +161,12 @@ impl ConnectProperties {
         len
     }
 
-    fn put<W: Write>(&self, writer: &mut PacketWriter<'_, W>) -> Result<(), EncodeError<W::Error>> {
-        p::put_varint(writer, self.len())?;
+    fn put<W: Write>(
+        &self,
+        writer: &mut PacketWriter<'_, W>,
+        user: Option<&dyn UserProperties>,
+    ) -> Result<(), EncodeError<W::Error>> {
+        p::put_varint(writer, self.len(user))?;
         if self.session_expiry_s != 0 {
             p::put_four(writer, id::SESSION_EXPIRY, self.session_expiry_s)?;
         }
@@ -131,14 +180,16 @@ impl ConnectProperties {
         if self.topic_alias_maximum != 0 {
             p::put_two(writer, id::TOPIC_ALIAS_MAXIMUM, self.topic_alias_maximum)?;
         }
-        Ok(())
+        put_users(writer, user)
     }
 }
 
-/// The properties of an MQTT 5 CONNECT: its own, and its will's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The properties of an MQTT 5 CONNECT: its own, its user properties and
+/// its will's properties.
+#[derive(Clone, Copy)]
 pub struct ConnectBlocks<'a> {
     pub connect: &'a ConnectProperties,
+    pub user: Option<&'a dyn UserProperties>,
     pub will: &'a MessageProperties<'a>,
 }
 
@@ -169,7 +220,7 @@ pub fn write_connect<W: Write>(
     // Protocol name (6), level (1), flags (1), keepalive (2).
     let remaining = total(&[
         10,
-        properties.map_or(0, |blocks| block_len(blocks.connect.len())),
+        properties.map_or(0, |blocks| block_len(blocks.connect.len(blocks.user))),
         field_len(connect.client_id.as_bytes())?,
         will_len,
         credentials_len,
@@ -181,7 +232,7 @@ pub fn write_connect<W: Write>(
     writer.put_u8(flags)?;
     writer.put_u16(connect.keepalive_s)?;
     if let Some(blocks) = properties {
-        blocks.connect.put(&mut writer)?;
+        blocks.connect.put(&mut writer, blocks.user)?;
     }
     writer.put_field(connect.client_id.as_bytes())?;
     if let Some(will) = &connect.will {
@@ -209,14 +260,8 @@ pub fn write_publish<W: Write>(
         Some(properties) => Some(properties.len().ok_or(EncodeError::PacketTooLong)?),
         None => None,
     };
-    let id_len = if publish.packet_id.is_some() { 2 } else { 0 };
-    let remaining = total(&[
-        field_len(publish.topic.as_bytes())?,
-        id_len,
-        properties_len.map_or(0, block_len),
-        publish.payload.len(),
-    ])
-    .ok_or(EncodeError::PacketTooLong)?;
+    field_len(publish.topic.as_bytes())?;
+    let remaining = publish_remaining(publish, properties_len).ok_or(EncodeError::PacketTooLong)?;
     let mut writer = PacketWriter::start(io, super::publish_first_byte(publish), remaining)?;
     writer.put_field(publish.topic.as_bytes())?;
     if let Some(packet_id) = publish.packet_id {
@@ -227,6 +272,26 @@ pub fn write_publish<W: Write>(
     }
     writer.put_bytes(publish.payload)?;
     writer.finish()
+}
+
+/// A PUBLISH's remaining length: topic, packet id, the property block of
+/// `properties_len` bytes (MQTT 5) and payload. None when too long.
+fn publish_remaining(publish: &Publish<'_>, properties_len: Option<u32>) -> Option<usize> {
+    let id_len = if publish.packet_id.is_some() { 2 } else { 0 };
+    let topic_len = publish.topic.len().checked_add(2)?;
+    total(&[
+        topic_len,
+        id_len,
+        properties_len.map_or(0, block_len),
+        publish.payload.len(),
+    ])
+}
+
+/// The size of a whole PUBLISH in MQTT 5, fixed header included; None
+/// when it is longer than a packet can be.
+pub fn publish_size(publish: &Publish<'_>, properties: &MessageProperties<'_>) -> Option<u32> {
+    let remaining = u32::try_from(publish_remaining(publish, Some(properties.len()?))?).ok()?;
+    (remaining <= p::VARINT_MAX).then(|| remaining.saturating_add(1).saturating_add(p::varint_len(remaining)))
 }
 
 /// A subscription's options byte (MQTT 5, section 3.8.3.1).
@@ -424,6 +489,7 @@ mod tests {
         let will = MessageProperties {
             will_delay_s: 5,
             utf8_payload: true,
+            user: Some(&[("a", "")]),
             ..Default::default()
         };
         let options = Connect {
@@ -438,17 +504,19 @@ mod tests {
         };
         let blocks = ConnectBlocks {
             connect: &properties,
+            user: Some(&[("k", "v")]),
             will: &will,
         };
         let bytes = written(|io| write_connect(io, &options, Some(blocks)).unwrap());
         #[rustfmt::skip]
         let expected = [
-            0x10, 44,
+            0x10, 57,
             0, 4, b'M', b'Q', b'T', b'T', 5, 0x80 | 0x08 | 0x04 | 0x02, 0, 60,
-            13, id::SESSION_EXPIRY, 0, 0, 1, 44, id::RECEIVE_MAXIMUM, 0, 16,
-            id::MAXIMUM_PACKET_SIZE, 0, 0, 4, 0,
+            20, id::SESSION_EXPIRY, 0, 0, 1, 44, id::RECEIVE_MAXIMUM, 0, 16,
+            id::MAXIMUM_PACKET_SIZE, 0, 0, 4, 0, id::USER_PROPERTY, 0, 1, b'k', 0, 1, b'v',
             0, 1, b'c',
-            7, id::WILL_DELAY, 0, 0, 0, 5, id::PAYLOAD_FORMAT, 1,
+            13, id::WILL_DELAY, 0, 0, 0, 5, id::PAYLOAD_FORMAT, 1,
+            id::USER_PROPERTY, 0, 1, b'a', 0, 0,
             0, 1, b'w', 0, 1, b'x',
             0, 1, b'u',
         ];
@@ -463,6 +531,7 @@ mod tests {
         };
         let blocks = ConnectBlocks {
             connect: &properties,
+            user: None,
             will: &MessageProperties::default(),
         };
         let bytes = written(|io| write_connect(io, &connect(), Some(blocks)).unwrap());
@@ -487,18 +556,21 @@ mod tests {
             response_topic: Some("r"),
             correlation_data: Some(&[1, 2]),
             topic_alias: 3,
+            user: Some(&[("n", "v"), ("n", "w")]),
             ..Default::default()
         };
         let bytes = written(|io| write_publish(io, &publish, Some(&properties)).unwrap());
         #[rustfmt::skip]
         let expected = [
-            0x33, 25,
+            0x33, 39,
             0, 1, b't', 0, 7,
-            17, id::MESSAGE_EXPIRY, 0, 0, 0, 10, id::RESPONSE_TOPIC, 0, 1, b'r',
+            31, id::MESSAGE_EXPIRY, 0, 0, 0, 10, id::RESPONSE_TOPIC, 0, 1, b'r',
             id::CORRELATION_DATA, 0, 2, 1, 2, id::TOPIC_ALIAS, 0, 3,
+            id::USER_PROPERTY, 0, 1, b'n', 0, 1, b'v', id::USER_PROPERTY, 0, 1, b'n', 0, 1, b'w',
             b'h', b'i',
         ];
         assert_eq!(bytes, expected);
+        assert_eq!(publish_size(&publish, &properties), Some(41));
         let bare = written(|io| {
             write_publish(
                 io,

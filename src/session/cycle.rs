@@ -25,6 +25,12 @@ pub trait MessageSink {
     ///
     /// [`Config::max_packet_size`]: super::Config::max_packet_size
     fn topic(&mut self, len: usize) -> Option<&mut [u8]>;
+    /// MQTT 5: room for its property block as it arrived (exactly `len`
+    /// bytes, never 0), checked, for the application to read (see
+    /// [`crate::codec::properties::kept_property`]). Asked only for a message the
+    /// payload is asked for next; without room the message is dropped,
+    /// as for want of room for its payload.
+    fn properties(&mut self, len: usize) -> Option<&mut [u8]>;
     /// Room for its payload (exactly `len` bytes). Never asked for a
     /// message larger than the maximum, nor one without room for its topic.
     fn payload(&mut self, len: usize) -> Option<&mut [u8]>;
@@ -160,7 +166,10 @@ impl Session {
         let qos = QoS::from_bits((flags >> 1) & 0b11).ok_or(Error::WrongState)?;
         let topic = sink.topic(topic_len);
         let topic_read = topic.is_some();
-        let info = self.read_topic_from(io, topic, v5)?;
+        let packet_id = self.read_topic_from(io, topic)?;
+        // Only a message with its topic keeps its properties.
+        let keep = topic_read.then_some(&mut *sink as &mut dyn MessageSink);
+        let (info, properties_kept) = self.read_properties_from(io, packet_id, v5, keep)?;
         // Known once the topic (and, in MQTT 5, the properties) are read.
         let Incoming::Payload { payload_len, .. } = self.incoming else {
             return Err(Error::WrongState);
@@ -168,7 +177,7 @@ impl Session {
         // A QoS 2 message delivered before is skipped (and acknowledged
         // again); so is one that cannot be delivered, for want of its topic
         // or of room for its payload.
-        let room = if info.deliver && topic_read && !too_large {
+        let room = if info.deliver && topic_read && !too_large && properties_kept {
             usize::try_from(payload_len).ok().and_then(|len| sink.payload(len))
         } else {
             None
@@ -206,43 +215,6 @@ mod tests {
     use crate::session::testing::*;
     use std::string::String;
     use std::vec::Vec;
-
-    /// A sink that keeps the last message, and can be told to have no
-    /// memory for topics, payloads or the finished message.
-    #[derive(Default)]
-    struct Memory {
-        topic: Vec<u8>,
-        payload: Vec<u8>,
-        /// The length of every payload room asked for.
-        payloads_asked: Vec<usize>,
-        messages: Vec<(String, Vec<u8>)>,
-        completed: Vec<Ticket>,
-        no_topic: bool,
-        no_payload: bool,
-        no_message: bool,
-    }
-
-    impl MessageSink for Memory {
-        fn topic(&mut self, len: usize) -> Option<&mut [u8]> {
-            self.topic = vec![0; len];
-            (!self.no_topic).then_some(&mut self.topic[..])
-        }
-        fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
-            self.payloads_asked.push(len);
-            self.payload = vec![0; len];
-            (!self.no_payload).then_some(&mut self.payload[..])
-        }
-        fn message_ready(&mut self) -> bool {
-            if !self.no_message {
-                let topic = String::from_utf8(self.topic.clone()).unwrap();
-                self.messages.push((topic, self.payload.clone()));
-            }
-            !self.no_message
-        }
-        fn completed(&mut self, ticket: Ticket) {
-            self.completed.push(ticket);
-        }
-    }
 
     #[test]
     fn a_message_carries_the_flags_of_its_header() {

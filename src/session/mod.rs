@@ -41,7 +41,7 @@ pub use cycle::{MessageSink, Outcome, PACKETS_PER_STEP};
 pub use inbound_qos2::INBOUND_QOS2_MAX;
 use inbound_qos2::RecentIds;
 use outbound::Inflight;
-pub use outbound::{INFLIGHT_MAX, Kept, Verdict};
+pub use outbound::{INFLIGHT_MAX, Kept, Message, Verdict};
 use read_ahead::ReadAhead;
 use receive::Incoming;
 use reconnect::Backoff;
@@ -67,6 +67,9 @@ pub enum Error {
     InvalidTopic(TopicError),
     /// A string or payload is longer than MQTT can carry.
     TooLong,
+    /// A payload said to be UTF-8 text (MQTT 5's Payload Format
+    /// Indicator) is not.
+    NotText,
     /// An empty client id needs a clean session.
     InvalidClientId,
     /// The operation needs an accepted connection.
@@ -325,6 +328,7 @@ impl Session {
         io: &mut W,
         now: u32,
         connect: &Connect<'_>,
+        user: Option<&dyn codec::v5::UserProperties>,
         will_properties: &codec::v5::MessageProperties<'_>,
         v5: &V5,
     ) -> Result<Ticket, Error> {
@@ -337,6 +341,7 @@ impl Session {
         self.prepare_connect(now, connect)?;
         let blocks = codec::v5::ConnectBlocks {
             connect: &v5.connect,
+            user,
             will: will_properties,
         };
         codec::v5::write_connect(io, connect, Some(blocks)).inspect_err(|_| self.link = Link::Down)?;

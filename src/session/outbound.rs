@@ -5,7 +5,7 @@
 use embedded_io::Write;
 
 use super::{CONNECT_SLOT, CommandState, Error, Link, Session, Ticket, elapsed};
-use crate::codec::v5::SubscriptionOptions;
+use crate::codec::v5::{MessageProperties, SubscriptionOptions};
 use crate::codec::{self, PacketType, Publish, QoS};
 use crate::topic;
 
@@ -37,12 +37,21 @@ pub enum Verdict {
     LinkLost,
 }
 
+/// A message to publish: its topic, payload and (MQTT 5) properties.
+#[derive(Clone, Copy, Default)]
+pub struct Message<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    /// Left out in MQTT 3.1.1. Its topic alias is the session's to choose.
+    pub properties: MessageProperties<'a>,
+}
+
 /// What the caller kept of its in-flight publishes, to send them again
 /// after a reconnect (the session keeps only their packet ids and state).
 pub trait Kept {
-    /// The topic and payload of the publish in flight as `ticket`, or None
+    /// The publish in flight as `ticket`, as it was first sent, or None
     /// when nothing was kept for it.
-    fn publish(&mut self, ticket: Ticket) -> Option<(&str, &[u8])>;
+    fn publish(&mut self, ticket: Ticket) -> Option<Message<'_>>;
 }
 
 /// Where an in-flight command stands. A publish waiting for its first
@@ -78,6 +87,19 @@ impl Inflight {
             Stage::AwaitPubAck { .. } | Stage::AwaitPubRec { .. } | Stage::AwaitPubComp
         )
     }
+}
+
+/// Checks what the application may get wrong in an MQTT 5 message's
+/// properties (the lengths are checked when the packet is written).
+fn check_properties(message: &Message<'_>) -> Result<(), Error> {
+    let properties = &message.properties;
+    if let Some(topic) = properties.response_topic {
+        topic::check_name(topic.as_bytes())?;
+    }
+    if properties.utf8_payload && codec::utf8(message.payload).is_none() {
+        return Err(Error::NotText);
+    }
+    Ok(())
 }
 
 impl Session {
@@ -133,10 +155,7 @@ impl Session {
         }
     }
 
-    /// Sends a PUBLISH. For QoS 1 and 2 the message takes an in-flight slot
-    /// until it is acknowledged, and the returned ticket follows it; the
-    /// caller keeps topic and payload until [`Event::Completed`] so that
-    /// [`Session::resend`] can send them again after a reconnect.
+    /// Sends a PUBLISH without properties: see [`Session::publish_message`].
     pub fn publish<W: Write>(
         &mut self,
         io: &mut W,
@@ -146,7 +165,30 @@ impl Session {
         qos: QoS,
         retain: bool,
     ) -> Result<Option<Ticket>, Error> {
-        topic::check_name(topic.as_bytes())?;
+        let message = Message {
+            topic,
+            payload,
+            properties: MessageProperties::default(),
+        };
+        self.publish_message(io, now, &message, qos, retain)
+    }
+
+    /// Sends a PUBLISH. For QoS 1 and 2 the message takes an in-flight slot
+    /// until it is acknowledged, and the returned ticket follows it; the
+    /// caller keeps the message until [`Event::Completed`] so that
+    /// [`Session::resume`] can send it again after a reconnect.
+    pub fn publish_message<W: Write>(
+        &mut self,
+        io: &mut W,
+        now: u32,
+        message: &Message<'_>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<Option<Ticket>, Error> {
+        topic::check_name(message.topic.as_bytes())?;
+        if self.is_v5() {
+            check_properties(message)?;
+        }
         if self.link != Link::Up {
             return Err(Error::NotConnected);
         }
@@ -156,14 +198,14 @@ impl Session {
             QoS::ExactlyOnce => Some(self.start_command(now, Stage::AwaitPubRec { retain })?),
         };
         let publish = Publish {
-            topic,
+            topic: message.topic,
             packet_id: ticket.map(|ticket| ticket.packet_id),
             qos,
             retain,
             dup: false,
-            payload,
+            payload: message.payload,
         };
-        let written = self.write_publish(io, &publish);
+        let written = self.write_publish(io, &publish, &message.properties);
         if let (Err(_), Some(ticket)) = (&written, ticket) {
             // At most part of the packet left, which the broker discards:
             // the message was not sent, and the caller may send it again.
@@ -185,10 +227,15 @@ impl Session {
         codec::v5::write_subscribe(io, packet_id, filter, &options, self.is_v5().then_some(0))
     }
 
-    /// Writes a PUBLISH in the session's protocol.
-    fn write_publish<W: Write>(&self, io: &mut W, publish: &Publish<'_>) -> Result<(), codec::EncodeError<W::Error>> {
-        let properties = codec::v5::MessageProperties::default();
-        codec::v5::write_publish(io, publish, self.is_v5().then_some(&properties))
+    /// Writes a PUBLISH in the session's protocol (MQTT 3.1.1 leaves
+    /// `properties` out).
+    fn write_publish<W: Write>(
+        &self,
+        io: &mut W,
+        publish: &Publish<'_>,
+        properties: &MessageProperties<'_>,
+    ) -> Result<(), codec::EncodeError<W::Error>> {
+        codec::v5::write_publish(io, publish, self.is_v5().then_some(properties))
     }
 
     /// Sends again, on a link that just came up, what the previous one left
@@ -205,8 +252,8 @@ impl Session {
             else {
                 continue;
             };
-            if let Some((topic, payload)) = kept.publish(ticket) {
-                self.resend(io, now, ticket, topic, payload)?;
+            if let Some(message) = kept.publish(ticket) {
+                self.resend(io, now, ticket, &message)?;
             }
         }
         self.resend_releases(io, now)
@@ -241,8 +288,7 @@ impl Session {
         io: &mut W,
         now: u32,
         ticket: Ticket,
-        topic: &str,
-        payload: &[u8],
+        message: &Message<'_>,
     ) -> Result<(), Error> {
         if self.link != Link::Up {
             return Err(Error::NotConnected);
@@ -254,14 +300,19 @@ impl Session {
             _ => return Err(Error::WrongState),
         };
         let publish = Publish {
-            topic,
+            topic: message.topic,
             packet_id: Some(entry.packet_id),
             qos,
             retain,
             dup: true,
-            payload,
+            payload: message.payload,
         };
-        self.write_publish(io, &publish)?;
+        // Topic aliases end with the link that set them.
+        let properties = MessageProperties {
+            topic_alias: 0,
+            ..message.properties
+        };
+        self.write_publish(io, &publish, &properties)?;
         self.restart_timer(ticket, now);
         self.last_sent = now;
         Ok(())
@@ -426,7 +477,7 @@ impl Session {
 mod tests {
     use crate::codec::{DecodeError, Packet, PacketType, Publish, QoS, write_ack, write_connack, write_suback};
     use crate::session::testing::*;
-    use crate::session::{CommandState, Error, Event, INFLIGHT_MAX, Kept, Session, Ticket, Verdict};
+    use crate::session::{CommandState, Error, Event, INFLIGHT_MAX, Kept, Message, Session, Ticket, Verdict};
     use crate::topic::TopicError;
 
     #[test]
@@ -490,7 +541,12 @@ mod tests {
         pipe.take_sent();
         let resend: Vec<_> = session.publishes_to_resend().collect();
         assert_eq!(resend, [ticket]);
-        session.resend(&mut pipe, 2002, ticket, "a", b"payload").unwrap();
+        let message = Message {
+            topic: "a",
+            payload: b"payload",
+            ..Message::default()
+        };
+        session.resend(&mut pipe, 2002, ticket, &message).unwrap();
         let expected = Packet::Publish(Publish {
             topic: "a",
             packet_id: Some(ticket.packet_id),
@@ -659,9 +715,13 @@ mod tests {
     struct KeptPublishes(Vec<(Ticket, &'static str, &'static [u8])>);
 
     impl Kept for KeptPublishes {
-        fn publish(&mut self, ticket: Ticket) -> Option<(&str, &[u8])> {
+        fn publish(&mut self, ticket: Ticket) -> Option<Message<'_>> {
             let kept = self.0.iter().find(|(kept, ..)| *kept == ticket)?;
-            Some((kept.1, kept.2))
+            Some(Message {
+                topic: kept.1,
+                payload: kept.2,
+                ..Message::default()
+            })
         }
     }
 

@@ -5,7 +5,7 @@ use embedded_io::{Read, ReadReady, Write};
 
 use super::outbound::Stage;
 use super::read_ahead::Reading;
-use super::{Deferred, Error, Event, Link, MessageInfo, Session, V5};
+use super::{Deferred, Error, Event, Link, MessageInfo, MessageSink, Session, V5};
 use crate::codec::properties::{Property, PropertyReader, allowed, id};
 use crate::codec::{self, DecodeError, FixedHeader, Packet, PacketType, QoS};
 use crate::topic;
@@ -64,10 +64,59 @@ fn skip<T: Read>(io: &mut T, len: u32, mut check: impl FnMut(&[u8]) -> Result<()
     Ok(())
 }
 
-/// Reads past a PUBLISH's properties, checking them, from the `rest` of
-/// the packet after its packet id; returns the length of the payload.
-fn read_publish_properties<T: Read>(io: &mut T, rest: u32, v5: &V5) -> Result<u32, Error> {
-    let (mut reader, used) = PropertyReader::start(io, rest, allowed::PUBLISH)?;
+/// Reads from `io`, copying what it reads into `copy` while room lasts.
+/// Every property block is read through one (an empty `copy` keeps
+/// nothing), so that the property reader's code exists once.
+pub(super) struct Copying<'a, T> {
+    pub(super) io: &'a mut T,
+    pub(super) copy: &'a mut [u8],
+    pub(super) at: usize,
+}
+
+impl<T: embedded_io::ErrorType> embedded_io::ErrorType for Copying<'_, T> {
+    type Error = T::Error;
+}
+
+impl<T: Read> Read for Copying<'_, T> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, T::Error> {
+        let count = self.io.read(buf)?;
+        let read = buf.get(..count).unwrap_or(&[]);
+        codec::copy(self.copy.get_mut(self.at..).unwrap_or(&mut []), read);
+        self.at = self.at.saturating_add(count);
+        Ok(count)
+    }
+}
+
+/// Reads a PUBLISH's properties, checking them, from the `rest` of the
+/// packet after its packet id; returns the length of the payload, and
+/// whether the block is empty or went whole into the room `keep` gave
+/// for it (else it was read past).
+fn read_publish_properties<T: Read>(
+    io: &mut T,
+    rest: u32,
+    v5: &V5,
+    keep: Option<&mut dyn MessageSink>,
+) -> Result<(u32, bool), Error> {
+    let (reader, used) = PropertyReader::start(io, rest, allowed::PUBLISH)?;
+    let payload_len = rest.saturating_sub(used);
+    let block_len = usize::try_from(reader.left()).map_err(|_| DecodeError::BadLength)?;
+    if block_len == 0 {
+        return Ok((payload_len, true));
+    }
+    let room = keep.and_then(|sink| sink.properties(block_len));
+    let kept = room.is_some();
+    // Read through the copying reader either way: one reading code.
+    let mut reading = Copying {
+        io,
+        copy: room.unwrap_or(&mut []),
+        at: 0,
+    };
+    check_publish_properties(&mut reading, reader, v5)?;
+    Ok((payload_len, kept))
+}
+
+/// Reads a PUBLISH's property block through, checking it.
+fn check_publish_properties<T: Read>(io: &mut T, mut reader: PropertyReader, v5: &V5) -> Result<(), Error> {
     while let Some(property) = reader.next(io)? {
         match property {
             // The client takes as many topic aliases as CONNECT said.
@@ -83,7 +132,7 @@ fn read_publish_properties<T: Read>(io: &mut T, rest: u32, v5: &V5) -> Result<u3
             }
         }
     }
-    Ok(rest.saturating_sub(used))
+    Ok(())
 }
 
 impl Session {
@@ -178,7 +227,10 @@ impl Session {
     /// `topic` (exactly `topic_len` bytes) and checks it.
     pub fn read_topic<T: Read>(&mut self, io: &mut T, topic: &mut [u8]) -> Result<MessageInfo, Error> {
         self.reading(io, |session, reading| {
-            session.read_topic_from(reading, Some(topic), None)
+            let packet_id = session.read_topic_from(reading, Some(topic))?;
+            session
+                .read_properties_from(reading, packet_id, None, None)
+                .map(|(info, _)| info)
         })
     }
 
@@ -186,25 +238,18 @@ impl Session {
     /// properties are read too, and checked.
     pub fn read_topic_v5<T: Read>(&mut self, io: &mut T, topic: &mut [u8], v5: &mut V5) -> Result<MessageInfo, Error> {
         self.reading(io, |session, reading| {
-            session.read_topic_from(reading, Some(topic), Some(v5))
+            let packet_id = session.read_topic_from(reading, Some(topic))?;
+            session
+                .read_properties_from(reading, packet_id, Some(v5), None)
+                .map(|(info, _)| info)
         })
     }
 
-    /// As [`Session::read_topic`], or reads the topic past when `topic` is
-    /// `None` (no memory for it).
-    pub(super) fn read_topic_from<T: Read>(
-        &mut self,
-        io: &mut T,
-        topic: Option<&mut [u8]>,
-        v5: Option<&mut V5>,
-    ) -> Result<MessageInfo, Error> {
-        let Incoming::Topic {
-            topic_len,
-            mut payload_len,
-            qos,
-            too_large,
-        } = self.incoming
-        else {
+    /// The first half of [`Session::read_topic`]: reads the topic into
+    /// `topic`, or past it when `topic` is `None` (no memory for it), and
+    /// the packet id (0 for QoS 0), which it returns.
+    pub(super) fn read_topic_from<T: Read>(&mut self, io: &mut T, topic: Option<&mut [u8]>) -> Result<u16, Error> {
+        let Incoming::Topic { topic_len, qos, .. } = self.incoming else {
             return Err(Error::WrongState);
         };
         match topic {
@@ -237,11 +282,38 @@ impl Session {
                 id => id,
             }
         };
+        Ok(packet_id)
+    }
+
+    /// The second half of [`Session::read_topic`], after
+    /// [`Session::read_topic_from`] read `packet_id`: reads the
+    /// properties (MQTT 5) and readies the payload. The property block of
+    /// a message to deliver goes into the room `keep` gives: also returns
+    /// whether it is empty or was kept.
+    pub(super) fn read_properties_from<T: Read>(
+        &mut self,
+        io: &mut T,
+        packet_id: u16,
+        v5: Option<&mut V5>,
+        keep: Option<&mut dyn MessageSink>,
+    ) -> Result<(MessageInfo, bool), Error> {
+        let Incoming::Topic {
+            mut payload_len,
+            qos,
+            too_large,
+            ..
+        } = self.incoming
+        else {
+            return Err(Error::WrongState);
+        };
+        let deliver = !(qos == QoS::ExactlyOnce && self.inbound_qos2.contains(packet_id));
+        let mut properties_kept = true;
         if self.is_v5() {
             let v5 = v5.ok_or(Error::WrongState)?;
-            payload_len = read_publish_properties(io, payload_len, v5)?;
+            // Only a message that goes to the application keeps them.
+            let keep = keep.filter(|_| deliver && !too_large);
+            (payload_len, properties_kept) = read_publish_properties(io, payload_len, v5, keep)?;
         }
-        let deliver = !(qos == QoS::ExactlyOnce && self.inbound_qos2.contains(packet_id));
         if qos == QoS::ExactlyOnce && deliver {
             // Remembered before the application gets the message (or it is
             // dropped): if the link dies before PUBREC leaves, the broker's
@@ -255,7 +327,7 @@ impl Session {
             info,
             too_large,
         };
-        Ok(info)
+        Ok((info, properties_kept))
     }
 
     /// The length of the current message's payload, once its topic is

@@ -3,6 +3,7 @@
 
 use embedded_io::{Read, ReadReady, Write};
 use std::collections::VecDeque;
+use std::string::String;
 use std::vec::Vec;
 
 use super::*;
@@ -177,4 +178,48 @@ pub(super) fn broker_publish(pipe: &mut Pipe, topic: &str, payload: &[u8], qos: 
         payload,
     };
     pipe.broker_sends(|b| write_publish(&mut VecWriter(b), &publish).unwrap());
+}
+
+/// A sink that keeps the last message, and can be told to have no
+/// memory for topics, payloads or the finished message.
+#[derive(Default)]
+pub(super) struct Memory {
+    pub(super) topic: Vec<u8>,
+    pub(super) payload: Vec<u8>,
+    /// The last property block kept (MQTT 5).
+    pub(super) properties: Vec<u8>,
+    /// The length of every payload room asked for.
+    pub(super) payloads_asked: Vec<usize>,
+    pub(super) messages: Vec<(String, Vec<u8>)>,
+    pub(super) completed: Vec<Ticket>,
+    pub(super) no_topic: bool,
+    pub(super) no_payload: bool,
+    pub(super) no_properties: bool,
+    pub(super) no_message: bool,
+}
+
+impl MessageSink for Memory {
+    fn topic(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.topic = vec![0; len];
+        (!self.no_topic).then_some(&mut self.topic[..])
+    }
+    fn properties(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.properties = vec![0; len];
+        (!self.no_properties).then_some(&mut self.properties[..])
+    }
+    fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.payloads_asked.push(len);
+        self.payload = vec![0; len];
+        (!self.no_payload).then_some(&mut self.payload[..])
+    }
+    fn message_ready(&mut self) -> bool {
+        if !self.no_message {
+            let topic = String::from_utf8(self.topic.clone()).unwrap();
+            self.messages.push((topic, self.payload.clone()));
+        }
+        !self.no_message
+    }
+    fn completed(&mut self, ticket: Ticket) {
+        self.completed.push(ticket);
+    }
 }

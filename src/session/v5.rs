@@ -11,11 +11,11 @@ use embedded_io::{Read, ReadReady, Write};
 
 use super::outbound::Stage;
 use super::read_ahead::Reading;
-use super::receive::SMALL_BODY_MAX;
-use super::{Error, Event, Link, Session};
+use super::receive::{Copying, SMALL_BODY_MAX};
+use super::{Error, Event, Link, Message, Session};
 use crate::codec::properties::{Property, PropertyReader, ReadError, allowed, id};
 use crate::codec::v5::ConnectProperties;
-use crate::codec::{self, DecodeError, Packet, PacketType, QoS, SUBACK_FAILURE};
+use crate::codec::{self, DecodeError, Packet, PacketType, Publish, QoS, SUBACK_FAILURE};
 
 /// Bytes of a reason string kept (cut at a character boundary).
 pub const REASON_MAX: usize = 64;
@@ -233,16 +233,22 @@ impl<T: Read> Body<'_, T> {
         if self.left == 0 {
             return Ok(());
         }
-        let (mut reader, used) = PropertyReader::start(self.io, self.left, allowed_ids)?;
+        // Through the reader every property block is read with.
+        let io = &mut Copying {
+            io: &mut *self.io,
+            copy: &mut [],
+            at: 0,
+        };
+        let (mut reader, used) = PropertyReader::start(io, self.left, allowed_ids)?;
         self.left = self.left.saturating_sub(used);
         v5.reason_len = 0;
-        while let Some(property) = reader.next(self.io)? {
+        while let Some(property) = reader.next(io)? {
             match property {
                 Property::Number { id, value } => v5.server.set(id, value),
                 Property::Bytes {
                     id: id::REASON_STRING, ..
                 } => {
-                    let kept = reader.take(self.io, &mut v5.reason)?;
+                    let kept = reader.take(io, &mut v5.reason)?;
                     v5.reason_len = u8::try_from(kept).unwrap_or(0);
                 }
                 Property::Bytes {
@@ -252,7 +258,7 @@ impl<T: Read> Body<'_, T> {
                 } => {
                     // An identifier that does not fit cannot be used again:
                     // better no identifier than a wrong one.
-                    let kept = reader.take(self.io, &mut v5.assigned_id)?;
+                    let kept = reader.take(io, &mut v5.assigned_id)?;
                     v5.assigned_id_len = if kept == usize::from(len) {
                         u8::try_from(kept).unwrap_or(0)
                     } else {
@@ -262,7 +268,7 @@ impl<T: Read> Body<'_, T> {
                 // User properties, a server reference, response
                 // information and authentication data are read past.
                 Property::Bytes { .. } | Property::UserName { .. } => {
-                    reader.take(self.io, &mut [])?;
+                    reader.take(io, &mut [])?;
                 }
             }
         }
@@ -310,29 +316,23 @@ impl Session {
     /// [`Error::BrokerLimit`]), and no more QoS 1/2 publishes in flight
     /// than its Receive Maximum ([`Error::InflightFull`]: wait for one to
     /// complete). Nothing is sent.
-    pub fn check_publish_v5(
-        &self,
-        v5: &V5,
-        topic_len: usize,
-        payload_len: usize,
-        qos: QoS,
-        retain: bool,
-    ) -> Result<(), Error> {
+    pub fn check_publish_v5(&self, v5: &V5, message: &Message<'_>, qos: QoS, retain: bool) -> Result<(), Error> {
         let server = &v5.server;
         if qos > server.maximum_qos || (retain && !server.retain_available) {
             return Err(Error::BrokerLimit);
         }
         if server.maximum_packet_size != 0 {
-            // Topic, packet id, an empty property block, the payload.
-            let id_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
-            let body = [topic_len, 2, id_len, 1, payload_len]
-                .iter()
-                .try_fold(0usize, |sum, &part| sum.checked_add(part));
-            let body = body.and_then(|body| u32::try_from(body).ok()).ok_or(Error::TooLong)?;
-            let whole = body
-                .saturating_add(1)
-                .saturating_add(crate::codec::properties::varint_len(body));
-            if whole > server.maximum_packet_size {
+            // The packet as it goes: the size of a packet id counts, no other field's value.
+            let publish = Publish {
+                topic: message.topic,
+                packet_id: (qos != QoS::AtMostOnce).then_some(1),
+                qos,
+                retain,
+                dup: false,
+                payload: message.payload,
+            };
+            let size = codec::v5::publish_size(&publish, &message.properties).ok_or(Error::TooLong)?;
+            if size > server.maximum_packet_size {
                 return Err(Error::BrokerLimit);
             }
         }
@@ -509,6 +509,7 @@ impl Session {
 mod tests {
     use super::*;
     use crate::codec::properties::id;
+    use crate::codec::v5::MessageProperties;
     use crate::session::testing::*;
     use crate::session::{CommandState, Config};
 
@@ -533,7 +534,7 @@ mod tests {
     fn connected_v5(properties: &[u8]) -> (Session, V5, Pipe) {
         let (mut session, mut v5, mut pipe) = v5_session();
         session
-            .connect_v5(&mut pipe, 0, &connect_options(30, true), &Default::default(), &v5)
+            .connect_v5(&mut pipe, 0, &connect_options(30, true), None, &Default::default(), &v5)
             .unwrap();
         connack(&mut pipe, 0, properties);
         let event = session.receive_v5(&mut pipe, 1, &mut v5).unwrap();
@@ -552,7 +553,7 @@ mod tests {
     fn connect_is_sent_in_mqtt_5_form() {
         let (mut session, v5, mut pipe) = v5_session();
         session
-            .connect_v5(&mut pipe, 0, &connect_options(30, true), &Default::default(), &v5)
+            .connect_v5(&mut pipe, 0, &connect_options(30, true), None, &Default::default(), &v5)
             .unwrap();
         #[rustfmt::skip]
         let expected = [
@@ -588,7 +589,7 @@ mod tests {
     fn a_refusal_keeps_its_code_and_reason() {
         let (mut session, mut v5, mut pipe) = v5_session();
         let ticket = session
-            .connect_v5(&mut pipe, 0, &connect_options(30, true), &Default::default(), &v5)
+            .connect_v5(&mut pipe, 0, &connect_options(30, true), None, &Default::default(), &v5)
             .unwrap();
         connack(&mut pipe, 0x87, &[id::REASON_STRING, 0, 2, b'n', b'o']);
         session.receive_v5(&mut pipe, 1, &mut v5).unwrap();
@@ -606,7 +607,7 @@ mod tests {
         ] {
             let (mut session, mut v5, mut pipe) = v5_session();
             session
-                .connect_v5(&mut pipe, 0, &connect_options(30, true), &Default::default(), &v5)
+                .connect_v5(&mut pipe, 0, &connect_options(30, true), None, &Default::default(), &v5)
                 .unwrap();
             connack(&mut pipe, code, properties);
             assert!(matches!(
@@ -731,7 +732,7 @@ mod tests {
         let (mut session, mut v5, mut pipe) = v5_session();
         session.set_backoff(100, 1000, 1);
         session
-            .connect_v5(&mut pipe, 0, &connect_options(30, true), &Default::default(), &v5)
+            .connect_v5(&mut pipe, 0, &connect_options(30, true), None, &Default::default(), &v5)
             .unwrap();
         connack(&mut pipe, 0, &[]);
         session.receive_v5(&mut pipe, 1, &mut v5).unwrap();
@@ -785,6 +786,85 @@ mod tests {
     }
 
     #[test]
+    fn a_message_keeps_its_properties_for_the_application() {
+        use crate::codec::properties::{KeptProperty, kept_property};
+        use crate::session::Outcome;
+        let (mut session, mut v5, mut pipe) = connected_v5(&[]);
+        #[rustfmt::skip]
+        let block = [
+            id::MESSAGE_EXPIRY, 0, 0, 0, 5,
+            id::USER_PROPERTY, 0, 1, b'k', 0, 1, b'v',
+            id::CORRELATION_DATA, 0, 2, 0xff, 0,
+            id::SUBSCRIPTION_ID, 0x81, 0x01,
+            id::SUBSCRIPTION_ID, 7,
+        ];
+        let mut publish = vec![0x32, 30, 0, 1, b't', 0, 9, 22];
+        publish.extend(block);
+        publish.extend(b"hi");
+        pipe.broker_sends(|b| b.extend(&publish));
+        let mut sink = Memory::default();
+        let outcome = session.step(&mut pipe, 2, &mut sink, Some(&mut v5)).unwrap();
+        assert!(matches!(outcome, Outcome::Message { acknowledge: true, .. }));
+        assert_eq!((&sink.properties[..], &sink.payload[..]), (&block[..], &b"hi"[..]));
+        // Read back one property at a time.
+        let mut read = vec![];
+        let mut offset = 0;
+        while let Some((property, next)) = kept_property(&sink.properties, offset) {
+            read.push(property);
+            offset = next;
+        }
+        assert_eq!(
+            read,
+            [
+                KeptProperty::Number {
+                    id: id::MESSAGE_EXPIRY,
+                    value: 5
+                },
+                KeptProperty::User { name: "k", value: "v" },
+                KeptProperty::Bytes {
+                    id: id::CORRELATION_DATA,
+                    value: &[0xff, 0]
+                },
+                KeptProperty::Number {
+                    id: id::SUBSCRIPTION_ID,
+                    value: 129
+                },
+                KeptProperty::Number {
+                    id: id::SUBSCRIPTION_ID,
+                    value: 7
+                },
+            ]
+        );
+        // Without room for the block, the message is dropped (and
+        // acknowledged), as without room for its payload.
+        session.finish_message(&mut pipe, 3).unwrap();
+        pipe.outbound.clear();
+        pipe.broker_sends(|b| b.extend(&publish));
+        sink.no_properties = true;
+        let outcome = session.step(&mut pipe, 4, &mut sink, Some(&mut v5)).unwrap();
+        assert!(matches!(
+            outcome,
+            Outcome::Dropped {
+                too_large: false,
+                topic: true,
+                ..
+            }
+        ));
+        assert!(
+            sink.payloads_asked.len() == 1,
+            "no payload asked without room for the properties"
+        );
+        assert_eq!(pipe.outbound, [0x40, 2, 0, 9]);
+        // No room is asked for an empty block.
+        sink.no_properties = false;
+        sink.properties.clear();
+        pipe.broker_sends(|b| b.extend([0x30, 6, 0, 1, b't', 0, b'h', b'i']));
+        let outcome = session.step(&mut pipe, 5, &mut sink, Some(&mut v5)).unwrap();
+        assert!(matches!(outcome, Outcome::Message { .. }));
+        assert!(sink.properties.is_empty());
+    }
+
+    #[test]
     fn publishes_stay_within_the_brokers_limits() {
         #[rustfmt::skip]
         let properties = [
@@ -794,28 +874,53 @@ mod tests {
             id::MAXIMUM_PACKET_SIZE, 0, 0, 0, 20,
         ];
         let (mut session, v5, mut pipe) = connected_v5(&properties);
+        let message = |payload: &'static [u8]| Message {
+            topic: "t",
+            payload,
+            ..Message::default()
+        };
         assert_eq!(
-            session.check_publish_v5(&v5, 1, 0, QoS::ExactlyOnce, false),
+            session.check_publish_v5(&v5, &message(b""), QoS::ExactlyOnce, false),
             Err(Error::BrokerLimit)
         );
         assert_eq!(
-            session.check_publish_v5(&v5, 1, 0, QoS::AtMostOnce, true),
+            session.check_publish_v5(&v5, &message(b""), QoS::AtMostOnce, true),
             Err(Error::BrokerLimit)
         );
         // 20 bytes whole: header 2, topic 3, id 2, properties 1, payload 12.
-        assert_eq!(session.check_publish_v5(&v5, 1, 12, QoS::AtLeastOnce, false), Ok(()));
+        let twelve = message(&[0; 12]);
+        assert_eq!(session.check_publish_v5(&v5, &twelve, QoS::AtLeastOnce, false), Ok(()));
         assert_eq!(
-            session.check_publish_v5(&v5, 1, 13, QoS::AtLeastOnce, false),
+            session.check_publish_v5(&v5, &message(&[0; 13]), QoS::AtLeastOnce, false),
+            Err(Error::BrokerLimit)
+        );
+        // Properties count: a user property of 5 bytes leaves room for 7 of payload.
+        let with_property = |payload| Message {
+            properties: MessageProperties {
+                user: Some(&[("", "")]),
+                ..MessageProperties::default()
+            },
+            ..message(payload)
+        };
+        assert_eq!(
+            session.check_publish_v5(&v5, &with_property(&[0; 7]), QoS::AtLeastOnce, false),
+            Ok(())
+        );
+        assert_eq!(
+            session.check_publish_v5(&v5, &with_property(&[0; 8]), QoS::AtLeastOnce, false),
             Err(Error::BrokerLimit)
         );
         session
             .publish(&mut pipe, 1, "t", b"", QoS::AtLeastOnce, false)
             .unwrap();
         assert_eq!(
-            session.check_publish_v5(&v5, 1, 0, QoS::AtLeastOnce, false),
+            session.check_publish_v5(&v5, &message(b""), QoS::AtLeastOnce, false),
             Err(Error::InflightFull)
         );
-        assert_eq!(session.check_publish_v5(&v5, 1, 0, QoS::AtMostOnce, false), Ok(()));
+        assert_eq!(
+            session.check_publish_v5(&v5, &message(b""), QoS::AtMostOnce, false),
+            Ok(())
+        );
     }
 
     #[test]
