@@ -722,10 +722,23 @@ static mp_obj_t client_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t
 }
 static MP_DEFINE_CONST_FUN_OBJ_KW(client_publish_obj, 2, client_publish);
 
+// A subscription's options as its table entry keeps them: the options
+// byte as a small int, or with a subscription identifier (MQTT 5, up to
+// 28 bits: more than a small int holds on every port) an (options, id)
+// tuple.
+static mp_obj_t kept_options(uint8_t options, uint32_t id) {
+    if (id == 0) {
+        return MP_OBJ_NEW_SMALL_INT(options);
+    }
+    mp_obj_t both[2] = { MP_OBJ_NEW_SMALL_INT(options), mp_obj_new_int_from_uint(id) };
+    return mp_obj_new_tuple(2, both);
+}
+
 // Returns a copy of the subscription table where `filter` maps to
-// `callback` and `options` (in its place, or added at the end), or without
-// `filter` when `callback` is MP_OBJ_NULL (the same table when it has none).
-static mp_obj_t table_with(mp_obj_t table, mp_obj_t filter, mp_obj_t callback, uint8_t options) {
+// `callback` and `options` (see kept_options(); in its place, or added at
+// the end), or without `filter` when `callback` is MP_OBJ_NULL (the same
+// table when it has none).
+static mp_obj_t table_with(mp_obj_t table, mp_obj_t filter, mp_obj_t callback, mp_obj_t options) {
     size_t n;
     mp_obj_t *items;
     mp_obj_tuple_get(table, &n, &items);
@@ -746,16 +759,17 @@ static mp_obj_t table_with(mp_obj_t table, mp_obj_t filter, mp_obj_t callback, u
     memcpy(copy->items, items, n * sizeof(mp_obj_t));
     copy->items[at] = filter;
     copy->items[at + 1] = callback;
-    copy->items[at + 2] = MP_OBJ_NEW_SMALL_INT(options);
+    copy->items[at + 2] = options;
     return MP_OBJ_FROM_PTR(copy);
 }
 
 // Installs a subscription table where `filter` maps to `callback` and
-// `options` (its QoS and MQTT 5 options), or is absent when `callback` is MP_OBJ_NULL. The table is built outside the
-// lock (building allocates, which may raise) and installed only if no
-// other thread changed the table meanwhile. Returns the table it replaced;
-// `*installed` is the new one.
-static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, uint8_t options, mp_obj_t *installed) {
+// `options` (see kept_options()), or is absent when `callback` is
+// MP_OBJ_NULL. The table is built outside the lock (building allocates,
+// which may raise) and installed only if no other thread changed the
+// table meanwhile. Returns the table it replaced; `*installed` is the new
+// one.
+static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, mp_obj_t options, mp_obj_t *installed) {
     for (;;) {
         mp_obj_t current = self->subscriptions;
         mp_obj_t next = table_with(current, filter, callback, options);
@@ -777,14 +791,14 @@ static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter
 }
 
 // Sends SUBSCRIBE or UNSUBSCRIBE and returns its ticket (raises on error).
-// `options`: the subscription's QoS, and in MQTT 5 its options (see
-// start_subscription).
-static mqtt_ticket_t send_subscription(mp_obj_mqtt_client_t *self, mp_obj_t filter, uint8_t options, bool unsubscribe) {
+// `options`: the subscription's QoS, and in MQTT 5 its options and
+// subscription identifier (0: none; see start_subscription).
+static mqtt_ticket_t send_subscription(mp_obj_mqtt_client_t *self, mp_obj_t filter, uint8_t options, uint32_t id, bool unsubscribe) {
     mqtt_bytes_t topic = bytes_of_str(filter, "topic");
     client_lock(self);
     mqtt_transport_t transport = transport_of(self);
     mqtt_ticket_t ticket;
-    int status = mqtt_session_subscribe(session_of(self), &transport, now_ms(), topic, options, unsubscribe, &ticket);
+    int status = mqtt_session_subscribe(session_of(self), &transport, now_ms(), topic, options, id, unsubscribe, &ticket);
     unlock_after_sending(self, status);
     return ticket;
 }
@@ -795,7 +809,10 @@ static mqtt_ticket_t send_subscription(mp_obj_mqtt_client_t *self, mp_obj_t filt
 // waits for it too, and returns the granted QoS. A failure, or a refusal
 // waited for, takes the filter off the table again.
 static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, bool wait, mqtt_ticket_t *ticket, mp_obj_t *filter_out) {
-    enum { ARG_topic, ARG_function, ARG_qos, ARG_no_local, ARG_retain_as_published, ARG_retain_handling };
+    enum {
+        ARG_topic, ARG_function, ARG_qos, ARG_no_local, ARG_retain_as_published, ARG_retain_handling,
+        ARG_subscription_id,
+    };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_topic, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_function, MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
@@ -803,6 +820,7 @@ static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_ma
         { MP_QSTR_no_local, MP_ARG_KW_ONLY | MP_ARG_BOOL, {.u_bool = false} },
         { MP_QSTR_retain_as_published, MP_ARG_KW_ONLY | MP_ARG_BOOL, {.u_bool = false} },
         { MP_QSTR_retain_handling, MP_ARG_KW_ONLY | MP_ARG_INT, {.u_int = 0} },
+        { MP_QSTR_subscription_id, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
     };
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
@@ -822,18 +840,26 @@ static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_ma
     }
     uint8_t options = qos_of(args[ARG_qos].u_obj) | (args[ARG_no_local].u_bool << 2)
         | (args[ARG_retain_as_published].u_bool << 3) | (uint8_t)(retain_handling << 4);
-    if (options > 3 && !speaks_v5(self)) {
-        mp_raise_ValueError(MP_ERROR_TEXT("no_local, retain_as_published and retain_handling need MQTTv5"));
+    mp_obj_t given_id = args[ARG_subscription_id].u_obj;
+    uint32_t id = 0;
+    if (given_id != mp_const_none) {
+        id = non_negative_of(given_id, "subscription_id");
+        if (id == 0 || id > MQTT_SUBSCRIPTION_ID_MAX) {
+            mp_raise_ValueError(MP_ERROR_TEXT("subscription_id must be 1-268435455"));
+        }
+    }
+    if ((options > 3 || id != 0) && !speaks_v5(self)) {
+        mp_raise_ValueError(MP_ERROR_TEXT("no_local, retain_as_published, retain_handling and subscription_id need MQTTv5"));
     }
 
     // The callback is in the table before SUBSCRIBE leaves, so retained
     // messages that follow the SUBACK at once find it.
     mp_obj_t updated;
-    mp_obj_t previous = update_subscriptions(self, filter, function, options, &updated);
+    mp_obj_t previous = update_subscriptions(self, filter, function, kept_options(options, id), &updated);
 
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
-        *ticket = send_subscription(self, filter, options, false);
+        *ticket = send_subscription(self, filter, options, id, false);
         uint8_t code = !wait || in_callback(self) ? 0 : wait_for(self, *ticket);
         // 0x80 in MQTT 3.1.1; any code from 0x80 up in MQTT 5.
         if (code >= MQTT_EXC_SUBSCRIBE_FAILED) {
@@ -851,7 +877,8 @@ static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_ma
 }
 
 // Client.subscribe(topic, function, qos=0, *, no_local=False,
-//                  retain_as_published=False, retain_handling=0)
+//                  retain_as_published=False, retain_handling=0,
+//                  subscription_id=None)
 static mp_obj_t client_subscribe(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
     mqtt_ticket_t ticket;
     mp_obj_t filter;
@@ -864,8 +891,8 @@ static MP_DEFINE_CONST_FUN_OBJ_KW(client_subscribe_obj, 3, client_subscribe);
 static mqtt_ticket_t start_unsubscription(mp_obj_mqtt_client_t *self, mp_obj_t filter) {
     check_topic(filter, true);
     mp_obj_t smaller;
-    update_subscriptions(self, filter, MP_OBJ_NULL, 0, &smaller);
-    return send_subscription(self, filter, 0, true);
+    update_subscriptions(self, filter, MP_OBJ_NULL, MP_OBJ_NEW_SMALL_INT(0), &smaller);
+    return send_subscription(self, filter, 0, 0, true);
 }
 
 // Client.unsubscribe(topic)

@@ -218,13 +218,15 @@ class Client:
         no_local: bool = False,
         retain_as_published: bool = False,
         retain_handling: int = 0,
+        subscription_id: int | None = None,
     ) -> int:
         """Subscribes `function` to the topic filter; returns the QoS the broker
         granted (0 from a message callback, which does not wait for it). The
         keyword options are MQTT 5's: no_local (not the client's own
-        messages), retain_as_published (the retain flag as published) and
+        messages), retain_as_published (the retain flag as published),
         retain_handling (retained messages: 0 on subscribing, 1 only for a
-        new subscription, 2 never)."""
+        new subscription, 2 never) and subscription_id (1-268435455: the
+        subscription then gets only the messages that carry it)."""
 
     def unsubscribe(self, topic: str, /) -> None:
         """Removes the subscription to the topic filter; its function is not
@@ -284,6 +286,7 @@ class Client:
         no_local: bool = False,
         retain_as_published: bool = False,
         retain_handling: int = 0,
+        subscription_id: int | None = None,
     ) -> Awaitable[int]:
         """subscribe() for asyncio; gives the granted QoS. Without a function
         the messages go to messages()."""

@@ -28,7 +28,7 @@ static void parse_publish(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_
 static bool publish_now(mp_obj_mqtt_client_t *self, const outgoing_t *message, mqtt_ticket_t *ticket);
 static uint8_t start_subscription(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args, bool wait, mqtt_ticket_t *ticket, mp_obj_t *filter_out);
 static mqtt_ticket_t start_unsubscription(mp_obj_mqtt_client_t *self, mp_obj_t filter);
-static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, uint8_t options, mp_obj_t *installed);
+static mp_obj_t update_subscriptions(mp_obj_mqtt_client_t *self, mp_obj_t filter, mp_obj_t callback, mp_obj_t options, mp_obj_t *installed);
 static void end_link(mp_obj_mqtt_client_t *self);
 
 // Tasks parked for an answer: one per in-flight slot, and CONNECT's last.
@@ -555,7 +555,7 @@ static mp_obj_t answer_step(mp_obj_awaitable_t *awaitable) {
         // 0x80 in MQTT 3.1.1; any code from 0x80 up in MQTT 5.
         if (awaitable->detail == ANSWER_SUBSCRIBE && code >= MQTT_EXC_SUBSCRIBE_FAILED) {
             mp_obj_t smaller;
-            update_subscriptions(self, awaitable->object, MP_OBJ_NULL, 0, &smaller);
+            update_subscriptions(self, awaitable->object, MP_OBJ_NULL, MP_OBJ_NEW_SMALL_INT(0), &smaller);
             raise_subscription_refused(self, code);
         }
         return mp_make_stop_iteration(awaitable->detail == ANSWER_SUBSCRIBE ? MP_OBJ_NEW_SMALL_INT(code) : mp_const_none);
@@ -978,7 +978,8 @@ static mp_obj_t client_apublish(size_t n_args, const mp_obj_t *pos_args, mp_map_
 }
 static MP_DEFINE_CONST_FUN_OBJ_KW(client_apublish_obj, 2, client_apublish);
 
-// Client.asubscribe(topic, function=None, qos=0) -> awaitable of the granted QoS
+// Client.asubscribe(topic, function=None, qos=0, *, no_local=False, ...) -> awaitable
+// of the granted QoS (the keywords as for subscribe())
 static mp_obj_t client_asubscribe(size_t n_args, const mp_obj_t *pos_args, mp_map_t *kw_args) {
     mp_obj_mqtt_client_t *self = client_of(pos_args[0]);
     aio_of(self);

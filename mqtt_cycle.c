@@ -134,10 +134,36 @@ typedef struct _delivery_t {
 // Puts a message in the queue that messages() empties (mqtt_asyncio.c).
 static void aio_enqueue(mp_obj_mqtt_client_t *self, const delivery_t *message);
 
+// Whether a subscription whose table entry keeps `options` (see
+// kept_options()) takes a message with the property block `properties`:
+// one with a subscription identifier (MQTT 5) takes only the messages
+// that carry it, so that overlapping subscriptions each get their own
+// copy; one without takes every message its filter matches. Never raises.
+static bool subscription_takes(mp_obj_t options, mp_obj_t properties) {
+    if (!mp_obj_is_type(options, &mp_type_tuple)) {
+        return true;
+    }
+    uint32_t id = (uint32_t)mp_obj_get_int_truncated(((mp_obj_tuple_t *)MP_OBJ_TO_PTR(options))->items[1]);
+    mp_buffer_info_t block;
+    if (properties == MP_OBJ_NULL || !mp_get_buffer(properties, &block, MP_BUFFER_READ)) {
+        return false;
+    }
+    mqtt_bytes_t bytes = { .data = block.buf, .len = block.len };
+    size_t offset = 0;
+    mqtt_property_t property;
+    while (mqtt_property_next(bytes, &offset, &property)) {
+        if (property.id == MQTT_PROPERTY_SUBSCRIPTION_ID && property.number == id) {
+            return true;
+        }
+    }
+    return false;
+}
+
 // Calls the callback of every subscription whose filter matches the
-// message's topic, and queues the message for messages() if one without a
-// callback does (or its token, its deferred acknowledgement, says it was
-// meant for the queue). Its flags and properties are what
+// message's topic (see subscription_takes() for those with an MQTT 5
+// subscription identifier), and queues the message for messages() if one
+// without a callback does (or its token, its deferred acknowledgement,
+// says it was meant for the queue). Its flags and properties are what
 // message_flags() and message_properties() give the callbacks. Called
 // without the lock.
 static void deliver(mp_obj_mqtt_client_t *self, const delivery_t *message) {
@@ -156,7 +182,8 @@ static void deliver(mp_obj_mqtt_client_t *self, const delivery_t *message) {
     self->message_properties = message->properties;
     bool queued = token != 0;
     for (size_t i = 0; i + TABLE_ENTRY <= n; i += TABLE_ENTRY) {
-        if (!mqtt_topic_matches(bytes_of_str(items[i], "filter"), topic_bytes)) {
+        if (!mqtt_topic_matches(bytes_of_str(items[i], "filter"), topic_bytes)
+            || !subscription_takes(items[i + 2], message->properties)) {
             continue;
         }
         // An unsubscribe() (maybe by an earlier callback) takes effect at once.

@@ -47,6 +47,11 @@
 #define MQTT_SESSION_ALIGN 8
 
 /**
+ * The largest subscription identifier (MQTT 5).
+ */
+#define MQTT_SUBSCRIPTION_ID_MAX 268435455
+
+/**
  * The properties an incoming message may carry (MQTT 5 identifiers), as
  * `mqtt_property_next` gives them.
  */
@@ -454,11 +459,16 @@ typedef struct {
 typedef struct {
   void *context;
   /**
-   * Sets `*filter` and `*options` (as for `mqtt_session_subscribe`) to
-   * entry `index` of the table, valid until `mqtt_session_resubscribe`
-   * returns; returns false past its end. Must not raise or jump.
+   * Sets `*filter`, `*options` and `*subscription_id` (as for
+   * `mqtt_session_subscribe`) to entry `index` of the table, valid until
+   * `mqtt_session_resubscribe` returns; returns false past its end. Must
+   * not raise or jump.
    */
-  bool (*filter)(void *context, uint16_t index, mqtt_bytes_t *filter, uint8_t *options);
+  bool (*filter)(void *context,
+                 uint16_t index,
+                 mqtt_bytes_t *filter,
+                 uint8_t *options,
+                 uint32_t *subscription_id);
 } mqtt_filters_t;
 
 /**
@@ -575,8 +585,11 @@ mqtt_status_t mqtt_session_resume(mqtt_session_t *session,
 /**
  * Sends SUBSCRIBE (`unsubscribe` false) or UNSUBSCRIBE for one filter.
  * `options` is MQTT 5's subscription options byte: bits 0-1 the QoS, bit
- * 2 No Local, bit 3 Retain As Published, bits 4-5 Retain Handling (an
- * MQTT 3.1.1 session takes a QoS alone).
+ * 2 No Local, bit 3 Retain As Published, bits 4-5 Retain Handling;
+ * `subscription_id` its subscription identifier, 0 for none (an MQTT
+ * 3.1.1 session takes a QoS alone). What the MQTT 5 broker's CONNACK
+ * does not allow (wildcards, shared subscriptions, identifiers) fails
+ * with `MQTT_ERR_BROKER_LIMIT` before anything is sent.
  *
  * # Safety
  * `session` comes from `mqtt_session_init`; the other pointers are valid.
@@ -586,6 +599,7 @@ mqtt_status_t mqtt_session_subscribe(mqtt_session_t *session,
                                      uint32_t now_ms,
                                      mqtt_bytes_t filter,
                                      uint8_t options,
+                                     uint32_t subscription_id,
                                      bool unsubscribe,
                                      mqtt_ticket_t *ticket);
 

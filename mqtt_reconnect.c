@@ -40,7 +40,7 @@ static bool kept_publish(void *context, uint8_t slot, mqtt_bytes_t *topic, mqtt_
 
 // Entry `index` of the subscription table (mqtt_filters_t), for the engine
 // to subscribe again. Never raises.
-static bool table_filter(void *context, uint16_t index, mqtt_bytes_t *filter, uint8_t *options) {
+static bool table_filter(void *context, uint16_t index, mqtt_bytes_t *filter, uint8_t *options, uint32_t *id) {
     mp_obj_mqtt_client_t *self = context;
     size_t n;
     mp_obj_t *items;
@@ -52,7 +52,15 @@ static bool table_filter(void *context, uint16_t index, mqtt_bytes_t *filter, ui
     size_t len;
     const char *data = mp_obj_str_get_data(items[at], &len);
     *filter = (mqtt_bytes_t) { .data = (const uint8_t *)data, .len = len };
-    *options = (uint8_t)MP_OBJ_SMALL_INT_VALUE(items[at + 2]);
+    // kept_options() made it: a small int, or (options, id).
+    mp_obj_t kept = items[at + 2];
+    *id = 0;
+    if (mp_obj_is_type(kept, &mp_type_tuple)) {
+        mp_obj_tuple_t *both = MP_OBJ_TO_PTR(kept);
+        kept = both->items[0];
+        *id = (uint32_t)mp_obj_get_int_truncated(both->items[1]);
+    }
+    *options = (uint8_t)MP_OBJ_SMALL_INT_VALUE(kept);
     return true;
 }
 

@@ -382,11 +382,18 @@ pub struct mqtt_kept_t {
 #[repr(C)]
 pub struct mqtt_filters_t {
     pub context: *mut c_void,
-    /// Sets `*filter` and `*options` (as for `mqtt_session_subscribe`) to
-    /// entry `index` of the table, valid until `mqtt_session_resubscribe`
-    /// returns; returns false past its end. Must not raise or jump.
+    /// Sets `*filter`, `*options` and `*subscription_id` (as for
+    /// `mqtt_session_subscribe`) to entry `index` of the table, valid until
+    /// `mqtt_session_resubscribe` returns; returns false past its end. Must
+    /// not raise or jump.
     pub filter: Option<
-        unsafe extern "C" fn(context: *mut c_void, index: u16, filter: *mut mqtt_bytes_t, options: *mut u8) -> bool,
+        unsafe extern "C" fn(
+            context: *mut c_void,
+            index: u16,
+            filter: *mut mqtt_bytes_t,
+            options: *mut u8,
+            subscription_id: *mut u32,
+        ) -> bool,
     >,
 }
 
@@ -980,8 +987,11 @@ pub unsafe extern "C" fn mqtt_session_resume(
 
 /// Sends SUBSCRIBE (`unsubscribe` false) or UNSUBSCRIBE for one filter.
 /// `options` is MQTT 5's subscription options byte: bits 0-1 the QoS, bit
-/// 2 No Local, bit 3 Retain As Published, bits 4-5 Retain Handling (an
-/// MQTT 3.1.1 session takes a QoS alone).
+/// 2 No Local, bit 3 Retain As Published, bits 4-5 Retain Handling;
+/// `subscription_id` its subscription identifier, 0 for none (an MQTT
+/// 3.1.1 session takes a QoS alone). What the MQTT 5 broker's CONNACK
+/// does not allow (wildcards, shared subscriptions, identifiers) fails
+/// with `MQTT_ERR_BROKER_LIMIT` before anything is sent.
 ///
 /// # Safety
 /// `session` comes from `mqtt_session_init`; the other pointers are valid.
@@ -992,12 +1002,13 @@ pub unsafe extern "C" fn mqtt_session_subscribe(
     now_ms: u32,
     filter: mqtt_bytes_t,
     options: u8,
+    subscription_id: u32,
     unsubscribe: bool,
     ticket: *mut mqtt_ticket_t,
 ) -> mqtt_status_t {
     let run = || -> Result<(), mqtt_status_t> {
         // SAFETY: `session` is null or from `mqtt_session_init`, in no other call now (the caller's promise).
-        let session = unsafe { session_mut(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+        let (session, v5) = unsafe { session_parts(session) }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: `ticket` is null or valid (the caller's promise).
         let ticket = unsafe { ticket.as_mut() }.ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
         // SAFETY: `transport` is null or valid (the caller's promise).
@@ -1007,7 +1018,10 @@ pub unsafe extern "C" fn mqtt_session_subscribe(
         let sent = if unsubscribe {
             session.unsubscribe(&mut io, now_ms, filter)
         } else {
-            let options = SubscriptionOptions::from_byte(options).ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+            let options = SubscriptionOptions::from_byte(options, subscription_id).ok_or(MQTT_ERR_INVALID_ARGUMENT)?;
+            if let Some(v5) = v5 {
+                v5.check_subscribe(filter, &options).map_err(status)?;
+            }
             session.subscribe_with(&mut io, now_ms, filter, options)
         };
         *ticket = ticket_out(sent.map_err(status)?);
@@ -1325,15 +1339,24 @@ impl Filters for FiltersOfCaller<'_> {
             len: 0,
         };
         let mut level = 0u8;
-        // SAFETY: the callback gets the context the caller gave and two
+        let mut subscription_id = 0u32;
+        // SAFETY: the callback gets the context the caller gave and three
         // valid places to write to.
-        if !unsafe { get(self.filters.context, index, &mut filter, &mut level) } {
+        if !unsafe {
+            get(
+                self.filters.context,
+                index,
+                &mut filter,
+                &mut level,
+                &mut subscription_id,
+            )
+        } {
             return None;
         }
         // SAFETY: the caller promises the filter stays valid until
         // `mqtt_session_resubscribe` returns.
         let filter = unsafe { text(filter) }.ok()??;
-        Some((filter, SubscriptionOptions::from_byte(level)?))
+        Some((filter, SubscriptionOptions::from_byte(level, subscription_id)?))
     }
 }
 
@@ -1435,6 +1458,11 @@ pub unsafe extern "C" fn mqtt_session_set_session_expiry(session: *mut mqtt_sess
         v5.session_expiry_s = Some(seconds);
     }
 }
+
+/// The largest subscription identifier (MQTT 5).
+pub const MQTT_SUBSCRIPTION_ID_MAX: u32 = 268_435_455;
+
+const _: () = assert!(MQTT_SUBSCRIPTION_ID_MAX == VARINT_MAX);
 
 /// The properties an incoming message may carry (MQTT 5 identifiers), as
 /// `mqtt_property_next` gives them.

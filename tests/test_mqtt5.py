@@ -320,7 +320,7 @@ def test_subscription_options_need_mqtt5(micropython):
             print(e)
         """
     )
-    need = "no_local, retain_as_published and retain_handling need MQTTv5"
+    need = "no_local, retain_as_published, retain_handling and subscription_id need MQTTv5"
     assert output.strip().splitlines() == [need, need, need, "retain_handling must be 0, 1 or 2"]
 
 
@@ -895,3 +895,68 @@ def test_mqtt311_messages_have_no_properties(broker, micropython):
     output, _ = process.communicate(timeout=30)
     assert output.strip() == "True [None]", output
     peer.close()
+
+
+def test_subscription_identifiers_come_back_with_the_messages(broker, micropython):
+    peer = Peer(broker.port, client_id="id-sender", protocol=5)
+    process = micropython.start(
+        """
+        seen = []
+        def recorder(name):
+            def on_message(client, payload, topic):
+                seen.append((name, topic, client.message_properties().get("subscription_ids")))
+            return on_message
+        c = mqtt.Client("identified", protocol=mqtt.MQTTv5)
+        c.connect(HOST, 30, port=PORT)
+        c.subscribe("ids/a", recorder("a"), subscription_id=7)
+        c.subscribe("ids/+", recorder("plus"), subscription_id=268435455)
+        c.subscribe("ids/#", recorder("hash"))
+        print("subscribed")
+        print(wait_until(lambda: len(seen) >= 8, 10000))
+        time.sleep_ms(300)
+        for entry in sorted(seen, key=repr):
+            print(entry)
+        c.disconnect()
+        """,
+        PORT=broker.port,
+    )
+    expect_line(process, "subscribed")
+    peer.publish("ids/a", b"1", qos=1)
+    peer.publish("ids/b", b"2", qos=1)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    # mosquitto sends a copy per matching subscription, each with its
+    # identifier: a subscription with one gets only its own copy; the one
+    # without (ids/#) gets every copy its filter matches.
+    assert output.strip().splitlines() == [
+        "True",
+        "('a', 'ids/a', [7])",
+        "('hash', 'ids/a', None)",
+        "('hash', 'ids/a', [268435455])",
+        "('hash', 'ids/a', [7])",
+        "('hash', 'ids/b', None)",
+        "('hash', 'ids/b', [268435455])",
+        "('plus', 'ids/a', [268435455])",
+        "('plus', 'ids/b', [268435455])",
+    ], output
+    peer.close()
+
+
+def test_subscription_identifiers_are_checked(micropython, broker):
+    output = micropython.run(
+        """
+        old = mqtt.Client("old-ids")
+        new = mqtt.Client("new-ids", protocol=mqtt.MQTTv5)
+        new.connect(HOST, 30, port=PORT)
+        for client, value in ((old, 1), (new, 0), (new, 268435456), (new, -1), (new, "1")):
+            try:
+                client.subscribe("x", print, subscription_id=value)
+                print("accepted: WRONG")
+            except (TypeError, ValueError) as e:
+                print(type(e).__name__)
+        print(new.subscribe("x", print, subscription_id=1), new.connected())
+        new.disconnect()
+        """,
+        PORT=broker.port,
+    )
+    assert output.strip().splitlines() == ["ValueError", "ValueError", "ValueError", "ValueError", "TypeError", "0 True"]

@@ -294,7 +294,8 @@ pub fn publish_size(publish: &Publish<'_>, properties: &MessageProperties<'_>) -
     (remaining <= p::VARINT_MAX).then(|| remaining.saturating_add(1).saturating_add(p::varint_len(remaining)))
 }
 
-/// A subscription's options byte (MQTT 5, section 3.8.3.1).
+/// A subscription's options byte (MQTT 5, section 3.8.3.1), and its
+/// subscription identifier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SubscriptionOptions {
     pub qos: QoS,
@@ -305,6 +306,9 @@ pub struct SubscriptionOptions {
     /// 0: send retained messages on subscribing; 1: only if the
     /// subscription is new; 2: never.
     pub retain_handling: u8,
+    /// Given back with every message the subscription brings (1 to
+    /// 268,435,455; 0: none).
+    pub subscription_id: u32,
 }
 
 impl SubscriptionOptions {
@@ -315,14 +319,16 @@ impl SubscriptionOptions {
             no_local: false,
             retain_as_published: false,
             retain_handling: 0,
+            subscription_id: 0,
         }
     }
 
-    /// The options an options byte gives, or `None` when it sets a
-    /// reserved bit, QoS 3 or retain handling 3.
-    pub fn from_byte(byte: u8) -> Option<Self> {
+    /// The options an options byte gives, with `subscription_id`, or
+    /// `None` when it sets a reserved bit, QoS 3 or retain handling 3, or
+    /// the identifier is out of range.
+    pub fn from_byte(byte: u8, subscription_id: u32) -> Option<Self> {
         let retain_handling = (byte >> 4) & 0b11;
-        if byte & 0xc0 != 0 || retain_handling == 3 {
+        if byte & 0xc0 != 0 || retain_handling == 3 || subscription_id > p::VARINT_MAX {
             return None;
         }
         Some(SubscriptionOptions {
@@ -330,6 +336,7 @@ impl SubscriptionOptions {
             no_local: byte & 0x04 != 0,
             retain_as_published: byte & 0x08 != 0,
             retain_handling,
+            subscription_id,
         })
     }
 
@@ -351,18 +358,18 @@ impl SubscriptionOptions {
     }
 }
 
-/// Writes a SUBSCRIBE for one filter: in MQTT 5 (`subscription_id`
-/// given) with a property block, holding the identifier unless it is 0;
-/// in MQTT 3.1.1 without, and only the options' QoS.
+/// Writes a SUBSCRIBE for one filter: in MQTT 5 (`v5`) with a property
+/// block, holding the options' subscription identifier unless it is 0; in
+/// MQTT 3.1.1 without, and only the options' QoS.
 pub fn write_subscribe<W: Write>(
     io: &mut W,
     packet_id: u16,
     filter: &str,
     options: &SubscriptionOptions,
-    subscription_id: Option<u32>,
+    v5: bool,
 ) -> Result<(), EncodeError<W::Error>> {
     // Without MQTT 5 in the engine, only the 3.1.1 form is kept.
-    let subscription_id = subscription_id.filter(|_| cfg!(feature = "mqtt5"));
+    let subscription_id = (v5 && cfg!(feature = "mqtt5")).then_some(options.subscription_id);
     let properties_len = match subscription_id {
         None | Some(0) => 0,
         Some(id) => p::varint_len(id).saturating_add(1),
@@ -592,8 +599,9 @@ mod tests {
             no_local: true,
             retain_as_published: true,
             retain_handling: 2,
+            subscription_id: 200,
         };
-        let bytes = written(|io| write_subscribe(io, 9, "a/+", &options, Some(200)).unwrap());
+        let bytes = written(|io| write_subscribe(io, 9, "a/+", &options, true).unwrap());
         assert_eq!(
             bytes,
             [
@@ -613,14 +621,9 @@ mod tests {
                 0x2e
             ]
         );
-        let plain = SubscriptionOptions {
-            qos: QoS::AtMostOnce,
-            no_local: false,
-            retain_as_published: false,
-            retain_handling: 0,
-        };
+        let plain = SubscriptionOptions::qos(QoS::AtMostOnce);
         assert_eq!(
-            written(|io| write_subscribe(io, 1, "x", &plain, Some(0)).unwrap()),
+            written(|io| write_subscribe(io, 1, "x", &plain, true).unwrap()),
             [0x82, 7, 0, 1, 0, 0, 1, b'x', 0]
         );
     }

@@ -224,7 +224,7 @@ impl Session {
         filter: &str,
         options: SubscriptionOptions,
     ) -> Result<(), codec::EncodeError<W::Error>> {
-        codec::v5::write_subscribe(io, packet_id, filter, &options, self.is_v5().then_some(0))
+        codec::v5::write_subscribe(io, packet_id, filter, &options, self.is_v5())
     }
 
     /// Writes a PUBLISH in the session's protocol (MQTT 3.1.1 leaves

@@ -14,7 +14,7 @@ use super::read_ahead::Reading;
 use super::receive::{Copying, SMALL_BODY_MAX};
 use super::{Error, Event, Link, Message, Session};
 use crate::codec::properties::{Property, PropertyReader, ReadError, allowed, id};
-use crate::codec::v5::ConnectProperties;
+use crate::codec::v5::{ConnectProperties, SubscriptionOptions};
 use crate::codec::{self, DecodeError, Packet, PacketType, Publish, QoS, SUBACK_FAILURE};
 
 /// Bytes of a reason string kept (cut at a character boundary).
@@ -105,6 +105,18 @@ impl V5 {
     /// (empty when it assigned none).
     pub fn assigned_client_id(&self) -> &str {
         codec::utf8(self.assigned_id.get(..usize::from(self.assigned_id_len)).unwrap_or(&[])).unwrap_or("")
+    }
+
+    /// Checks a subscription against what the broker's CONNACK allows:
+    /// wildcards, shared subscriptions, subscription identifiers
+    /// ([`Error::BrokerLimit`]). Nothing is sent.
+    pub fn check_subscribe(&self, filter: &str, options: &SubscriptionOptions) -> Result<(), Error> {
+        let server = &self.server;
+        let wildcard = filter.bytes().any(|byte| byte == b'+' || byte == b'#');
+        let refused = (wildcard && !server.wildcards_available)
+            || (filter.starts_with("$share/") && !server.shared_available)
+            || (options.subscription_id != 0 && !server.subscription_ids_available);
+        if refused { Err(Error::BrokerLimit) } else { Ok(()) }
     }
 }
 
@@ -689,7 +701,7 @@ mod tests {
         use crate::codec::v5::SubscriptionOptions;
         let (mut session, _, mut pipe) = connected_v5(&[]);
         // QoS 1, No Local, Retain As Published, Retain Handling 2.
-        let options = SubscriptionOptions::from_byte(0x2d).unwrap();
+        let options = SubscriptionOptions::from_byte(0x2d, 0).unwrap();
         assert_eq!(
             (
                 options.qos,
@@ -702,10 +714,13 @@ mod tests {
         assert_eq!(options.byte(), 0x2d);
         let ticket = session.subscribe_with(&mut pipe, 2, "a", options).unwrap();
         assert_eq!(pipe.outbound, [0x82, 7, 0, ticket.packet_id as u8, 0, 0, 1, b'a', 0x2d]);
-        // Reserved bits, QoS 3 and retain handling 3 are no options.
+        // Reserved bits, QoS 3 and retain handling 3 are no options; nor is
+        // an identifier beyond the largest variable byte integer.
         for byte in [0x40, 0x80, 0x03, 0x30] {
-            assert_eq!(SubscriptionOptions::from_byte(byte), None, "{byte:#x}");
+            assert_eq!(SubscriptionOptions::from_byte(byte, 0), None, "{byte:#x}");
         }
+        assert!(SubscriptionOptions::from_byte(0, 268_435_455).is_some());
+        assert_eq!(SubscriptionOptions::from_byte(0, 268_435_456), None);
         // A 3.1.1 session takes a QoS alone.
         let (mut session, mut pipe) = connected(0);
         assert_eq!(
@@ -726,7 +741,7 @@ mod tests {
         struct One;
         impl Filters for One {
             fn filter(&mut self, index: u16) -> Option<(&str, SubscriptionOptions)> {
-                (index == 0).then(|| ("r", SubscriptionOptions::from_byte(0x25).unwrap()))
+                (index == 0).then(|| ("r", SubscriptionOptions::from_byte(0x25, 300).unwrap()))
             }
         }
         let (mut session, mut v5, mut pipe) = v5_session();
@@ -738,8 +753,36 @@ mod tests {
         session.receive_v5(&mut pipe, 1, &mut v5).unwrap();
         pipe.outbound.clear();
         session.resubscribe(&mut pipe, 2, &mut One).unwrap();
-        // QoS 1, No Local, Retain Handling 2: the options byte 0x25.
-        assert_eq!(pipe.outbound, [0x82, 7, 0, 1, 0, 0, 1, b'r', 0x25]);
+        // Subscription identifier 300, then QoS 1, No Local, Retain
+        // Handling 2: the options byte 0x25.
+        #[rustfmt::skip]
+        let expected = [0x82, 10, 0, 1, 3, id::SUBSCRIPTION_ID, 0xac, 0x02, 0, 1, b'r', 0x25];
+        assert_eq!(pipe.outbound, expected);
+    }
+
+    #[test]
+    fn subscriptions_stay_within_what_the_broker_allows() {
+        use crate::codec::v5::SubscriptionOptions;
+        let with_id = SubscriptionOptions {
+            subscription_id: 5,
+            ..SubscriptionOptions::qos(QoS::AtMostOnce)
+        };
+        let plain = SubscriptionOptions::qos(QoS::AtMostOnce);
+        let (_, v5, _) = connected_v5(&[]);
+        for filter in ["a/+", "a/#", "$share/g/a"] {
+            assert_eq!(v5.check_subscribe(filter, &with_id), Ok(()));
+        }
+        #[rustfmt::skip]
+        let refusals = [id::WILDCARD_AVAILABLE, 0, id::SUBSCRIPTION_ID_AVAILABLE, 0, id::SHARED_AVAILABLE, 0];
+        let (_, v5, _) = connected_v5(&refusals);
+        assert_eq!(v5.check_subscribe("a/b", &plain), Ok(()));
+        for (filter, options) in [("a/+", plain), ("#", plain), ("$share/g/a", plain), ("a", with_id)] {
+            assert_eq!(
+                v5.check_subscribe(filter, &options),
+                Err(Error::BrokerLimit),
+                "{filter}"
+            );
+        }
     }
 
     #[test]
