@@ -41,6 +41,9 @@ rust_components=(clippy rustfmt)
 rust_targets=(thumbv6m-none-eabi thumbv8m.main-none-eabi
     riscv32imc-unknown-none-elf riscv32imac-unknown-none-elf)
 cargo_fuzz_version=0.13.2
+# The tests' second MQTT 5 broker (tests/rumqttd.py). Not --locked: the
+# lock file it ships pins a crate today's compiler refuses.
+rumqttd_version=0.20.0
 
 case $profile in
     demo) debian_groups=(firmware_packages broker_packages) ;;
@@ -153,5 +156,10 @@ if [[ $profile == tests ]]; then
     if ! cargo fuzz --version >/dev/null 2>&1; then
         say "installing cargo-fuzz $cargo_fuzz_version (the engine's fuzz targets); this takes a minute"
         quietly cargo install --locked "cargo-fuzz@$cargo_fuzz_version"
+    fi
+    rumqttd="${CARGO_HOME:-$HOME/.cargo}/bin/rumqttd"
+    if [[ $("$rumqttd" --version 2>/dev/null) != "rumqttd $rumqttd_version" ]]; then
+        say "installing rumqttd $rumqttd_version (the tests' second MQTT 5 broker); this takes a few minutes"
+        quietly cargo install --force "rumqttd@$rumqttd_version"
     fi
 fi

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from broker import HOST, Broker, free_port  # noqa: E402 (found through the path above)
 from certificates import Certificates  # noqa: E402
 from proxy import Proxy  # noqa: E402
+from rumqttd import Rumqttd  # noqa: E402
 
 # MicroPython modules the scripts may import (a stream written in Python,
 # the TLS context): copied beside each script.
@@ -89,6 +90,14 @@ def persistent_broker(tmp_path):
     server = Broker(tmp_path, settings=f"allow_anonymous true\npersistence true\npersistence_location {store}/\n")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def rumqttd(tmp_path):
+    """The second MQTT 5 broker (see rumqttd.py)."""
+    second = Rumqttd(tmp_path)
+    yield second
+    second.stop()
 
 
 @pytest.fixture
