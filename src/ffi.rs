@@ -255,6 +255,10 @@ impl mqtt_user_properties_t {
     /// # Safety
     /// The pairs' byte strings are valid (the promise above).
     unsafe fn checked(&self) -> Result<Option<&dyn UserProperties>, mqtt_status_t> {
+        // An engine without MQTT 5 writes no properties.
+        if !cfg!(feature = "mqtt5") {
+            return Ok(None);
+        }
         let mut any = false;
         for index in 0.. {
             let Some((name, value)) = self.raw_pair(index) else {
@@ -594,7 +598,9 @@ unsafe fn message_properties<'a>(
     properties: *const mqtt_message_properties_t,
 ) -> Result<MessageProperties<'a>, mqtt_status_t> {
     // SAFETY: as the caller promises.
-    let Some(given) = (unsafe { properties.as_ref() }) else {
+    let given = unsafe { properties.as_ref() };
+    // An engine without MQTT 5 writes no properties: none are read.
+    let Some(given) = given.filter(|_| cfg!(feature = "mqtt5")) else {
         return Ok(MessageProperties::default());
     };
     if given.payload_format > 1 {
@@ -1509,7 +1515,9 @@ pub unsafe extern "C" fn mqtt_property_next(
     property: *mut mqtt_property_t,
 ) -> bool {
     // SAFETY: valid bytes (the caller's promise).
-    let Some(block) = (unsafe { slice(block) }) else {
+    let block = unsafe { slice(block) };
+    // An engine without MQTT 5 keeps no property block.
+    let Some(block) = block.filter(|_| cfg!(feature = "mqtt5")) else {
         return false;
     };
     // SAFETY: null or valid (the caller's promise).
