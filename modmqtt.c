@@ -75,13 +75,18 @@ static void check_topic(mp_obj_t topic, bool filter) {
 }
 
 // Sets an optional setting (may raise MemoryError on the first one).
+// Sets an option; an MQTT 3.1.1 client takes None alone for MQTT 5's.
 static void set_option(mp_obj_mqtt_client_t *self, size_t which, mp_obj_t value) {
+    size_t count = options_count(self);
+    if (which >= count) {
+        return;
+    }
     if (self->options == NULL) {
         if (value == mp_const_none) {
             return;
         }
-        mp_obj_t *options = m_new(mp_obj_t, OPTION_COUNT);
-        for (size_t i = 0; i < OPTION_COUNT; i++) {
+        mp_obj_t *options = m_new(mp_obj_t, count);
+        for (size_t i = 0; i < count; i++) {
             options[i] = mp_const_none;
         }
         self->options = options;
@@ -691,11 +696,14 @@ static bool publish_now(mp_obj_mqtt_client_t *self, const outgoing_t *message, m
         mp_obj_t with_properties[2] = { message->topic, message->properties };
         kept_topic = qos > 0 ? mp_obj_new_tuple(2, with_properties) : mp_const_none;
     }
+    // MQTT 5: the topic may go by a topic alias (mqtt_properties.c).
+    alias_context_t alias_context = { .client = self, .topic = message->topic };
+    mqtt_aliases_t aliases = { .context = &alias_context, .stands_for = alias_stands_for, .set = alias_set };
     client_lock(self);
     mqtt_transport_t transport = transport_of(self);
     // Without a link the engine answers MQTT_ERR_NOT_CONNECTED.
     int status = mqtt_session_publish(session_of(self), &transport, now_ms(), topic_bytes, payload_bytes, qos,
-        message->retain, has_properties ? &properties : NULL, ticket);
+        message->retain, has_properties ? &properties : NULL, speaks_v5(self) ? &aliases : NULL, ticket);
     if (status == MQTT_OK && qos > 0) {
         self->held[2 * ticket->slot] = kept_topic;
         self->held[2 * ticket->slot + 1] = message->payload;

@@ -209,28 +209,41 @@ typedef struct _outgoing_t {
     mp_obj_t properties;
 } outgoing_t;
 
-// The optional settings a client keeps for reconnect().
+// The optional settings a client keeps for reconnect(), and what it keeps
+// of MQTT 5: only an MQTT 5 client's array has room for the options from
+// OPTION_COUNT_V311 on (see options_count()).
 enum {
     OPTION_SSL_CTX,
     OPTION_USERNAME,
     OPTION_PASSWORD,
     OPTION_WILL_TOPIC,
     OPTION_WILL_PAYLOAD,
-    // MQTT 5: the will's properties (see kept_properties()), or None.
-    OPTION_WILL_PROPERTIES,
-    // MQTT 5: CONNECT's user properties (see user_pairs_of()), or None.
-    OPTION_USER_PROPERTIES,
     OPTION_BRECONNECT_CB,
     OPTION_ACONNECT_CB,
     // A stream the application connected itself (connect(stream=...)).
     OPTION_STREAM,
     // What is told of a message that could not be taken (connect(on_drop=...)).
     OPTION_ON_DROP,
+    OPTION_COUNT_V311,
+    // MQTT 5: the will's properties (see kept_properties()), or None.
+    OPTION_WILL_PROPERTIES = OPTION_COUNT_V311,
+    // MQTT 5: CONNECT's user properties (see user_pairs_of()), or None.
+    OPTION_USER_PROPERTIES,
+    // MQTT 5: the topics of the topic aliases set on the link, a tuple of
+    // MQTT_TOPIC_ALIAS_MAX (see alias_topics()), made when first needed.
+    OPTION_TOPIC_ALIASES,
     OPTION_COUNT,
 };
 
+static bool speaks_v5(mp_obj_mqtt_client_t *self);
+
+// How many options the client's array holds (see OPTION_COUNT_V311).
+static size_t options_count(mp_obj_mqtt_client_t *self) {
+    return speaks_v5(self) ? OPTION_COUNT : OPTION_COUNT_V311;
+}
+
 static mp_obj_t option(mp_obj_mqtt_client_t *self, size_t which) {
-    return self->options == NULL ? mp_const_none : self->options[which];
+    return self->options == NULL || which >= options_count(self) ? mp_const_none : self->options[which];
 }
 
 static uint32_t now_ms(void) {

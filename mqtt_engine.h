@@ -11,9 +11,20 @@
 #include <stdlib.h>
 
 /**
+ * The most topic aliases a client sets towards the broker: the caller
+ * keeps a topic for each ([`AliasTopics`]).
+ */
+#define TOPIC_ALIAS_MAX 8
+
+/**
  * The in-flight table's size: tickets' slots are below this.
  */
 #define MQTT_INFLIGHT_MAX 8
+
+/**
+ * The most topic aliases the engine sets towards a broker.
+ */
+#define MQTT_TOPIC_ALIAS_MAX 8
 
 /**
  * Why the link is down, for `mqtt_session_next_attempt`: lost,
@@ -373,6 +384,24 @@ typedef struct {
 } mqtt_ticket_t;
 
 /**
+ * The topics the caller keeps for the topic aliases the engine sets
+ * towards the broker (MQTT 5; see `AliasTopics`): aliases 1 to
+ * `MQTT_TOPIC_ALIAS_MAX`. No callback may raise or jump.
+ */
+typedef struct {
+  void *context;
+  /**
+   * Whether alias `alias` stands for `topic`.
+   */
+  bool (*stands_for)(void *context, uint16_t alias, mqtt_bytes_t topic);
+  /**
+   * Keeps `topic` (the publish's being sent) for alias `alias`, in place
+   * of what it stood for; false when it cannot.
+   */
+  bool (*set)(void *context, uint16_t alias, mqtt_bytes_t topic);
+} mqtt_aliases_t;
+
+/**
  * What the caller kept of its in-flight publishes (see `Kept`).
  */
 typedef struct {
@@ -567,6 +596,7 @@ mqtt_status_t mqtt_session_publish(mqtt_session_t *session,
                                    uint8_t qos_level,
                                    bool retain,
                                    const mqtt_message_properties_t *properties,
+                                   const mqtt_aliases_t *aliases,
                                    mqtt_ticket_t *ticket);
 
 /**

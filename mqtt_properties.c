@@ -179,3 +179,64 @@ static mp_obj_t properties_dict(mp_obj_t block) {
     }
     return dict;
 }
+
+// ---------------------------------------------------------------------------
+// Topic aliases towards the broker: the engine sets them and says when a
+// topic goes by one; the client keeps the topic each stands for.
+
+// The topics of the topic aliases set on the link: a tuple of
+// MQTT_TOPIC_ALIAS_MAX topic str (None where unset), made when first
+// needed; MP_OBJ_NULL when there is no memory for it. Never raises.
+static mp_obj_t alias_topics(mp_obj_mqtt_client_t *self) {
+    mp_obj_t topics = option(self, OPTION_TOPIC_ALIASES);
+    if (topics != mp_const_none) {
+        return topics;
+    }
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) != 0) {
+        return MP_OBJ_NULL;
+    }
+    topics = mp_obj_new_tuple(MQTT_TOPIC_ALIAS_MAX, NULL);
+    mp_obj_tuple_t *tuple = MP_OBJ_TO_PTR(topics);
+    for (size_t i = 0; i < MQTT_TOPIC_ALIAS_MAX; i++) {
+        tuple->items[i] = mp_const_none;
+    }
+    set_option(self, OPTION_TOPIC_ALIASES, topics);
+    nlr_pop();
+    return topics;
+}
+
+// What the engine's alias callbacks (mqtt_aliases_t) get: the client and
+// the topic str of the publish being sent.
+typedef struct _alias_context_t {
+    mp_obj_mqtt_client_t *client;
+    mp_obj_t topic;
+} alias_context_t;
+
+static bool alias_stands_for(void *context, uint16_t alias, mqtt_bytes_t topic) {
+    alias_context_t *publish = context;
+    mp_obj_t topics = option(publish->client, OPTION_TOPIC_ALIASES);
+    if (topics == mp_const_none || alias == 0 || alias > MQTT_TOPIC_ALIAS_MAX) {
+        return false;
+    }
+    mp_obj_t kept = ((mp_obj_tuple_t *)MP_OBJ_TO_PTR(topics))->items[alias - 1];
+    if (kept == mp_const_none) {
+        return false;
+    }
+    size_t len;
+    const char *data = mp_obj_str_get_data(kept, &len);
+    return len == topic.len && memcmp(data, topic.data, len) == 0;
+}
+
+// Keeps the publish's topic str (the bytes the engine gives are its own)
+// for `alias`.
+static bool alias_set(void *context, uint16_t alias, mqtt_bytes_t topic) {
+    (void)topic;
+    alias_context_t *publish = context;
+    mp_obj_t topics = alias_topics(publish->client);
+    if (topics == MP_OBJ_NULL || alias == 0 || alias > MQTT_TOPIC_ALIAS_MAX) {
+        return false;
+    }
+    ((mp_obj_tuple_t *)MP_OBJ_TO_PTR(topics))->items[alias - 1] = publish->topic;
+    return true;
+}

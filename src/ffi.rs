@@ -17,8 +17,8 @@ use crate::codec::properties::{KeptProperty, VARINT_MAX, id, kept_property, vari
 use crate::codec::v5::{ConnectProperties, MessageProperties, SubscriptionOptions, UserProperties};
 use crate::codec::{Connect, DecodeError, QoS, Will};
 use crate::session::{
-    Config, Deferred, Error, Failure, Filters, INBOUND_QOS2_MAX, Kept, Message, MessageSink, Outcome, Session, Ticket,
-    V5, Verdict,
+    AliasTopics, Config, Deferred, Error, Failure, Filters, INBOUND_QOS2_MAX, Kept, Message, MessageSink, Outcome,
+    Session, TOPIC_ALIAS_MAX, Ticket, V5, Verdict,
 };
 
 /// What a call did: `MQTT_OK`, or why it failed.
@@ -362,6 +362,44 @@ pub struct mqtt_sink_t {
     /// An outbound QoS 1/2 publish in `slot` is acknowledged end to end.
     pub completed: Option<unsafe extern "C" fn(context: *mut c_void, slot: u8)>,
 }
+
+/// The topics the caller keeps for the topic aliases the engine sets
+/// towards the broker (MQTT 5; see `AliasTopics`): aliases 1 to
+/// `MQTT_TOPIC_ALIAS_MAX`. No callback may raise or jump.
+#[repr(C)]
+pub struct mqtt_aliases_t {
+    pub context: *mut c_void,
+    /// Whether alias `alias` stands for `topic`.
+    pub stands_for: Option<unsafe extern "C" fn(context: *mut c_void, alias: u16, topic: mqtt_bytes_t) -> bool>,
+    /// Keeps `topic` (the publish's being sent) for alias `alias`, in place
+    /// of what it stood for; false when it cannot.
+    pub set: Option<unsafe extern "C" fn(context: *mut c_void, alias: u16, topic: mqtt_bytes_t) -> bool>,
+}
+
+/// The caller's alias topics as the session sees them.
+struct AliasesOfCaller<'a>(&'a mqtt_aliases_t);
+
+impl AliasTopics for AliasesOfCaller<'_> {
+    fn stands_for(&mut self, alias: u16, topic: &str) -> bool {
+        // SAFETY: the callback gets the context the caller gave and the
+        // topic, valid for the call.
+        self.0
+            .stands_for
+            .is_some_and(|stands_for| unsafe { stands_for(self.0.context, alias, mqtt_bytes_t::of(topic)) })
+    }
+
+    fn set(&mut self, alias: u16, topic: &str) -> bool {
+        // SAFETY: as above.
+        self.0
+            .set
+            .is_some_and(|set| unsafe { set(self.0.context, alias, mqtt_bytes_t::of(topic)) })
+    }
+}
+
+/// The most topic aliases the engine sets towards a broker.
+pub const MQTT_TOPIC_ALIAS_MAX: u16 = 8;
+
+const _: () = assert!(MQTT_TOPIC_ALIAS_MAX == TOPIC_ALIAS_MAX);
 
 /// What the caller kept of its in-flight publishes (see `Kept`).
 #[repr(C)]
@@ -885,6 +923,7 @@ pub unsafe extern "C" fn mqtt_session_publish(
     qos_level: u8,
     retain: bool,
     properties: *const mqtt_message_properties_t,
+    aliases: *const mqtt_aliases_t,
     ticket: *mut mqtt_ticket_t,
 ) -> mqtt_status_t {
     let run = || -> Result<(), mqtt_status_t> {
@@ -904,13 +943,19 @@ pub unsafe extern "C" fn mqtt_session_publish(
             // SAFETY: null or valid, with valid byte strings (the caller's promise).
             properties: unsafe { message_properties(properties) }?,
         };
-        if let Some(v5) = v5 {
+        if let Some(v5) = v5.as_deref() {
             session
                 .check_publish_v5(v5, &message, qos(qos_level)?, retain)
                 .map_err(status)?;
         }
+        // SAFETY: null or valid (the caller's promise).
+        let mut topics = unsafe { aliases.as_ref() }.map(AliasesOfCaller);
+        let aliases = match (v5, topics.as_mut()) {
+            (Some(v5), Some(topics)) => Some((v5, topics as &mut dyn AliasTopics)),
+            _ => None,
+        };
         let sent = session
-            .publish_message(&mut io, now_ms, &message, qos(qos_level)?, retain)
+            .publish_aliased(&mut io, now_ms, &message, qos(qos_level)?, retain, aliases)
             .map_err(status)?;
         *ticket = sent.map(ticket_out).unwrap_or(mqtt_ticket_t { slot: 0, packet_id: 0 });
         Ok(())

@@ -960,3 +960,74 @@ def test_subscription_identifiers_are_checked(micropython, broker):
         PORT=broker.port,
     )
     assert output.strip().splitlines() == ["ValueError", "ValueError", "ValueError", "ValueError", "TypeError", "0 True"]
+
+
+def test_a_repeated_topic_goes_by_its_alias(micropython):
+    """The broker takes two topic aliases (CONNACK): the client sets one
+    with a topic's first publish and then sends the alias alone."""
+    seen = []
+
+    def script(connection):
+        assert connection.read().kind == CONNECT
+        connection.send(bytes([0x20, 6, 0, 0, 3, 0x22, 0, 2]))
+        while True:
+            try:
+                packet = connection.read()
+            except EOFError:
+                return
+            seen.append(packet)
+            if packet.kind == 3 and packet.qos == 1:
+                connection.ack(4, packet.publish_fields()[1])
+
+    scripted = ScriptedBroker([script])
+    try:
+        micropython.run(
+            """
+            c = mqtt.Client("aliased", protocol=mqtt.MQTTv5)
+            c.connect(HOST, 30, port=PORT)
+            for topic in ("sensors/kitchen/temperature", "sensors/kitchen/temperature", "other"):
+                c.publish(topic, b"21", qos=1)
+            c.publish("sensors/kitchen/temperature", b"22")
+            c.disconnect()
+            """,
+            PORT=scripted.port,
+        )
+    finally:
+        scripted.close()
+    assert scripted.errors == []
+    publishes = [packet for packet in seen if packet.kind == 3]
+    named = []
+    for packet in publishes:
+        topic_len = int.from_bytes(packet.body[:2], "big")
+        start = 2 + topic_len + (2 if packet.qos else 0)
+        properties, _ = Properties(PacketTypes.PUBLISH).unpack(packet.body[start:])
+        named.append((packet.body[2 : 2 + topic_len].decode(), properties.TopicAlias))
+    assert named == [
+        ("sensors/kitchen/temperature", 1),
+        ("", 1),
+        ("other", 2),
+        ("", 1),
+    ]
+
+
+def test_messages_by_alias_reach_the_peer_under_their_topics(broker, micropython):
+    peer = Peer(broker.port, client_id="alias-watcher", protocol=5)
+    peer.subscribe("aliases/#", qos=1)
+    micropython.run(
+        """
+        c = mqtt.Client("alias-sender", protocol=mqtt.MQTTv5)
+        c.connect(HOST, 30, port=PORT)
+        # mosquitto takes 10 aliases; the client sets 8 at most, then sets
+        # them again in turn.
+        for round in range(2):
+            for n in range(10):
+                c.publish("aliases/topic/number/%d" % n, b"%d-%d" % (round, n), qos=n % 3)
+        c.disconnect()
+        """,
+        PORT=broker.port,
+    )
+    messages = peer.wait_for(20)
+    assert sorted((m.topic, m.payload) for m in messages) == sorted(
+        (f"aliases/topic/number/{n}", f"{r}-{n}".encode()) for r in range(2) for n in range(10)
+    )
+    peer.close()

@@ -18,7 +18,8 @@ use mqtt_engine::codec::properties::kept_property;
 use mqtt_engine::codec::v5::{ConnectProperties, MessageProperties, SubscriptionOptions};
 use mqtt_engine::codec::{self, Connect, FixedHeader, Packet, PacketType, QoS, Will};
 use mqtt_engine::session::{
-    Config, Event, Failure, Filters, Kept, Message, MessageSink, Outcome, Session, Ticket, V5,
+    AliasTopics, Config, Event, Failure, Filters, Kept, Message, MessageSink, Outcome, Session, TOPIC_ALIAS_MAX,
+    Ticket, V5,
 };
 
 const MAX_PACKET: u32 = 4096;
@@ -170,6 +171,23 @@ impl Kept for KeptSlots {
     }
 }
 
+/// The topics of the topic aliases the session set, as the binding keeps them.
+#[derive(Default)]
+struct AliasTopicsKept(Vec<(u16, String)>);
+
+impl AliasTopics for AliasTopicsKept {
+    fn stands_for(&mut self, alias: u16, topic: &str) -> bool {
+        self.0.iter().any(|(kept, text)| *kept == alias && text == topic)
+    }
+
+    fn set(&mut self, alias: u16, topic: &str) -> bool {
+        assert!((1..=TOPIC_ALIAS_MAX).contains(&alias), "alias {alias}");
+        self.0.retain(|(kept, _)| *kept != alias);
+        self.0.push((alias, topic.to_string()));
+        true
+    }
+}
+
 /// A subscription table of this many entries.
 struct Table(u8);
 
@@ -243,6 +261,7 @@ fuzz_target!(|input: Input| {
             topic_alias_maximum: 0,
         })
     });
+    let mut alias_topics = AliasTopicsKept::default();
     let mut link = Link { inbound: VecDeque::new(), outbound: Vec::new(), chunk: usize::from(input.chunk.max(1)) };
     let mut now: u32 = 0;
     for step in input.steps {
@@ -313,7 +332,9 @@ fuzz_target!(|input: Input| {
                     None => true,
                 };
                 if allowed {
-                    let _ = session.publish(&mut link, now, &topic, &payload, qos(level), retain);
+                    let message = Message { topic: &topic, payload: &payload, ..Message::default() };
+                    let aliases = v5.as_mut().map(|v5| (v5, &mut alias_topics as &mut dyn AliasTopics));
+                    let _ = session.publish_aliased(&mut link, now, &message, qos(level), retain, aliases);
                 }
             }
             Step::Subscribe { filter, qos: level } => {

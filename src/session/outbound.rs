@@ -4,7 +4,7 @@
 
 use embedded_io::Write;
 
-use super::{CONNECT_SLOT, CommandState, Error, Link, Session, Ticket, elapsed};
+use super::{AliasTopics, CONNECT_SLOT, CommandState, Error, Link, Session, Ticket, TopicName, V5, elapsed};
 use crate::codec::v5::{MessageProperties, SubscriptionOptions};
 use crate::codec::{self, PacketType, Publish, QoS};
 use crate::topic;
@@ -185,6 +185,22 @@ impl Session {
         qos: QoS,
         retain: bool,
     ) -> Result<Option<Ticket>, Error> {
+        self.publish_aliased(io, now, message, qos, retain, None)
+    }
+
+    /// As [`Session::publish_message`]; in MQTT 5, with `aliases` (the
+    /// session's V5 state and the topics the caller keeps for them), the
+    /// topic goes by a topic alias when the broker takes them (see
+    /// [`V5::topic_name`]).
+    pub fn publish_aliased<W: Write>(
+        &mut self,
+        io: &mut W,
+        now: u32,
+        message: &Message<'_>,
+        qos: QoS,
+        retain: bool,
+        aliases: Option<(&mut V5, &mut dyn AliasTopics)>,
+    ) -> Result<Option<Ticket>, Error> {
         topic::check_name(message.topic.as_bytes())?;
         if self.is_v5() {
             check_properties(message)?;
@@ -197,19 +213,40 @@ impl Session {
             QoS::AtLeastOnce => Some(self.start_command(now, Stage::AwaitPubAck { retain })?),
             QoS::ExactlyOnce => Some(self.start_command(now, Stage::AwaitPubRec { retain })?),
         };
+        // Chosen last: an alias the session takes is set by this packet.
+        let mut aliases = aliases.filter(|_| self.is_v5());
+        let name = match aliases.as_mut() {
+            Some((v5, topics)) => v5.topic_name(message.topic, *topics),
+            None => TopicName::Topic,
+        };
+        let (topic, topic_alias) = match name {
+            TopicName::Topic => (message.topic, 0),
+            TopicName::SetAlias(alias) => (message.topic, alias),
+            TopicName::Alias(alias) => ("", alias),
+        };
         let publish = Publish {
-            topic: message.topic,
+            topic,
             packet_id: ticket.map(|ticket| ticket.packet_id),
             qos,
             retain,
             dup: false,
             payload: message.payload,
         };
-        let written = self.write_publish(io, &publish, &message.properties);
-        if let (Err(_), Some(ticket)) = (&written, ticket) {
-            // At most part of the packet left, which the broker discards:
-            // the message was not sent, and the caller may send it again.
-            self.release(ticket);
+        let properties = MessageProperties {
+            topic_alias,
+            ..message.properties
+        };
+        let written = self.write_publish(io, &publish, &properties);
+        if written.is_err() {
+            if let (Some((v5, _)), true) = (aliases, topic_alias != 0) {
+                // The alias this packet would have set did not reach the broker.
+                v5.forget_aliases();
+            }
+            if let Some(ticket) = ticket {
+                // At most part of the packet left, which the broker discards:
+                // the message was not sent, and the caller may send it again.
+                self.release(ticket);
+            }
         }
         written?;
         self.last_sent = now;

@@ -78,6 +78,35 @@ pub struct V5 {
     reason_len: u8,
     assigned_id: [u8; ASSIGNED_ID_MAX],
     assigned_id_len: u8,
+    /// Outbound topic aliases set on this link (1 to this many), and the
+    /// last one set again once all were taken.
+    aliases_set: u16,
+    alias_last: u16,
+}
+
+/// The most topic aliases a client sets towards the broker: the caller
+/// keeps a topic for each ([`AliasTopics`]).
+pub const TOPIC_ALIAS_MAX: u16 = 8;
+
+/// The topics the caller keeps for the topic aliases the session sets on
+/// a link (MQTT 5), alias `n` (1-based) standing for one topic.
+pub trait AliasTopics {
+    /// Whether alias `alias` stands for `topic`.
+    fn stands_for(&mut self, alias: u16, topic: &str) -> bool;
+    /// Keeps `topic` for alias `alias`, in place of what it stood for;
+    /// false when it cannot (the alias is then not set).
+    fn set(&mut self, alias: u16, topic: &str) -> bool;
+}
+
+/// How a PUBLISH names its topic in MQTT 5.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopicName {
+    /// The topic itself.
+    Topic,
+    /// The topic, and the alias it sets (1 and up).
+    SetAlias(u16),
+    /// The alias alone (an empty topic).
+    Alias(u16),
 }
 
 impl V5 {
@@ -92,7 +121,41 @@ impl V5 {
             reason_len: 0,
             assigned_id: [0; ASSIGNED_ID_MAX],
             assigned_id_len: 0,
+            aliases_set: 0,
+            alias_last: 0,
         }
+    }
+
+    /// How the next PUBLISH to `topic` names it: by an alias already set
+    /// for it, by a new one (up to the broker's Topic Alias Maximum and
+    /// [`TOPIC_ALIAS_MAX`]; once all are taken, each is set again in turn),
+    /// or, without aliases, by itself.
+    pub fn topic_name(&mut self, topic: &str, aliases: &mut dyn AliasTopics) -> TopicName {
+        let most = self.server.topic_alias_maximum.min(TOPIC_ALIAS_MAX);
+        if most == 0 || topic.is_empty() {
+            return TopicName::Topic;
+        }
+        if let Some(alias) = (1..=self.aliases_set).find(|&alias| aliases.stands_for(alias, topic)) {
+            return TopicName::Alias(alias);
+        }
+        let alias = if self.aliases_set < most {
+            self.aliases_set.saturating_add(1)
+        } else {
+            self.alias_last.checked_rem(most).unwrap_or(0).saturating_add(1)
+        };
+        if !aliases.set(alias, topic) {
+            return TopicName::Topic;
+        }
+        self.aliases_set = self.aliases_set.max(alias);
+        self.alias_last = alias;
+        TopicName::SetAlias(alias)
+    }
+
+    /// Forgets the aliases set on this link: a PUBLISH that may have set
+    /// one did not leave. Each is set again, with its topic, when next used.
+    pub(super) fn forget_aliases(&mut self) {
+        self.aliases_set = 0;
+        self.alias_last = 0;
     }
 
     /// The reason string that came with [`V5::reason_code`] (empty when
@@ -398,6 +461,9 @@ impl Session {
                         }
                         v5.server = ServerLimits::default();
                         v5.assigned_id_len = 0;
+                        // Aliases end with the link that set them.
+                        v5.aliases_set = 0;
+                        v5.alias_last = 0;
                         body.properties(v5, allowed::CONNACK, false)?;
                         v5.reason_code = code;
                         if let Some(keepalive_s) = v5.server.keepalive_s {
@@ -907,6 +973,118 @@ mod tests {
         assert!(sink.properties.is_empty());
     }
 
+    /// Alias topics kept as the binding keeps them.
+    #[derive(Default)]
+    struct Topics(Vec<(u16, String)>);
+
+    impl AliasTopics for Topics {
+        fn stands_for(&mut self, alias: u16, topic: &str) -> bool {
+            self.0.iter().any(|(kept, text)| *kept == alias && text == topic)
+        }
+        fn set(&mut self, alias: u16, topic: &str) -> bool {
+            self.0.retain(|(kept, _)| *kept != alias);
+            self.0.push((alias, String::from(topic)));
+            true
+        }
+    }
+
+    #[test]
+    fn repeated_topics_go_by_their_alias() {
+        let (mut session, mut v5, mut pipe) = connected_v5(&[id::TOPIC_ALIAS_MAXIMUM, 0, 2]);
+        let mut topics = Topics::default();
+        let mut send = |session: &mut Session, v5: &mut V5, pipe: &mut Pipe, topic: &str, qos: QoS| {
+            let message = Message {
+                topic,
+                payload: b"x",
+                ..Message::default()
+            };
+            pipe.outbound.clear();
+            session
+                .publish_aliased(pipe, 2, &message, qos, false, Some((v5, &mut topics)))
+                .unwrap();
+            pipe.outbound.clone()
+        };
+        let alias = |n: u8| [3, id::TOPIC_ALIAS, 0, n];
+        // Set with the topic, then used alone; a second topic takes the
+        // second alias; a third, the first again.
+        let first = send(&mut session, &mut v5, &mut pipe, "a/b", QoS::AtMostOnce);
+        assert_eq!(
+            first,
+            [&[0x30, 10, 0, 3, b'a', b'/', b'b'][..], &alias(1), b"x"].concat()
+        );
+        let again = send(&mut session, &mut v5, &mut pipe, "a/b", QoS::AtMostOnce);
+        assert_eq!(again, [&[0x30, 7, 0, 0][..], &alias(1), b"x"].concat());
+        let second = send(&mut session, &mut v5, &mut pipe, "c", QoS::AtMostOnce);
+        assert_eq!(second, [&[0x30, 8, 0, 1, b'c'][..], &alias(2), b"x"].concat());
+        let third = send(&mut session, &mut v5, &mut pipe, "d", QoS::AtMostOnce);
+        assert_eq!(third, [&[0x30, 8, 0, 1, b'd'][..], &alias(1), b"x"].concat());
+        // "a/b" lost its alias to "d": it takes the next one, with its topic.
+        let back = send(&mut session, &mut v5, &mut pipe, "a/b", QoS::AtMostOnce);
+        assert_eq!(
+            back,
+            [&[0x30, 10, 0, 3, b'a', b'/', b'b'][..], &alias(2), b"x"].concat()
+        );
+        // A QoS 1 message by alias goes again after a reconnect by its
+        // topic: the new link knows no alias.
+        let by_alias = send(&mut session, &mut v5, &mut pipe, "d", QoS::AtLeastOnce);
+        assert_eq!(by_alias, [&[0x32, 9, 0, 0, 0, 1][..], &alias(1), b"x"].concat());
+        session.link_lost();
+        session
+            .connect_v5(
+                &mut pipe,
+                3,
+                &connect_options(30, false),
+                None,
+                &Default::default(),
+                &v5,
+            )
+            .unwrap();
+        connack(&mut pipe, 0, &[id::TOPIC_ALIAS_MAXIMUM, 0, 2]);
+        session.receive_v5(&mut pipe, 4, &mut v5).unwrap();
+        pipe.outbound.clear();
+        struct One;
+        impl crate::session::Kept for One {
+            fn publish(&mut self, _: crate::session::Ticket) -> Option<Message<'_>> {
+                Some(Message {
+                    topic: "d",
+                    payload: b"x",
+                    ..Message::default()
+                })
+            }
+        }
+        session.resume(&mut pipe, 5, &mut One).unwrap();
+        assert_eq!(pipe.outbound, [0x3a, 7, 0, 1, b'd', 0, 1, 0, b'x']);
+        // And the next publish sets its alias again.
+        let after = send(&mut session, &mut v5, &mut pipe, "d", QoS::AtMostOnce);
+        assert_eq!(after, [&[0x30, 8, 0, 1, b'd'][..], &alias(1), b"x"].concat());
+    }
+
+    #[test]
+    fn without_the_brokers_aliases_topics_go_whole() {
+        let (mut session, mut v5, mut pipe) = connected_v5(&[]);
+        let mut topics = Topics::default();
+        let message = Message {
+            topic: "t",
+            payload: b"",
+            ..Message::default()
+        };
+        for _ in 0..2 {
+            pipe.outbound.clear();
+            session
+                .publish_aliased(
+                    &mut pipe,
+                    2,
+                    &message,
+                    QoS::AtMostOnce,
+                    false,
+                    Some((&mut v5, &mut topics)),
+                )
+                .unwrap();
+            assert_eq!(pipe.outbound, [0x30, 4, 0, 1, b't', 0]);
+        }
+        assert!(topics.0.is_empty());
+    }
+
     #[test]
     fn publishes_stay_within_the_brokers_limits() {
         #[rustfmt::skip]
@@ -983,7 +1161,7 @@ mod tests {
     #[test]
     fn the_mqtt5_state_is_small() {
         // It follows the session in an MQTT 5 client's heap object.
-        assert_eq!(core::mem::size_of::<V5>(), 184);
+        assert_eq!(core::mem::size_of::<V5>(), 188);
     }
 
     #[test]
