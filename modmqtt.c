@@ -200,9 +200,12 @@ static int connect_and_notify(mp_obj_mqtt_client_t *self) {
 // The Client class
 
 // Client(client_id, clean_session=True, cycle_timeout=500, command_timeout=60000, *,
-//        max_packet_size=1048576, protocol=MQTTv311, session_expiry=None)
+//        max_packet_size=1048576, protocol=MQTTv311, session_expiry=None, topic_aliases=0)
 static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t n_kw, const mp_obj_t *all_args) {
-    enum { ARG_client_id, ARG_clean_session, ARG_cycle_timeout, ARG_command_timeout, ARG_max_packet_size, ARG_protocol, ARG_session_expiry };
+    enum {
+        ARG_client_id, ARG_clean_session, ARG_cycle_timeout, ARG_command_timeout, ARG_max_packet_size, ARG_protocol,
+        ARG_session_expiry, ARG_topic_aliases,
+    };
     static const mp_arg_t allowed[] = {
         { MP_QSTR_client_id, MP_ARG_REQUIRED | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
         { MP_QSTR_clean_session, MP_ARG_BOOL, {.u_bool = true} },
@@ -211,6 +214,7 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
         { MP_QSTR_max_packet_size, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_INT(MQTT_DEFAULT_MAX_PACKET)} },
         { MP_QSTR_protocol, MP_ARG_KW_ONLY | MP_ARG_INT, {.u_int = 4} },
         { MP_QSTR_session_expiry, MP_ARG_KW_ONLY | MP_ARG_OBJ, {.u_rom_obj = MP_ROM_NONE} },
+        { MP_QSTR_topic_aliases, MP_ARG_KW_ONLY | MP_ARG_INT, {.u_int = 0} },
     };
     mp_arg_val_t args[MP_ARRAY_SIZE(allowed)];
     mp_arg_parse_all_kw_array(n_args, n_kw, all_args, MP_ARRAY_SIZE(allowed), allowed, args);
@@ -236,6 +240,15 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     mp_obj_t session_expiry = args[ARG_session_expiry].u_obj;
     if (session_expiry != mp_const_none && protocol != 5) {
         mp_raise_ValueError(MP_ERROR_TEXT("session_expiry needs protocol=MQTTv5"));
+    }
+    // How many topic aliases the broker may use towards the client: each
+    // keeps a topic str (see sink_topic_alias).
+    mp_int_t topic_aliases = args[ARG_topic_aliases].u_int;
+    if (topic_aliases < 0 || topic_aliases > MQTT_INBOUND_ALIAS_MAX) {
+        mp_raise_ValueError(MP_ERROR_TEXT("topic_aliases must be 0-16"));
+    }
+    if (topic_aliases != 0 && protocol != 5) {
+        mp_raise_ValueError(MP_ERROR_TEXT("topic_aliases needs protocol=MQTTv5"));
     }
 
     // An MQTT 5 session is larger: its MQTT 5 state follows it. (0: the
@@ -265,6 +278,14 @@ static mp_obj_t client_make_new(const mp_obj_type_t *type, size_t n_args, size_t
     mqtt_session_init(self->session_memory, session_size, command_timeout, max_packet_size, (uint8_t)protocol);
     if (session_expiry != mp_const_none) {
         mqtt_session_set_session_expiry(session_of(self), non_negative_of(session_expiry, "session_expiry"));
+    }
+    if (topic_aliases != 0) {
+        mqtt_session_set_topic_aliases(session_of(self), (uint16_t)topic_aliases);
+        mp_obj_tuple_t *topics = MP_OBJ_TO_PTR(mp_obj_new_tuple(topic_aliases, NULL));
+        for (mp_int_t i = 0; i < topic_aliases; i++) {
+            topics->items[i] = mp_const_none;
+        }
+        set_option(self, OPTION_INBOUND_ALIASES, MP_OBJ_FROM_PTR(topics));
     }
     return MP_OBJ_FROM_PTR(self);
 }

@@ -89,12 +89,15 @@ class Client:
         max_packet_size: int = 1048576,
         protocol: int = 4,
         session_expiry: int | None = None,
+        topic_aliases: int = 0,
     ) -> None:
         """Makes a client; timeouts are in milliseconds and max_packet_size is
         the largest incoming packet accepted, in bytes. protocol is MQTTv311
         or MQTTv5; session_expiry (MQTT 5, seconds) is how long the broker
         keeps the session after the link ends (default: 0 for a clean
-        session, for ever otherwise, as in MQTT 3.1.1)."""
+        session, for ever otherwise, as in MQTT 3.1.1); topic_aliases (MQTT
+        5, 0-16) how many topic aliases the broker may use towards the
+        client, each keeping a topic."""
 
     def connect(
         self,

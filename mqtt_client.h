@@ -232,6 +232,9 @@ enum {
     // MQTT 5: the topics of the topic aliases set on the link, a tuple of
     // MQTT_TOPIC_ALIAS_MAX (see alias_topics()), made when first needed.
     OPTION_TOPIC_ALIASES,
+    // MQTT 5: the topics of the broker's topic aliases, a tuple of
+    // Client(topic_aliases=...) entries (see sink_topic_alias()), or None.
+    OPTION_INBOUND_ALIASES,
     OPTION_COUNT,
 };
 

@@ -254,24 +254,72 @@ static uint8_t *sink_properties(void *context, size_t len) {
     return sink->properties_taken ? (uint8_t *)sink->properties.buf : NULL;
 }
 
+// The topic of the message the sink holds, as a str (see sink_topic);
+// MP_OBJ_NULL when there is no memory for it. Never raises.
+static mp_obj_t sink_topic_str(message_sink_t *sink) {
+    if (sink->topic_obj != MP_OBJ_NULL) {
+        return sink->topic_obj;
+    }
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) != 0) {
+        return MP_OBJ_NULL;
+    }
+    // The engine checked the topic's UTF-8 already.
+    sink->topic_obj = sink->topic_len <= MQTT_TOPIC_ON_STACK
+        ? mp_obj_new_str((const char *)sink->short_topic, sink->topic_len)
+        : mp_obj_new_str_from_vstr(&sink->long_topic);
+    nlr_pop();
+    // The str owns the buffer now.
+    sink->topic_taken = false;
+    return sink->topic_obj;
+}
+
+// MQTT 5, a topic alias from the broker: keeps the message's topic str for
+// `alias` (`set`), or makes the message's topic the str kept for it.
+static bool sink_topic_alias(void *context, uint16_t alias, bool set) {
+    message_sink_t *sink = context;
+    mp_obj_t topics = option(sink->client, OPTION_INBOUND_ALIASES);
+    if (topics == mp_const_none) {
+        return false;
+    }
+    size_t n;
+    mp_obj_t *items;
+    mp_obj_tuple_get(topics, &n, &items);
+    if (alias == 0 || alias > n) {
+        return false;
+    }
+    if (set) {
+        mp_obj_t topic = sink_topic_str(sink);
+        if (topic == MP_OBJ_NULL) {
+            return false;
+        }
+        items[alias - 1] = topic;
+        return true;
+    }
+    sink->topic_obj = items[alias - 1];
+    return sink->topic_obj != mp_const_none;
+}
+
 static uint8_t *sink_payload(void *context, size_t len) {
     message_sink_t *sink = context;
     sink->payload_taken = new_buffer(&sink->payload, len);
     return sink->payload_taken ? (uint8_t *)sink->payload.buf : NULL;
 }
 
-// Builds the topic str and payload bytes from their buffers.
+// Builds the topic str (unless a topic alias did), the payload bytes and the
+// properties bytes from their buffers.
 static bool sink_message_ready(void *context) {
     message_sink_t *sink = context;
+    // Made already when a topic alias came with it.
+    if (sink_topic_str(sink) == MP_OBJ_NULL) {
+        return false;
+    }
     nlr_buf_t nlr;
     if (nlr_push(&nlr) != 0) {
         return false;
     }
-    // The engine checked the topic's UTF-8 already.
-    sink->topic_obj = sink->topic_len <= MQTT_TOPIC_ON_STACK
-        ? mp_obj_new_str((const char *)sink->short_topic, sink->topic_len)
-        : mp_obj_new_str_from_vstr(&sink->long_topic);
     sink->payload_obj = mp_obj_new_bytes_from_vstr(&sink->payload);
+    // The objects own the buffers now.
     sink->payload_taken = false;
     if (sink->properties_taken) {
         sink->properties_obj = mp_obj_new_bytes_from_vstr(&sink->properties);
@@ -281,8 +329,6 @@ static bool sink_message_ready(void *context) {
         sink->properties_obj = mp_const_empty_bytes;
     }
     nlr_pop();
-    // The objects own the buffers now.
-    sink->topic_taken = false;
     return true;
 }
 
@@ -354,6 +400,7 @@ static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
         .context = &message,
         .topic = sink_topic,
         .properties = sink_properties,
+        .topic_alias = sink_topic_alias,
         .payload = sink_payload,
         .message_ready = sink_message_ready,
         .completed = sink_completed,

@@ -11,6 +11,11 @@
 #include <stdlib.h>
 
 /**
+ * The most topic aliases a client takes from the broker.
+ */
+#define INBOUND_ALIAS_MAX 16
+
+/**
  * The most topic aliases a client sets towards the broker: the caller
  * keeps a topic for each ([`AliasTopics`]).
  */
@@ -79,6 +84,11 @@
 #define MQTT_PROPERTY_SUBSCRIPTION_ID 11
 
 #define MQTT_PROPERTY_USER 38
+
+/**
+ * The most topic aliases a session takes from the broker.
+ */
+#define MQTT_INBOUND_ALIAS_MAX 16
 
 /**
  * What a call did: `MQTT_OK`, or why it failed.
@@ -439,6 +449,14 @@ typedef struct {
    * payload.
    */
   uint8_t *(*properties)(void *context, size_t len);
+  /**
+   * MQTT 5, a topic alias from the broker (only when the client takes
+   * some: `mqtt_session_set_topic_aliases`): with `set`, keep the topic
+   * in the room given for it as the one `alias` stands for; without,
+   * the message's topic is the one kept for `alias` (its room was
+   * empty). Returns false when it cannot (see `MessageSink`).
+   */
+  bool (*topic_alias)(void *context, uint16_t alias, bool set);
   /**
    * Returns room for `len` bytes of payload, as above. Never asked for
    * a message larger than `max_packet_size`, nor one without a topic.
@@ -824,6 +842,17 @@ void mqtt_session_set_session_expiry(mqtt_session_t *session, uint32_t seconds);
  * `block` is valid for its length; `offset` and `property` are valid.
  */
 bool mqtt_property_next(mqtt_bytes_t block, size_t *offset, mqtt_property_t *property);
+
+/**
+ * How many topic aliases an MQTT 5 session takes from the broker (sent in
+ * the next CONNECT; at most `MQTT_INBOUND_ALIAS_MAX`, 0 by default): the
+ * sink keeps a topic for each (`mqtt_sink_t`'s `topic_alias`). Returns
+ * false for a number out of range or a session that is not MQTT 5.
+ *
+ * # Safety
+ * `session` comes from `mqtt_session_init`.
+ */
+bool mqtt_session_set_topic_aliases(mqtt_session_t *session, uint16_t count);
 
 /**
  * What an MQTT 5 reason code means, as a NUL-terminated text (null for

@@ -24,24 +24,37 @@ static mqtt_bytes_t optional_bytes(mp_obj_t object) {
 // pairs, both str; names may repeat) as a tuple of pairs. Raises
 // TypeError for anything else.
 static mp_obj_t user_pairs_of(mp_obj_t given) {
-    if (mp_obj_is_type(given, &mp_type_dict)) {
-        given = mp_call_function_0(mp_load_attr(given, MP_QSTR_items));
-    }
     mp_obj_t list = mp_obj_new_list(0, NULL);
-    mp_obj_iter_buf_t iter_buf;
-    mp_obj_t iterable = mp_getiter(given, &iter_buf);
-    mp_obj_t item;
-    while ((item = mp_iternext(iterable)) != MP_OBJ_STOP_ITERATION) {
-        mp_obj_t *pair;
-        mp_obj_get_array_fixed_n(item, 2, &pair);
-        if (!mp_obj_is_str(pair[0]) || !mp_obj_is_str(pair[1])) {
-            mp_raise_TypeError(MP_ERROR_TEXT("user properties are (str, str) pairs"));
+    mp_obj_t pair[2];
+    if (mp_obj_is_type(given, &mp_type_dict)) {
+        // Its entries, read from its table (no items() call to allocate).
+        mp_map_t *map = mp_obj_dict_get_map(given);
+        for (size_t i = 0; i < map->alloc; i++) {
+            if (mp_map_slot_is_filled(map, i)) {
+                pair[0] = map->table[i].key;
+                pair[1] = map->table[i].value;
+                mp_obj_list_append(list, mp_obj_new_tuple(2, pair));
+            }
         }
-        mp_obj_list_append(list, mp_obj_new_tuple(2, pair));
+    } else {
+        mp_obj_iter_buf_t iter_buf;
+        mp_obj_t iterable = mp_getiter(given, &iter_buf);
+        mp_obj_t item;
+        while ((item = mp_iternext(iterable)) != MP_OBJ_STOP_ITERATION) {
+            mp_obj_t *fields;
+            mp_obj_get_array_fixed_n(item, 2, &fields);
+            mp_obj_list_append(list, mp_obj_new_tuple(2, fields));
+        }
     }
     size_t n;
     mp_obj_t *items;
     mp_obj_list_get(list, &n, &items);
+    for (size_t i = 0; i < n; i++) {
+        mp_obj_t *fields = ((mp_obj_tuple_t *)MP_OBJ_TO_PTR(items[i]))->items;
+        if (!mp_obj_is_str(fields[0]) || !mp_obj_is_str(fields[1])) {
+            mp_raise_TypeError(MP_ERROR_TEXT("user properties are (str, str) pairs"));
+        }
+    }
     return mp_obj_new_tuple(n, items);
 }
 

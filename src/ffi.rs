@@ -17,8 +17,8 @@ use crate::codec::properties::{KeptProperty, VARINT_MAX, id, kept_property, vari
 use crate::codec::v5::{ConnectProperties, MessageProperties, SubscriptionOptions, UserProperties};
 use crate::codec::{Connect, DecodeError, QoS, Will};
 use crate::session::{
-    AliasTopics, Config, Deferred, Error, Failure, Filters, INBOUND_QOS2_MAX, Kept, Message, MessageSink, Outcome,
-    Session, TOPIC_ALIAS_MAX, Ticket, V5, Verdict,
+    AliasTopics, Config, Deferred, Error, Failure, Filters, INBOUND_ALIAS_MAX, INBOUND_QOS2_MAX, Kept, Message,
+    MessageSink, Outcome, Session, TOPIC_ALIAS_MAX, Ticket, V5, Verdict,
 };
 
 /// What a call did: `MQTT_OK`, or why it failed.
@@ -353,6 +353,12 @@ pub struct mqtt_sink_t {
     /// `mqtt_property_next`. Null room: the message is dropped, as for its
     /// payload.
     pub properties: Option<unsafe extern "C" fn(context: *mut c_void, len: size_t) -> *mut u8>,
+    /// MQTT 5, a topic alias from the broker (only when the client takes
+    /// some: `mqtt_session_set_topic_aliases`): with `set`, keep the topic
+    /// in the room given for it as the one `alias` stands for; without,
+    /// the message's topic is the one kept for `alias` (its room was
+    /// empty). Returns false when it cannot (see `MessageSink`).
+    pub topic_alias: Option<unsafe extern "C" fn(context: *mut c_void, alias: u16, set: bool) -> bool>,
     /// Returns room for `len` bytes of payload, as above. Never asked for
     /// a message larger than `max_packet_size`, nor one without a topic.
     pub payload: Option<unsafe extern "C" fn(context: *mut c_void, len: size_t) -> *mut u8>,
@@ -866,7 +872,7 @@ pub unsafe extern "C" fn mqtt_session_connect(
                     // QoS 2 ids the session can remember.
                     receive_maximum: u16::try_from(INBOUND_QOS2_MAX).unwrap_or(u16::MAX),
                     maximum_packet_size: stated_maximum_packet_size(session.max_packet_size()),
-                    topic_alias_maximum: 0,
+                    topic_alias_maximum: v5.topic_aliases_taken,
                 };
                 // SAFETY: null or valid, with valid byte strings (the caller's promise).
                 let will = unsafe { message_properties(options.will_properties) }?;
@@ -1182,6 +1188,13 @@ impl MessageSink for Sink<'_> {
         let properties = self.sink.properties?;
         // SAFETY: as for `topic`.
         unsafe { Self::room(properties(self.sink.context, len), len) }
+    }
+
+    fn topic_alias(&mut self, alias: u16, set: bool) -> bool {
+        // SAFETY: the callback gets the context the caller gave.
+        self.sink
+            .topic_alias
+            .is_some_and(|topic_alias| unsafe { topic_alias(self.sink.context, alias, set) })
     }
 
     fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
@@ -1591,6 +1604,30 @@ pub unsafe extern "C" fn mqtt_property_next(
         return true;
     }
 }
+
+/// How many topic aliases an MQTT 5 session takes from the broker (sent in
+/// the next CONNECT; at most `MQTT_INBOUND_ALIAS_MAX`, 0 by default): the
+/// sink keeps a topic for each (`mqtt_sink_t`'s `topic_alias`). Returns
+/// false for a number out of range or a session that is not MQTT 5.
+///
+/// # Safety
+/// `session` comes from `mqtt_session_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mqtt_session_set_topic_aliases(session: *mut mqtt_session_t, count: u16) -> bool {
+    // SAFETY: the caller promises a valid pointer or null.
+    match unsafe { session_parts(session) } {
+        Some((_, Some(v5))) if count <= INBOUND_ALIAS_MAX => {
+            v5.topic_aliases_taken = count;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The most topic aliases a session takes from the broker.
+pub const MQTT_INBOUND_ALIAS_MAX: u16 = 16;
+
+const _: () = assert!(MQTT_INBOUND_ALIAS_MAX == INBOUND_ALIAS_MAX);
 
 /// What an MQTT 5 reason code means, as a NUL-terminated text (null for
 /// a code the standard does not define).

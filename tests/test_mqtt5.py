@@ -1031,3 +1031,103 @@ def test_messages_by_alias_reach_the_peer_under_their_topics(broker, micropython
         (f"aliases/topic/number/{n}", f"{r}-{n}".encode()) for r in range(2) for n in range(10)
     )
     peer.close()
+
+
+def alias_publish(topic, alias, payload, packet_id=None):
+    """A PUBLISH from the broker naming its topic (empty: by the alias alone)
+    and a Topic Alias (0: none)."""
+    properties = bytes([3, 0x23, 0, alias]) if alias else b"\x00"
+    body = string(topic) + (packet_id.to_bytes(2, "big") if packet_id else b"") + properties + payload
+    first = 0x32 if packet_id else 0x30
+    return bytes([first, len(body)]) + body
+
+
+def test_the_brokers_topic_aliases_are_taken_when_asked_for(micropython):
+    seen = []
+
+    def script(connection):
+        connect = connection.read()
+        seen.append(connect.body)
+        connection.send(bytes([0x20, 3, 0, 0, 0]))
+        assert connection.read().kind == 8  # SUBSCRIBE
+        connection.send(bytes([0x90, 4, 0, 1, 0, 1]))
+        connection.send(alias_publish("a/long/topic", 1, b"1"))
+        connection.send(alias_publish("", 1, b"2"))
+        connection.send(alias_publish("a/other", 2, b"3", packet_id=7))
+        connection.send(alias_publish("", 2, b"4"))
+        connection.send(alias_publish("", 1, b"5"))
+        connection.send(alias_publish("", 1, b"6"))
+        while True:
+            try:
+                packet = connection.read()
+            except EOFError:
+                return
+            seen.append((packet.kind, packet.body))
+
+    scripted = ScriptedBroker([script])
+    try:
+        output = micropython.run(
+            """
+            got = []
+            c = mqtt.Client("taker", protocol=mqtt.MQTTv5, topic_aliases=2)
+            c.connect(HOST, 30, port=PORT)
+            c.subscribe("a/#", lambda client, payload, topic: got.append((topic, payload)), qos=1)
+            print(wait_until(lambda: len(got) == 6, 5000))
+            for entry in got:
+                print(entry)
+            c.disconnect()
+            """,
+            PORT=scripted.port,
+        )
+    finally:
+        scripted.close()
+    assert scripted.errors == []
+    assert output.strip().splitlines() == [
+        "True",
+        "('a/long/topic', b'1')",
+        "('a/long/topic', b'2')",
+        "('a/other', b'3')",
+        "('a/other', b'4')",
+        "('a/long/topic', b'5')",
+        "('a/long/topic', b'6')",
+    ]
+    properties, _ = Properties(PacketTypes.CONNECT).unpack(seen[0][10:])
+    assert properties.TopicAliasMaximum == 2
+    # The QoS 1 message by alias was acknowledged.
+    assert (4, b"\x00\x07") in seen[1:]
+
+
+def test_an_alias_the_broker_never_set_fails_the_link(micropython):
+    def script(connection):
+        assert connection.read().kind == CONNECT
+        connection.send(bytes([0x20, 3, 0, 0, 0]))
+        connection.send(alias_publish("", 2, b"lost"))
+        try:
+            connection.read()
+        except EOFError:
+            pass
+
+    scripted = ScriptedBroker([script])
+    try:
+        output = micropython.run(
+            """
+            failures = []
+            def failed(client):
+                failures.append(client.connected())
+                return mqtt.BREAK_LOOP
+            c = mqtt.Client("strict", protocol=mqtt.MQTTv5, topic_aliases=2)
+            c.connect(HOST, 30, port=PORT, loop_failure=failed)
+            print(wait_until(lambda: failures, 5000), failures)
+            for bad in ({"topic_aliases": 17}, {"topic_aliases": -1}, {"topic_aliases": 1, "protocol": mqtt.MQTTv311}):
+                try:
+                    mqtt.Client("x", **dict({"protocol": mqtt.MQTTv5}, **bad))
+                    print("accepted: WRONG")
+                except ValueError:
+                    print("ValueError")
+            """,
+            PORT=scripted.port,
+        )
+    finally:
+        scripted.close()
+    assert scripted.errors == []
+    assert output.strip().splitlines() == ["True [False]", "ValueError", "ValueError", "ValueError"]

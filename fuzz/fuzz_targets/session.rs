@@ -110,14 +110,19 @@ impl Write for Link {
 }
 
 /// The caller's memory for a message, failing as the fuzzer says.
-struct Sink {
+struct Sink<'a> {
     topic: Vec<u8>,
     properties: Vec<u8>,
     payload: Vec<u8>,
     fail: u8,
+    /// The topics kept for the broker's topic aliases, from step to step.
+    alias_topics: &'a mut Vec<(u16, Vec<u8>)>,
 }
 
-impl MessageSink for Sink {
+/// How many topic aliases the client takes from the broker in MQTT 5.
+const INBOUND_ALIASES: u16 = 4;
+
+impl MessageSink for Sink<'_> {
     fn topic(&mut self, len: usize) -> Option<&mut [u8]> {
         assert!(len <= usize::from(u16::MAX));
         // A new message: no property block yet.
@@ -130,6 +135,22 @@ impl MessageSink for Sink {
         assert!(len > 0 && len <= MAX_PACKET as usize, "a property block of {len} bytes");
         self.properties = vec![0; len];
         (self.fail & 8 == 0).then_some(&mut self.properties[..])
+    }
+
+    fn topic_alias(&mut self, alias: u16, set: bool) -> bool {
+        assert!((1..=INBOUND_ALIASES).contains(&alias), "alias {alias}");
+        if set {
+            self.alias_topics.retain(|(kept, _)| *kept != alias);
+            self.alias_topics.push((alias, self.topic.clone()));
+            return true;
+        }
+        match self.alias_topics.iter().find(|(kept, _)| *kept == alias) {
+            Some((_, topic)) => {
+                self.topic = topic.clone();
+                true
+            }
+            None => panic!("alias {alias} was never set"),
+        }
     }
 
     fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
@@ -258,10 +279,11 @@ fuzz_target!(|input: Input| {
             session_expiry_s: 0,
             receive_maximum: 32,
             maximum_packet_size: MAX_PACKET,
-            topic_alias_maximum: 0,
+            topic_alias_maximum: INBOUND_ALIASES,
         })
     });
     let mut alias_topics = AliasTopicsKept::default();
+    let mut inbound_aliases = Vec::new();
     let mut link = Link { inbound: VecDeque::new(), outbound: Vec::new(), chunk: usize::from(input.chunk.max(1)) };
     let mut now: u32 = 0;
     for step in input.steps {
@@ -294,7 +316,13 @@ fuzz_target!(|input: Input| {
                 }
             }
             Step::Cycle { memory } => {
-                let mut sink = Sink { topic: Vec::new(), properties: Vec::new(), payload: Vec::new(), fail: memory };
+                let mut sink = Sink {
+                    topic: Vec::new(),
+                    properties: Vec::new(),
+                    payload: Vec::new(),
+                    fail: memory,
+                    alias_topics: &mut inbound_aliases,
+                };
                 if let Ok(Outcome::Dropped { payload_len, topic, too_large, .. }) =
                     session.step(&mut link, now, &mut sink, v5.as_mut())
                 {

@@ -31,6 +31,13 @@ pub trait MessageSink {
     /// payload is asked for next; without room the message is dropped,
     /// as for want of room for its payload.
     fn properties(&mut self, len: usize) -> Option<&mut [u8]>;
+    /// MQTT 5, a topic alias the broker uses: with `set`, the topic read
+    /// into the sink's room is the one `alias` stands for from now on
+    /// (keep it); without, the message's topic is the one `alias` stands
+    /// for (its room was empty). False when it cannot (no memory to keep
+    /// it; no topic kept): the message is then dropped, and an alias not
+    /// kept fails the link when the broker uses it.
+    fn topic_alias(&mut self, alias: u16, set: bool) -> bool;
     /// Room for its payload (exactly `len` bytes). Never asked for a
     /// message larger than the maximum, nor one without room for its topic.
     fn payload(&mut self, len: usize) -> Option<&mut [u8]>;

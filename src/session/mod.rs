@@ -46,7 +46,10 @@ use read_ahead::ReadAhead;
 use receive::Incoming;
 use reconnect::Backoff;
 pub use reconnect::{Failure, Filters};
-pub use v5::{ASSIGNED_ID_MAX, AliasTopics, REASON_MAX, ServerLimits, TOPIC_ALIAS_MAX, TopicName, V5, reason_text};
+pub use v5::{
+    ASSIGNED_ID_MAX, AliasTopics, INBOUND_ALIAS_MAX, REASON_MAX, ServerLimits, TOPIC_ALIAS_MAX, TopicName, V5,
+    reason_text,
+};
 
 /// Settings fixed when the session is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -216,7 +216,12 @@ impl Session {
         // Chosen last: an alias the session takes is set by this packet.
         let mut aliases = aliases.filter(|_| self.is_v5());
         let name = match aliases.as_mut() {
-            Some((v5, topics)) => v5.topic_name(message.topic, *topics),
+            Some((v5, topics)) => {
+                // An alias takes three bytes: never beyond the broker's maximum.
+                let by_alias = v5.fits(message, qos, retain, "", true);
+                let setting = v5.fits(message, qos, retain, message.topic, true);
+                v5.topic_name(message.topic, *topics, by_alias, setting)
+            }
             None => TopicName::Topic,
         };
         let (topic, topic_alias) = match name {

@@ -87,21 +87,32 @@ impl<T: Read> Read for Copying<'_, T> {
     }
 }
 
+/// What a PUBLISH's property block says to the session.
+struct PublishProperties {
+    payload_len: u32,
+    /// The block is empty, or went whole into the room given for it.
+    kept: bool,
+    /// Its topic alias (0: none).
+    alias: u16,
+}
+
 /// Reads a PUBLISH's properties, checking them, from the `rest` of the
-/// packet after its packet id; returns the length of the payload, and
-/// whether the block is empty or went whole into the room `keep` gave
-/// for it (else it was read past).
+/// packet after its packet id, into the room `keep` gives (else past).
 fn read_publish_properties<T: Read>(
     io: &mut T,
     rest: u32,
     v5: &V5,
     keep: Option<&mut dyn MessageSink>,
-) -> Result<(u32, bool), Error> {
+) -> Result<PublishProperties, Error> {
     let (reader, used) = PropertyReader::start(io, rest, allowed::PUBLISH)?;
     let payload_len = rest.saturating_sub(used);
     let block_len = usize::try_from(reader.left()).map_err(|_| DecodeError::BadLength)?;
     if block_len == 0 {
-        return Ok((payload_len, true));
+        return Ok(PublishProperties {
+            payload_len,
+            kept: true,
+            alias: 0,
+        });
     }
     let room = keep.and_then(|sink| sink.properties(block_len));
     let kept = room.is_some();
@@ -111,20 +122,29 @@ fn read_publish_properties<T: Read>(
         copy: room.unwrap_or(&mut []),
         at: 0,
     };
-    check_publish_properties(&mut reading, reader, v5)?;
-    Ok((payload_len, kept))
+    let alias = check_publish_properties(&mut reading, reader, v5)?;
+    Ok(PublishProperties {
+        payload_len,
+        kept,
+        alias,
+    })
 }
 
-/// Reads a PUBLISH's property block through, checking it.
-fn check_publish_properties<T: Read>(io: &mut T, mut reader: PropertyReader, v5: &V5) -> Result<(), Error> {
+/// Reads a PUBLISH's property block through, checking it; returns its
+/// topic alias (0: none).
+fn check_publish_properties<T: Read>(io: &mut T, mut reader: PropertyReader, v5: &V5) -> Result<u16, Error> {
+    let mut alias = 0;
     while let Some(property) = reader.next(io)? {
         match property {
             // The client takes as many topic aliases as CONNECT said.
             Property::Number {
                 id: id::TOPIC_ALIAS,
                 value,
-            } if value > u32::from(v5.connect.topic_alias_maximum) => {
-                return Err(DecodeError::InvalidProperty.into());
+            } => {
+                alias = u16::try_from(value).map_err(|_| DecodeError::InvalidProperty)?;
+                if alias > v5.connect.topic_alias_maximum {
+                    return Err(DecodeError::InvalidProperty.into());
+                }
             }
             Property::Number { .. } => {}
             Property::Bytes { .. } | Property::UserName { .. } => {
@@ -132,7 +152,7 @@ fn check_publish_properties<T: Read>(io: &mut T, mut reader: PropertyReader, v5:
             }
         }
     }
-    Ok(())
+    Ok(alias)
 }
 
 impl Session {
@@ -198,7 +218,9 @@ impl Session {
         let mut length = [0u8; 2];
         codec::read_exact(io, &mut length)?;
         let topic_len = u16::from_be_bytes(length);
-        if topic_len == 0 {
+        // In MQTT 5 an empty topic may go by an alias (checked with the
+        // properties).
+        if topic_len == 0 && !self.is_v5() {
             return Err(DecodeError::InvalidTopic.into());
         }
         let id_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
@@ -258,7 +280,11 @@ impl Session {
                     return Err(Error::WrongState);
                 }
                 codec::read_exact(io, topic)?;
-                topic::check_name(topic).map_err(|_| DecodeError::InvalidTopic)?;
+                // In MQTT 5 an empty topic goes by its alias (checked with
+                // the properties).
+                if !(topic.is_empty() && self.is_v5()) {
+                    topic::check_name(topic).map_err(|_| DecodeError::InvalidTopic)?;
+                }
             }
             // Checked as far as one piece at a time allows: whether the
             // bytes make well-formed UTF-8 would need the characters that
@@ -287,32 +313,57 @@ impl Session {
 
     /// The second half of [`Session::read_topic`], after
     /// [`Session::read_topic_from`] read `packet_id`: reads the
-    /// properties (MQTT 5) and readies the payload. The property block of
-    /// a message to deliver goes into the room `keep` gives: also returns
-    /// whether it is empty or was kept.
+    /// properties (MQTT 5) and readies the payload. `sink` holds the
+    /// topic, when it was read: the property block of a message to deliver
+    /// goes into the room it gives, and a topic alias is set or resolved
+    /// there. Also returns whether the message is whole in the sink so far
+    /// (its property block kept, its topic known).
     pub(super) fn read_properties_from<T: Read>(
         &mut self,
         io: &mut T,
         packet_id: u16,
         v5: Option<&mut V5>,
-        keep: Option<&mut dyn MessageSink>,
+        mut sink: Option<&mut dyn MessageSink>,
     ) -> Result<(MessageInfo, bool), Error> {
         let Incoming::Topic {
+            topic_len,
             mut payload_len,
             qos,
             too_large,
-            ..
         } = self.incoming
         else {
             return Err(Error::WrongState);
         };
         let deliver = !(qos == QoS::ExactlyOnce && self.inbound_qos2.contains(packet_id));
-        let mut properties_kept = true;
+        let mut whole = true;
         if self.is_v5() {
             let v5 = v5.ok_or(Error::WrongState)?;
             // Only a message that goes to the application keeps them.
-            let keep = keep.filter(|_| deliver && !too_large);
-            (payload_len, properties_kept) = read_publish_properties(io, payload_len, v5, keep)?;
+            let keep: Option<&mut dyn MessageSink> = match sink.as_mut() {
+                Some(sink) if deliver && !too_large => Some(&mut **sink),
+                _ => None,
+            };
+            let properties = read_publish_properties(io, payload_len, v5, keep)?;
+            payload_len = properties.payload_len;
+            whole = properties.kept;
+            let alias = properties.alias;
+            if topic_len == 0 {
+                // The topic is the one the alias stands for.
+                if !v5.knows_alias(alias) {
+                    let error = if alias == 0 {
+                        DecodeError::InvalidTopic
+                    } else {
+                        DecodeError::InvalidProperty
+                    };
+                    return Err(error.into());
+                }
+                whole = whole && sink.is_some_and(|sink| sink.topic_alias(alias, false));
+            } else if alias != 0 {
+                // The alias stands for this topic from now on, if the
+                // sink keeps it (else its next use fails the link).
+                let kept = sink.is_some_and(|sink| sink.topic_alias(alias, true));
+                v5.set_alias_known(alias, kept);
+            }
         }
         if qos == QoS::ExactlyOnce && deliver {
             // Remembered before the application gets the message (or it is
@@ -327,7 +378,7 @@ impl Session {
             info,
             too_large,
         };
-        Ok((info, properties_kept))
+        Ok((info, whole))
     }
 
     /// The length of the current message's payload, once its topic is

@@ -195,6 +195,8 @@ pub(super) struct Memory {
     pub(super) no_topic: bool,
     pub(super) no_payload: bool,
     pub(super) no_properties: bool,
+    /// The topics kept for the broker's topic aliases.
+    pub(super) alias_topics: Vec<(u16, Vec<u8>)>,
     pub(super) no_message: bool,
 }
 
@@ -206,6 +208,20 @@ impl MessageSink for Memory {
     fn properties(&mut self, len: usize) -> Option<&mut [u8]> {
         self.properties = vec![0; len];
         (!self.no_properties).then_some(&mut self.properties[..])
+    }
+    fn topic_alias(&mut self, alias: u16, set: bool) -> bool {
+        if set {
+            self.alias_topics.retain(|(kept, _)| *kept != alias);
+            self.alias_topics.push((alias, self.topic.clone()));
+            return true;
+        }
+        match self.alias_topics.iter().find(|(kept, _)| *kept == alias) {
+            Some((_, topic)) => {
+                self.topic = topic.clone();
+                true
+            }
+            None => false,
+        }
     }
     fn payload(&mut self, len: usize) -> Option<&mut [u8]> {
         self.payloads_asked.push(len);

@@ -82,7 +82,17 @@ pub struct V5 {
     /// last one set again once all were taken.
     aliases_set: u16,
     alias_last: u16,
+    /// The topic aliases the broker may use towards the client (at most
+    /// [`INBOUND_ALIAS_MAX`]; 0, the default, for none: each costs the
+    /// caller a kept topic).
+    pub topic_aliases_taken: u16,
+    /// The inbound aliases the broker set on this link, bit `n - 1` for
+    /// alias `n`, whose topic the caller keeps.
+    aliases_known: u16,
 }
+
+/// The most topic aliases a client takes from the broker.
+pub const INBOUND_ALIAS_MAX: u16 = 16;
 
 /// The most topic aliases a client sets towards the broker: the caller
 /// keeps a topic for each ([`AliasTopics`]).
@@ -123,20 +133,61 @@ impl V5 {
             assigned_id_len: 0,
             aliases_set: 0,
             alias_last: 0,
+            topic_aliases_taken: 0,
+            aliases_known: 0,
+        }
+    }
+
+    /// The bit of inbound alias `alias` in `aliases_known` (0 for none).
+    fn alias_bit(alias: u16) -> u16 {
+        alias
+            .checked_sub(1)
+            .and_then(|shift| 1u16.checked_shl(u32::from(shift)))
+            .unwrap_or(0)
+    }
+
+    /// Whether the broker set inbound alias `alias` on this link, and
+    /// the caller keeps its topic.
+    pub(super) fn knows_alias(&self, alias: u16) -> bool {
+        self.aliases_known & Self::alias_bit(alias) != 0
+    }
+
+    /// Records that the broker set inbound alias `alias`, and whether the
+    /// caller keeps its topic (when not, a later use of it fails the link).
+    pub(super) fn set_alias_known(&mut self, alias: u16, known: bool) {
+        if known {
+            self.aliases_known |= Self::alias_bit(alias);
+        } else {
+            self.aliases_known &= !Self::alias_bit(alias);
         }
     }
 
     /// How the next PUBLISH to `topic` names it: by an alias already set
     /// for it, by a new one (up to the broker's Topic Alias Maximum and
     /// [`TOPIC_ALIAS_MAX`]; once all are taken, each is set again in turn),
-    /// or, without aliases, by itself.
-    pub fn topic_name(&mut self, topic: &str, aliases: &mut dyn AliasTopics) -> TopicName {
+    /// or, without aliases, by itself. Only the forms that fit the broker's
+    /// Maximum Packet Size (see [`V5::fits`]) are taken: `by_alias`, the
+    /// alias alone, and `setting`, the topic with an alias.
+    pub fn topic_name(
+        &mut self,
+        topic: &str,
+        aliases: &mut dyn AliasTopics,
+        by_alias: bool,
+        setting: bool,
+    ) -> TopicName {
         let most = self.server.topic_alias_maximum.min(TOPIC_ALIAS_MAX);
         if most == 0 || topic.is_empty() {
             return TopicName::Topic;
         }
         if let Some(alias) = (1..=self.aliases_set).find(|&alias| aliases.stands_for(alias, topic)) {
-            return TopicName::Alias(alias);
+            return if by_alias {
+                TopicName::Alias(alias)
+            } else {
+                TopicName::Topic
+            };
+        }
+        if !setting {
+            return TopicName::Topic;
         }
         let alias = if self.aliases_set < most {
             self.aliases_set.saturating_add(1)
@@ -149,6 +200,27 @@ impl V5 {
         self.aliases_set = self.aliases_set.max(alias);
         self.alias_last = alias;
         TopicName::SetAlias(alias)
+    }
+
+    /// Whether `message` fits the broker's Maximum Packet Size with `topic`
+    /// for its topic and, when `aliased`, a topic alias (three bytes).
+    pub fn fits(&self, message: &Message<'_>, qos: QoS, retain: bool, topic: &str, aliased: bool) -> bool {
+        if self.server.maximum_packet_size == 0 {
+            return true;
+        }
+        let publish = Publish {
+            topic,
+            packet_id: (qos != QoS::AtMostOnce).then_some(1),
+            qos,
+            retain,
+            dup: false,
+            payload: message.payload,
+        };
+        let properties = codec::v5::MessageProperties {
+            topic_alias: u16::from(aliased),
+            ..message.properties
+        };
+        codec::v5::publish_size(&publish, &properties).is_some_and(|size| size <= self.server.maximum_packet_size)
     }
 
     /// Forgets the aliases set on this link: a PUBLISH that may have set
@@ -464,6 +536,7 @@ impl Session {
                         // Aliases end with the link that set them.
                         v5.aliases_set = 0;
                         v5.alias_last = 0;
+                        v5.aliases_known = 0;
                         body.properties(v5, allowed::CONNACK, false)?;
                         v5.reason_code = code;
                         if let Some(keepalive_s) = v5.server.keepalive_s {
@@ -1060,6 +1133,138 @@ mod tests {
     }
 
     #[test]
+    fn an_alias_is_set_only_where_the_packet_still_fits() {
+        #[rustfmt::skip]
+        let limits = [id::TOPIC_ALIAS_MAXIMUM, 0, 2, id::MAXIMUM_PACKET_SIZE, 0, 0, 0, 10];
+        let (mut session, mut v5, mut pipe) = connected_v5(&limits);
+        let mut topics = Topics::default();
+        // 10 bytes whole without an alias: setting one would make 13.
+        let full = Message {
+            topic: "t",
+            payload: b"1234",
+            ..Message::default()
+        };
+        session.check_publish_v5(&v5, &full, QoS::AtMostOnce, false).unwrap();
+        session
+            .publish_aliased(
+                &mut pipe,
+                2,
+                &full,
+                QoS::AtMostOnce,
+                false,
+                Some((&mut v5, &mut topics)),
+            )
+            .unwrap();
+        assert_eq!(pipe.outbound, [0x30, 8, 0, 1, b't', 0, b'1', b'2', b'3', b'4']);
+        // 7 bytes: room for the alias.
+        pipe.outbound.clear();
+        let small = Message { payload: b"1", ..full };
+        session
+            .publish_aliased(
+                &mut pipe,
+                2,
+                &small,
+                QoS::AtMostOnce,
+                false,
+                Some((&mut v5, &mut topics)),
+            )
+            .unwrap();
+        assert_eq!(pipe.outbound, [0x30, 8, 0, 1, b't', 3, id::TOPIC_ALIAS, 0, 1, b'1']);
+        // By its alias alone the larger one would make 12 (the alias takes
+        // more than the topic it replaces): it goes by its topic.
+        pipe.outbound.clear();
+        session
+            .publish_aliased(
+                &mut pipe,
+                2,
+                &full,
+                QoS::AtMostOnce,
+                false,
+                Some((&mut v5, &mut topics)),
+            )
+            .unwrap();
+        assert_eq!(pipe.outbound, [0x30, 8, 0, 1, b't', 0, b'1', b'2', b'3', b'4']);
+        // The smaller one still goes by it: 9 bytes.
+        pipe.outbound.clear();
+        session
+            .publish_aliased(
+                &mut pipe,
+                2,
+                &small,
+                QoS::AtMostOnce,
+                false,
+                Some((&mut v5, &mut topics)),
+            )
+            .unwrap();
+        assert_eq!(pipe.outbound, [0x30, 7, 0, 0, 3, id::TOPIC_ALIAS, 0, 1, b'1']);
+    }
+
+    #[test]
+    fn the_brokers_topic_aliases_are_resolved() {
+        use crate::session::Outcome;
+        let (mut session, mut v5, mut pipe) = v5_session();
+        v5.connect.topic_alias_maximum = 2;
+        session
+            .connect_v5(&mut pipe, 0, &connect_options(30, true), None, &Default::default(), &v5)
+            .unwrap();
+        // CONNECT states Topic Alias Maximum 2.
+        assert!(
+            pipe.outbound
+                .windows(3)
+                .any(|bytes| bytes == [id::TOPIC_ALIAS_MAXIMUM, 0, 2])
+        );
+        connack(&mut pipe, 0, &[]);
+        session.receive_v5(&mut pipe, 1, &mut v5).unwrap();
+        let mut sink = Memory::default();
+        let publish = |topic: &[u8], alias: u8| {
+            let mut bytes = vec![0x30, 0, 0, topic.len() as u8];
+            bytes.extend_from_slice(topic);
+            bytes.extend(if alias == 0 {
+                vec![0]
+            } else {
+                vec![3, id::TOPIC_ALIAS, 0, alias]
+            });
+            bytes.push(b'x');
+            bytes[1] = (bytes.len() - 2) as u8;
+            bytes
+        };
+        let mut receive = |session: &mut Session, v5: &mut V5, pipe: &mut Pipe, bytes: Vec<u8>| {
+            pipe.broker_sends(|b| b.extend(bytes));
+            let outcome = session.step(pipe, 2, &mut sink, Some(v5));
+            outcome.map(|outcome| (outcome, sink.messages.last().map(|(topic, _)| topic.clone())))
+        };
+        // Set with its topic, then used alone.
+        let (outcome, topic) = receive(&mut session, &mut v5, &mut pipe, publish(b"a/b", 1)).unwrap();
+        assert!(matches!(outcome, Outcome::Message { .. }));
+        assert_eq!(topic.as_deref(), Some("a/b"));
+        let (_, topic) = receive(&mut session, &mut v5, &mut pipe, publish(b"", 1)).unwrap();
+        assert_eq!(topic.as_deref(), Some("a/b"));
+        // Set again for another topic.
+        receive(&mut session, &mut v5, &mut pipe, publish(b"c", 1)).unwrap();
+        let (_, topic) = receive(&mut session, &mut v5, &mut pipe, publish(b"", 1)).unwrap();
+        assert_eq!(topic.as_deref(), Some("c"));
+        // An alias never set, one beyond the maximum, and an empty topic
+        // without an alias fail the link.
+        for (bytes, error) in [
+            (publish(b"", 2), DecodeError::InvalidProperty),
+            (publish(b"d", 3), DecodeError::InvalidProperty),
+            (publish(b"", 0), DecodeError::InvalidTopic),
+        ] {
+            let (mut session, mut v5, mut pipe) = v5_session();
+            v5.connect.topic_alias_maximum = 2;
+            session
+                .connect_v5(&mut pipe, 0, &connect_options(30, true), None, &Default::default(), &v5)
+                .unwrap();
+            connack(&mut pipe, 0, &[]);
+            session.receive_v5(&mut pipe, 1, &mut v5).unwrap();
+            assert_eq!(
+                receive(&mut session, &mut v5, &mut pipe, bytes).map(|_| ()),
+                Err(Error::Malformed(error))
+            );
+        }
+    }
+
+    #[test]
     fn without_the_brokers_aliases_topics_go_whole() {
         let (mut session, mut v5, mut pipe) = connected_v5(&[]);
         let mut topics = Topics::default();
@@ -1161,7 +1366,7 @@ mod tests {
     #[test]
     fn the_mqtt5_state_is_small() {
         // It follows the session in an MQTT 5 client's heap object.
-        assert_eq!(core::mem::size_of::<V5>(), 188);
+        assert_eq!(core::mem::size_of::<V5>(), 192);
     }
 
     #[test]
