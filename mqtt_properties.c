@@ -27,7 +27,9 @@ static mp_obj_t user_pairs_of(mp_obj_t given) {
     mp_obj_t list = mp_obj_new_list(0, NULL);
     mp_obj_t pair[2];
     if (mp_obj_is_type(given, &mp_type_dict)) {
-        // Its entries, read from its table (no items() call to allocate).
+        // Its entries, read from its table: a call of its items() (a bound
+        // method called with no argument) passes memcpy a null pointer in
+        // MicroPython, which the sanitizer build reports.
         mp_map_t *map = mp_obj_dict_get_map(given);
         for (size_t i = 0; i < map->alloc; i++) {
             if (mp_map_slot_is_filled(map, i)) {
