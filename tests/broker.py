@@ -76,6 +76,19 @@ def wait_for_port(port, process, timeout=10.0, log=None):
     raise RuntimeError(f"broker did not listen on port {port}")
 
 
+def stop_process(process):
+    """Ends a broker the tests started, by its PID, as a service manager
+    would: SIGTERM (mosquitto saves its persistence database first), then
+    SIGKILL after 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class Broker:
     """A mosquitto process on HOST, stopped by its PID at the end.
     `settings` may add listeners of its own (`listener PORT HOST`)."""
@@ -104,15 +117,7 @@ class Broker:
             wait_for_port(port, self.process, log=self.log.name)
 
     def terminate(self):
-        """Stops mosquitto as a service manager would (SIGTERM: it saves
-        its persistence database first)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def restart(self):
         self.terminate()

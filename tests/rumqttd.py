@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from broker import HOST, free_port, wait_for_port
+from broker import HOST, free_port, stop_process, wait_for_port
 
 VERSION = "0.20.0"
 
@@ -56,11 +56,5 @@ class Rumqttd:
         wait_for_port(self.port, self.process, log=self.log.name)
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.log.close()

@@ -1138,76 +1138,40 @@ mod tests {
         let limits = [id::TOPIC_ALIAS_MAXIMUM, 0, 2, id::MAXIMUM_PACKET_SIZE, 0, 0, 0, 10];
         let (mut session, mut v5, mut pipe) = connected_v5(&limits);
         let mut topics = Topics::default();
-        // 10 bytes whole without an alias: setting one would make 13.
+        let mut send = |message: &Message<'_>| {
+            pipe.outbound.clear();
+            session.check_publish_v5(&v5, message, QoS::AtMostOnce, false).unwrap();
+            let aliases = Some((&mut v5, &mut topics as &mut dyn AliasTopics));
+            session
+                .publish_aliased(&mut pipe, 2, message, QoS::AtMostOnce, false, aliases)
+                .unwrap();
+            pipe.outbound.clone()
+        };
         let full = Message {
             topic: "t",
             payload: b"1234",
             ..Message::default()
         };
-        session.check_publish_v5(&v5, &full, QoS::AtMostOnce, false).unwrap();
-        session
-            .publish_aliased(
-                &mut pipe,
-                2,
-                &full,
-                QoS::AtMostOnce,
-                false,
-                Some((&mut v5, &mut topics)),
-            )
-            .unwrap();
-        assert_eq!(pipe.outbound, [0x30, 8, 0, 1, b't', 0, b'1', b'2', b'3', b'4']);
-        // 7 bytes: room for the alias.
-        pipe.outbound.clear();
         let small = Message { payload: b"1", ..full };
-        session
-            .publish_aliased(
-                &mut pipe,
-                2,
-                &small,
-                QoS::AtMostOnce,
-                false,
-                Some((&mut v5, &mut topics)),
-            )
-            .unwrap();
-        assert_eq!(pipe.outbound, [0x30, 8, 0, 1, b't', 3, id::TOPIC_ALIAS, 0, 1, b'1']);
+        // 10 bytes whole without an alias: setting one would make 13.
+        assert_eq!(send(&full), [0x30, 8, 0, 1, b't', 0, b'1', b'2', b'3', b'4']);
+        // 7 bytes: room for the alias.
+        assert_eq!(send(&small), [0x30, 8, 0, 1, b't', 3, id::TOPIC_ALIAS, 0, 1, b'1']);
         // By its alias alone the larger one would make 12 (the alias takes
         // more than the topic it replaces): it goes by its topic.
-        pipe.outbound.clear();
-        session
-            .publish_aliased(
-                &mut pipe,
-                2,
-                &full,
-                QoS::AtMostOnce,
-                false,
-                Some((&mut v5, &mut topics)),
-            )
-            .unwrap();
-        assert_eq!(pipe.outbound, [0x30, 8, 0, 1, b't', 0, b'1', b'2', b'3', b'4']);
+        assert_eq!(send(&full), [0x30, 8, 0, 1, b't', 0, b'1', b'2', b'3', b'4']);
         // The smaller one still goes by it: 9 bytes.
-        pipe.outbound.clear();
-        session
-            .publish_aliased(
-                &mut pipe,
-                2,
-                &small,
-                QoS::AtMostOnce,
-                false,
-                Some((&mut v5, &mut topics)),
-            )
-            .unwrap();
-        assert_eq!(pipe.outbound, [0x30, 7, 0, 0, 3, id::TOPIC_ALIAS, 0, 1, b'1']);
+        assert_eq!(send(&small), [0x30, 7, 0, 0, 3, id::TOPIC_ALIAS, 0, 1, b'1']);
     }
 
-    #[test]
-    fn the_brokers_topic_aliases_are_resolved() {
-        use crate::session::Outcome;
+    /// A session connected with a Topic Alias Maximum of 2 for the broker.
+    fn taking_two_aliases() -> (Session, V5, Pipe) {
         let (mut session, mut v5, mut pipe) = v5_session();
         v5.connect.topic_alias_maximum = 2;
         session
             .connect_v5(&mut pipe, 0, &connect_options(30, true), None, &Default::default(), &v5)
             .unwrap();
-        // CONNECT states Topic Alias Maximum 2.
+        // CONNECT states it.
         assert!(
             pipe.outbound
                 .windows(3)
@@ -1215,6 +1179,13 @@ mod tests {
         );
         connack(&mut pipe, 0, &[]);
         session.receive_v5(&mut pipe, 1, &mut v5).unwrap();
+        (session, v5, pipe)
+    }
+
+    #[test]
+    fn the_brokers_topic_aliases_are_resolved() {
+        use crate::session::Outcome;
+        let (mut session, mut v5, mut pipe) = taking_two_aliases();
         let mut sink = Memory::default();
         let publish = |topic: &[u8], alias: u8| {
             let mut bytes = vec![0x30, 0, 0, topic.len() as u8];
@@ -1250,13 +1221,7 @@ mod tests {
             (publish(b"d", 3), DecodeError::InvalidProperty),
             (publish(b"", 0), DecodeError::InvalidTopic),
         ] {
-            let (mut session, mut v5, mut pipe) = v5_session();
-            v5.connect.topic_alias_maximum = 2;
-            session
-                .connect_v5(&mut pipe, 0, &connect_options(30, true), None, &Default::default(), &v5)
-                .unwrap();
-            connack(&mut pipe, 0, &[]);
-            session.receive_v5(&mut pipe, 1, &mut v5).unwrap();
+            let (mut session, mut v5, mut pipe) = taking_two_aliases();
             assert_eq!(
                 receive(&mut session, &mut v5, &mut pipe, bytes).map(|_| ()),
                 Err(Error::Malformed(error))
