@@ -44,11 +44,12 @@ if(NOT MQTT_RUST_TARGET)
     endif()
 endif()
 
-# -DMQTT_V5=OFF builds an engine that speaks MQTT 3.1.1 only, about 7 KB
-# smaller.
+# -DMQTT_V5=OFF builds a module that speaks MQTT 3.1.1 only, about 9 KB of
+# engine and 2 KB of binding smaller.
 option(MQTT_V5 "the mqtt module speaks MQTT 5 too" ON)
 if(NOT MQTT_V5)
     set(MQTT_CARGO_FEATURES --no-default-features)
+    target_compile_definitions(usermod_mqtt INTERFACE MQTT_V5=0)
 endif()
 
 find_program(MQTT_CARGO cargo REQUIRED)

@@ -524,7 +524,7 @@ static mp_obj_t client_message_properties(mp_obj_t self_in) {
     } else if (self->aio != NULL) {
         block = self->aio->taken_properties;
     }
-    return block == MP_OBJ_NULL ? mp_const_none : properties_dict(block);
+    return !MQTT_V5 || block == MP_OBJ_NULL ? mp_const_none : properties_dict(block);
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(client_message_properties_obj, client_message_properties);
 
@@ -711,7 +711,7 @@ static bool publish_now(mp_obj_mqtt_client_t *self, const outgoing_t *message, m
     // Kept with the topic, for a resend after a reconnect (kept_publish()).
     mp_obj_t kept_topic = message->topic;
     mqtt_message_properties_t properties;
-    bool has_properties = message->properties != mp_const_none;
+    bool has_properties = MQTT_V5 && message->properties != mp_const_none;
     if (has_properties) {
         message_properties_of(message->properties, &properties);
         mp_obj_t with_properties[2] = { message->topic, message->properties };

@@ -300,7 +300,7 @@ static void aio_enqueue(mp_obj_mqtt_client_t *self, const delivery_t *message) {
     }
     size_t at = (size_t)((aio->queue_head + aio->queue_len) % aio->queue_capacity) * QUEUE_ENTRY;
     aio->queue[at] = topic;
-    if (message->properties != MP_OBJ_NULL && message->properties != mp_const_empty_bytes) {
+    if (MQTT_V5 && message->properties != MP_OBJ_NULL && message->properties != mp_const_empty_bytes) {
         mp_obj_t with_properties[2] = { topic, message->properties };
         aio->queue[at] = mp_obj_new_tuple(2, with_properties);
     }
@@ -322,7 +322,7 @@ static mp_obj_t take_message(mp_obj_mqtt_client_t *self) {
     mp_obj_t *entry = aio->queue + (size_t)aio->queue_head * QUEUE_ENTRY;
     // An MQTT 5 message without properties has the empty block.
     mp_obj_t properties = speaks_v5(self) ? mp_const_empty_bytes : MP_OBJ_NULL;
-    if (mp_obj_is_type(entry[0], &mp_type_tuple)) {
+    if (MQTT_V5 && mp_obj_is_type(entry[0], &mp_type_tuple)) {
         mp_obj_tuple_t *with_properties = MP_OBJ_TO_PTR(entry[0]);
         entry[0] = with_properties->items[0];
         properties = with_properties->items[1];

@@ -32,6 +32,13 @@
 #define MQTT_LOOP_FILE "mqtt_loop_cycle.c"
 #endif
 
+// MQTT_V5=0 (micropython.mk, micropython.cmake): a module for MQTT 3.1.1
+// only. speaks_v5() is then false at compile time, and what only an MQTT 5
+// client reaches is left out of the binding too.
+#ifndef MQTT_V5
+#define MQTT_V5 (1)
+#endif
+
 // Most cycles one turn of a scheduled or asyncio loop runs before it lets
 // the application go on.
 #define MQTT_CYCLES_PER_TURN (8)

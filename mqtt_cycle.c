@@ -140,7 +140,7 @@ static void aio_enqueue(mp_obj_mqtt_client_t *self, const delivery_t *message);
 // that carry it, so that overlapping subscriptions each get their own
 // copy; one without takes every message its filter matches. Never raises.
 static bool subscription_takes(mp_obj_t options, mp_obj_t properties) {
-    if (!mp_obj_is_type(options, &mp_type_tuple)) {
+    if (!MQTT_V5 || !mp_obj_is_type(options, &mp_type_tuple)) {
         return true;
     }
     uint32_t id = (uint32_t)mp_obj_get_int_truncated(((mp_obj_tuple_t *)MP_OBJ_TO_PTR(options))->items[1]);
@@ -399,8 +399,8 @@ static int process_input(mp_obj_mqtt_client_t *self, delivery_t *delivery) {
     mqtt_sink_t sink = {
         .context = &message,
         .topic = sink_topic,
-        .properties = sink_properties,
-        .topic_alias = sink_topic_alias,
+        .properties = MQTT_V5 ? sink_properties : NULL,
+        .topic_alias = MQTT_V5 ? sink_topic_alias : NULL,
         .payload = sink_payload,
         .message_ready = sink_message_ready,
         .completed = sink_completed,

@@ -229,7 +229,7 @@ static mp_obj_t reason_exception(mp_obj_mqtt_client_t *self, const char *what, i
 
 // Whether the client speaks MQTT 5.
 static bool speaks_v5(mp_obj_mqtt_client_t *self) {
-    return mqtt_session_protocol(session_of(self)) == 5;
+    return MQTT_V5 && mqtt_session_protocol(session_of(self)) == 5;
 }
 
 // Raises what a subscription refused with `code` means.

@@ -26,7 +26,7 @@ static bool kept_publish(void *context, uint8_t slot, mqtt_bytes_t *topic, mqtt_
         return false;
     }
     mp_obj_t kept_topic = self->held[2 * slot];
-    if (mp_obj_is_type(kept_topic, &mp_type_tuple)) {
+    if (MQTT_V5 && mp_obj_is_type(kept_topic, &mp_type_tuple)) {
         mp_obj_tuple_t *with_properties = MP_OBJ_TO_PTR(kept_topic);
         kept_topic = with_properties->items[0];
         message_properties_of(with_properties->items[1], properties);
@@ -98,7 +98,7 @@ static int start_session(mp_obj_mqtt_client_t *self, mp_obj_t sock, mp_obj_t str
     };
     mqtt_message_properties_t will_properties;
     mp_obj_t kept = option(self, OPTION_WILL_PROPERTIES);
-    if (kept != mp_const_none) {
+    if (MQTT_V5 && kept != mp_const_none) {
         message_properties_of(kept, &will_properties);
         options.will_properties = &will_properties;
     }
