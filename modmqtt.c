@@ -75,22 +75,24 @@ static void check_topic(mp_obj_t topic, bool filter) {
 }
 
 // Sets an optional setting (may raise MemoryError on the first one).
-// Sets an option; an MQTT 3.1.1 client takes None alone for MQTT 5's.
-static void set_option(mp_obj_mqtt_client_t *self, size_t which, mp_obj_t value) {
-    size_t count = options_count(self);
-    if (which >= count) {
-        return;
-    }
+// Makes the client's options, all None, unless it has them.
+static void make_options(mp_obj_mqtt_client_t *self) {
     if (self->options == NULL) {
-        if (value == mp_const_none) {
-            return;
-        }
+        size_t count = options_count(self);
         mp_obj_t *options = m_new(mp_obj_t, count);
         for (size_t i = 0; i < count; i++) {
             options[i] = mp_const_none;
         }
         self->options = options;
     }
+}
+
+// Sets an option; an MQTT 3.1.1 client takes None alone for MQTT 5's.
+static void set_option(mp_obj_mqtt_client_t *self, size_t which, mp_obj_t value) {
+    if (which >= options_count(self) || (self->options == NULL && value == mp_const_none)) {
+        return;
+    }
+    make_options(self);
     self->options[which] = value;
 }
 
@@ -519,9 +521,11 @@ static MP_DEFINE_CONST_FUN_OBJ_1(client_message_flags_obj, client_message_flags)
 static mp_obj_t client_message_properties(mp_obj_t self_in) {
     mp_obj_mqtt_client_t *self = client_of(self_in);
     mp_obj_t block = MP_OBJ_NULL;
-    if (in_callback(self)) {
-        block = self->message_properties;
-    } else if (self->aio != NULL) {
+    if (in_callback(self) && speaks_v5(self)) {
+        // None: the message has no property block.
+        block = option(self, OPTION_MESSAGE_PROPERTIES);
+        block = block == mp_const_none ? mp_const_empty_bytes : block;
+    } else if (!in_callback(self) && self->aio != NULL) {
         block = self->aio->taken_properties;
     }
     return !MQTT_V5 || block == MP_OBJ_NULL ? mp_const_none : properties_dict(block);

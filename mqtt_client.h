@@ -117,9 +117,6 @@ typedef struct _mp_obj_mqtt_client_t {
     mp_obj_t stream;
     // What a transport callback caught, raised once the engine returned.
     mp_obj_t pending_exception;
-    // MQTT 5: the property block of the message whose callbacks run (for
-    // message_properties(); valid on the callback's thread), or MP_OBJ_NULL.
-    mp_obj_t message_properties;
     // Built-in reconnection: the socket of an attempt whose TCP
     // connection is under way (see mqtt_reconnect.c), or MP_OBJ_NULL.
     mp_obj_t attempt_sock;
@@ -242,6 +239,10 @@ enum {
     // MQTT 5: the topics of the broker's topic aliases, a tuple of
     // Client(topic_aliases=...) entries (see sink_topic_alias()), or None.
     OPTION_INBOUND_ALIASES,
+    // MQTT 5: the property block of the message whose callbacks run (for
+    // message_properties(); valid on the callback's thread), or None. The
+    // options exist whenever a message has a block (sink_message_ready).
+    OPTION_MESSAGE_PROPERTIES,
     OPTION_COUNT,
 };
 

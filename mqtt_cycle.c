@@ -159,6 +159,17 @@ static bool subscription_takes(mp_obj_t options, mp_obj_t properties) {
     return false;
 }
 
+// Sets the property block message_properties() gives the callbacks (MQTT
+// 5): None for none. Allocates nothing: a message with a block found the
+// options made (sink_message_ready), and without them there is nothing to
+// set.
+static void set_message_properties(mp_obj_mqtt_client_t *self, mp_obj_t block) {
+    if (MQTT_V5 && self->options != NULL && speaks_v5(self)) {
+        bool none = block == MP_OBJ_NULL || block == mp_const_empty_bytes;
+        self->options[OPTION_MESSAGE_PROPERTIES] = none ? mp_const_none : block;
+    }
+}
+
 // Calls the callback of every subscription whose filter matches the
 // message's topic (see subscription_takes() for those with an MQTT 5
 // subscription identifier), and queues the message for messages() if one
@@ -177,9 +188,9 @@ static void deliver(mp_obj_mqtt_client_t *self, const delivery_t *message) {
     mqtt_bytes_t topic_bytes = bytes_of_str(topic, "topic");
     bool outer = set_in_callback(self, true);
     uint8_t outer_flags = self->message_flags;
-    mp_obj_t outer_properties = self->message_properties;
+    mp_obj_t outer_properties = option(self, OPTION_MESSAGE_PROPERTIES);
     self->message_flags = flags;
-    self->message_properties = message->properties;
+    set_message_properties(self, message->properties);
     bool queued = token != 0;
     for (size_t i = 0; i + TABLE_ENTRY <= n; i += TABLE_ENTRY) {
         if (!mqtt_topic_matches(bytes_of_str(items[i], "filter"), topic_bytes)
@@ -198,7 +209,7 @@ static void deliver(mp_obj_mqtt_client_t *self, const delivery_t *message) {
         call_and_report(items[i + 1], 3, args);
     }
     self->message_flags = outer_flags;
-    self->message_properties = outer_properties;
+    set_message_properties(self, outer_properties);
     set_in_callback(self, outer);
     if (queued) {
         aio_enqueue(self, message);
@@ -322,6 +333,8 @@ static bool sink_message_ready(void *context) {
     // The objects own the buffers now.
     sink->payload_taken = false;
     if (sink->properties_taken) {
+        // Where the callbacks find it (see set_message_properties).
+        make_options(sink->client);
         sink->properties_obj = mp_obj_new_bytes_from_vstr(&sink->properties);
         sink->properties_taken = false;
     } else if (speaks_v5(sink->client)) {
